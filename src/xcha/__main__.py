@@ -1,0 +1,3 @@
+from xcha.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""The `xcha` command line: one parser, subcommands that delegate to domain code.
+
+Every operator error is one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from xcha import __version__
+from xcha.errors import XchaError
+from xcha.pg.render import ReplicationSpec, render
+from xcha.pg.syncrep import SyncPolicy, SyncStandbys
+from xcha.pg.version import parse_version
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors as one line (argparse prints usage, then the error, and exits 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _pg_render(args: argparse.Namespace) -> int:
+    sync = None
+    if args.sync_standbys:
+        names = tuple(n.strip() for n in args.sync_standbys.split(",") if n.strip())
+        sync = SyncStandbys(SyncPolicy.parse(args.sync), names)
+    spec = ReplicationSpec(
+        version=parse_version(args.pg_version),
+        role=args.role,
+        name=args.name,
+        port=args.port if args.port is not None else (5432 if args.role == "master" else 5433),
+        archive_dir=args.archive_dir,
+        socket_dir=args.socket_dir,
+        primary_host=args.primary_host if args.role == "standby" else None,
+        primary_port=args.primary_port if args.role == "standby" else None,
+        replication_user=args.replication_user,
+        passfile=args.passfile,
+        auth=args.auth,
+        sync=sync,
+    )
+    rendering = render(spec)
+    for warning in rendering.warnings:
+        print(f"xcha: warning: {warning}", file=sys.stderr)
+    for rendered in rendering.files:
+        note = f"  ({rendered.note})" if rendered.note else ""
+        print(f"==> {rendered.name}{note}")
+        print(rendered.content, end="" if rendered.content.endswith("\n") or not rendered.content else "\n")
+        print()
+    return 0
+
+
+def _add_pg(commands: argparse._SubParsersAction[Parser]) -> None:
+    pg = commands.add_parser("pg", help="PostgreSQL configuration as xcha writes it")
+    pg_commands = pg.add_subparsers(dest="pg_command", required=True)
+    r = pg_commands.add_parser(
+        "render", help="print the files xcha would write for one instance, touching nothing"
+    )
+    r.add_argument("--role", choices=("master", "standby"), required=True)
+    r.add_argument("--pg-version", required=True, help="target version: 9.1 ... 9.6, 10, 11, 12, ...")
+    r.add_argument("--name", default="dn1", help="member name (application_name); default dn1")
+    r.add_argument("--port", type=int, help="default 5432 for a master, 5433 for a standby (as in the seed)")
+    r.add_argument("--primary-host", default="127.0.0.1")
+    r.add_argument("--primary-port", type=int, default=5432)
+    r.add_argument("--archive-dir", default="/var/lib/xcha/archive")
+    r.add_argument("--socket-dir", default=None)
+    r.add_argument("--passfile", default="/var/lib/xcha/pgpass")
+    r.add_argument("--replication-user", default="xcha_repl")
+    r.add_argument("--auth", choices=("scram-sha-256", "trust"), default="scram-sha-256")
+    r.add_argument("--sync", default="FIRST 1", help="synchronous policy, FIRST k or ANY k")
+    r.add_argument("--sync-standbys", default="", help="comma-separated standby names (master only)")
+    r.set_defaults(handler=_pg_render)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from xcha.demo import run_demo
+
+    return asyncio.run(run_demo(workdir=Path(args.workdir) if args.workdir else None, as_json=args.json))
+
+
+def _add_demo(commands: argparse._SubParsersAction[Parser]) -> None:
+    d = commands.add_parser("demo", help="run the demo on real PostgreSQL processes and tear it down")
+    d.add_argument("--workdir", help="build the demo here instead of a temporary directory")
+    d.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    d.set_defaults(handler=_demo)
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="xcha", description="High availability for Postgres-XC style datanodes.")
+    parser.add_argument("--version", action="version", version=f"xcha {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    _add_pg(commands)
+    _add_demo(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except XchaError as error:
+        print(f"xcha: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("xcha: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,269 @@
+"""Render the specification's master/slave configuration for one PostgreSQL version.
+
+Pure functions: they return file names and contents and touch nothing, so the same
+rendering serves `xcha pg render` (review before anything changes) and the agent
+(which writes the files). Two faults of the specification are fixed here on purpose:
+its `cp -i` archive_command is no guard against overwriting without a terminal, and
+its restore_command has %p and %f swapped.
+"""
+
+import ipaddress
+import shlex
+from dataclasses import dataclass, field
+from typing import Literal
+
+from psycopg.conninfo import make_conninfo
+
+from xcha.errors import InvalidInput
+from xcha.names import check_host, check_name, check_port
+from xcha.pg.syncrep import SyncStandbys
+from xcha.pg.version import OLDEST_RENDERED, version_text
+
+Role = Literal["master", "standby"]
+AuthMethod = Literal["scram-sha-256", "trust"]
+
+XCHA_CONF = "postgresql.xcha.conf"
+INCLUDE_LINE = f"include_if_exists = '{XCHA_CONF}'\t# added by xcha"
+HEADER = "# Managed by xcha: rewritten on every role change."
+
+
+@dataclass(frozen=True)
+class ReplicationSpec:
+    """Everything that decides one instance's configuration files."""
+
+    version: int
+    role: Role
+    name: str
+    port: int
+    archive_dir: str
+    socket_dir: str | None = None
+    listen_addresses: str = "127.0.0.1"
+    primary_host: str | None = None
+    primary_port: int | None = None
+    replication_user: str = "xcha_repl"
+    passfile: str | None = None
+    auth: AuthMethod = "scram-sha-256"
+    superuser: str = "postgres"
+    local_os_users: tuple[str, ...] = ("postgres",)
+    allowed_networks: tuple[str, ...] = ()
+    sync: SyncStandbys | None = None
+
+    def __post_init__(self) -> None:
+        if self.version < OLDEST_RENDERED:
+            raise InvalidInput("PostgreSQL versions older than 9.1 are not supported")
+        if self.role not in ("master", "standby"):
+            raise InvalidInput(f"invalid role {self.role!r}: expected master or standby")
+        check_name(self.name)
+        check_port(self.port)
+        check_name(self.replication_user, "replication user")
+        check_name(self.superuser, "superuser name")
+        for user in self.local_os_users:
+            check_name(user, "OS user name")
+        if self.auth not in ("scram-sha-256", "trust"):
+            raise InvalidInput(f"invalid auth {self.auth!r}: expected scram-sha-256 or trust")
+        for directory in (self.archive_dir, self.socket_dir, self.passfile):
+            if directory is not None:
+                check_path(directory)
+        for address in self.listen_addresses.split(","):
+            if address.strip() not in ("*", "localhost"):
+                check_host(address.strip(), "listen address")
+        for network in self.allowed_networks:
+            try:
+                ipaddress.ip_network(network)
+            except ValueError:
+                message = f"invalid allowed network {network!r}: expected CIDR, e.g. 192.0.2.0/24"
+                raise InvalidInput(message) from None
+        if self.role == "standby":
+            if self.primary_host is None or self.primary_port is None:
+                raise InvalidInput("a standby needs the primary's host and port")
+            check_host(self.primary_host, "primary host")
+            check_port(self.primary_port, "primary port")
+        if self.sync is not None:
+            self.sync.render(self.version)  # refuses what this version cannot express
+
+
+@dataclass(frozen=True)
+class RenderedFile:
+    name: str
+    content: str
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Rendering:
+    files: tuple[RenderedFile, ...]
+    warnings: tuple[str, ...] = field(default=())
+
+    def file(self, name: str) -> RenderedFile:
+        for rendered in self.files:
+            if rendered.name == name:
+                return rendered
+        raise KeyError(name)
+
+
+def check_path(path: str) -> str:
+    """Refuse paths that would break the shell commands and settings they are put in."""
+    if not path.startswith("/"):
+        raise InvalidInput(f"invalid path {path!r}: use an absolute path")
+    if any(ch in path for ch in "%\n\r\0"):
+        raise InvalidInput(f"invalid path {path!r}: '%', newlines and NUL are not allowed")
+    return path
+
+
+def guc_quote(value: str) -> str:
+    """A postgresql.conf string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def archive_command(archive_dir: str) -> str:
+    """Copy a finished WAL file to the archive, refusing to overwrite one already there."""
+    target = shlex.quote(archive_dir.rstrip("/") or "/") + "/%f"
+    return f"test ! -f {target} && cp %p {target}"
+
+
+def restore_command(archive_dir: str) -> str:
+    """Copy an archived WAL file (%f) to where the server asks for it (%p)."""
+    return f"cp {shlex.quote(archive_dir.rstrip('/') or '/')}/%f %p"
+
+
+def primary_conninfo(spec: ReplicationSpec) -> str:
+    params: dict[str, str | int] = {
+        "host": spec.primary_host or "",
+        "port": spec.primary_port or 0,
+        "user": spec.replication_user,
+        "application_name": spec.name,
+    }
+    if spec.passfile is not None and spec.version >= 100000:
+        params["passfile"] = spec.passfile
+    return make_conninfo("", **params)
+
+
+def _setting(name: str, value: str, comment: str = "") -> str:
+    line = f"{name} = {value}"
+    return f"{line:<60} # {comment}" if comment else line
+
+
+def _conf(spec: ReplicationSpec) -> str:
+    version = spec.version
+    lines = [
+        HEADER,
+        "# Included at the end of postgresql.conf: local settings go there, overrides here.",
+        f"# {spec.role} {spec.name}, PostgreSQL {version_text(version)}",
+        "",
+    ]
+    lines.append(_setting("listen_addresses", guc_quote(spec.listen_addresses)))
+    lines.append(_setting("port", str(spec.port), "seed: 5432 master, 5433 slave"))
+    if spec.socket_dir is not None:
+        key = "unix_socket_directories" if version >= 90300 else "unix_socket_directory"
+        lines.append(_setting(key, guc_quote(spec.socket_dir)))
+        lines.append(_setting("unix_socket_permissions", "0700", "only the server's OS user and root"))
+    if version >= 90600:
+        lines.append(_setting("wal_level", "replica", "seed: hot_standby, its name before 9.6"))
+    else:
+        lines.append(_setting("wal_level", "hot_standby"))
+    lines.append(_setting("archive_mode", "on"))
+    lines.append(
+        _setting(
+            "archive_command",
+            guc_quote(archive_command(spec.archive_dir)),
+            "seed: cp -i, no guard without a terminal",
+        )
+    )
+    lines.append(_setting("max_wal_senders", "10"))
+    if version >= 90400:
+        lines.append(_setting("wal_log_hints", "on", "pg_rewind needs it"))
+    else:
+        lines.append("# wal_log_hints needs 9.4: initdb --data-checksums (9.3) lets a rewind tool work")
+    lines.append(_setting("hot_standby", "on"))
+    lines.append(_setting("synchronous_commit", "on"))
+    if version >= 90500:
+        lines.append(_setting("wal_retrieve_retry_interval", "'100ms'", "a promote waits at most this"))
+    if version >= 100000:
+        lines.append(_setting("password_encryption", "'scram-sha-256'"))
+    if spec.role == "master" and spec.sync is not None:
+        lines.append(_setting("synchronous_standby_names", guc_quote(spec.sync.render(version))))
+    if spec.role == "standby" and version >= 120000:
+        lines.append("")
+        lines.append("# Recovery settings (recovery.conf before 12; standby.signal marks a standby)")
+        lines.extend(_recovery_settings(spec))
+    elif version >= 120000:
+        lines.append(
+            _setting(
+                "restore_command",
+                guc_quote(restore_command(spec.archive_dir)),
+                "unused by a master; pg_rewind reads it",
+            )
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _recovery_settings(spec: ReplicationSpec) -> list[str]:
+    password_note = (
+        []
+        if spec.version >= 100000
+        else ["# the password comes from ~/.pgpass of the server's OS user (passfile= needs PostgreSQL 10)"]
+    )
+    return [
+        *password_note,
+        _setting("primary_conninfo", guc_quote(primary_conninfo(spec))),
+        _setting(
+            "restore_command",
+            guc_quote(restore_command(spec.archive_dir)),
+            "seed had %p and %f swapped",
+        ),
+        _setting("recovery_target_timeline", "'latest'", "follow a promoted standby"),
+    ]
+
+
+def _recovery_conf(spec: ReplicationSpec) -> str:
+    lines = [HEADER, "", _setting("standby_mode", "'on'"), *_recovery_settings(spec)]
+    return "\n".join(lines) + "\n"
+
+
+def _hba(spec: ReplicationSpec) -> str:
+    password = "scram-sha-256" if spec.version >= 100000 else "md5"
+    replication = "trust" if spec.auth == "trust" else password
+    networks = ("127.0.0.1/32", "::1/128", *spec.allowed_networks)
+    rows = [("local", "all", "all", "", "peer map=xcha")]
+    rows += [("host", "replication", spec.replication_user, net, replication) for net in networks]
+    rows += [("host", "all", "all", net, password) for net in networks]
+    lines = [HEADER, "# TYPE  DATABASE     USER                 ADDRESS            METHOD"]
+    lines += [f"{t:<7} {d:<12} {u:<20} {a:<18} {m}".rstrip() for t, d, u, a, m in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _ident(spec: ReplicationSpec) -> str:
+    lines = [HEADER, "# MAPNAME  SYSTEM-USERNAME      PG-USERNAME"]
+    for user in dict.fromkeys(spec.local_os_users):
+        lines.append(f"xcha       {user:<20} {spec.superuser}")
+    return "\n".join(lines) + "\n"
+
+
+def render(spec: ReplicationSpec) -> Rendering:
+    """The files one instance needs, for its role and PostgreSQL version."""
+    files = [
+        RenderedFile("postgresql.conf", INCLUDE_LINE + "\n", note="line appended once"),
+        RenderedFile(XCHA_CONF, _conf(spec)),
+        RenderedFile("pg_hba.conf", _hba(spec)),
+        RenderedFile("pg_ident.conf", _ident(spec)),
+    ]
+    if spec.role == "standby":
+        if spec.version >= 120000:
+            files.append(RenderedFile("standby.signal", "", note="empty: marks the server a standby"))
+        else:
+            files.append(RenderedFile("recovery.conf", _recovery_conf(spec)))
+    if spec.passfile is not None:
+        files.append(
+            RenderedFile(
+                spec.passfile,
+                f"*:*:*:{spec.replication_user}:<password from the replication password file>\n",
+                note="libpq password file, mode 0600",
+            )
+        )
+    warnings = []
+    if spec.auth == "trust":
+        warnings.append(
+            f"pg_hba 'trust' lets anyone who reaches the server replicate as {spec.replication_user} "
+            "without a password: use scram-sha-256 unless the network is yours alone"
+        )
+    return Rendering(tuple(files), tuple(warnings))

@@ -1,0 +1,61 @@
+"""One immutable picture of a PostgreSQL instance, taken in one go."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+SyncState = Literal["sync", "quorum", "potential", "async"]
+
+
+@dataclass(frozen=True)
+class Downstream:
+    """A standby streaming from this server (a pg_stat_replication row)."""
+
+    name: str
+    state: str
+    sync_state: str
+    flush_lsn: int | None
+    replay_lsn: int | None
+    client_addr: str | None = None
+
+
+@dataclass(frozen=True)
+class WalReceiver:
+    """This standby's WAL receiver (pg_stat_wal_receiver)."""
+
+    status: str
+    upstream_host: str | None
+    upstream_port: int | None
+    last_message_age: float | None
+
+
+@dataclass(frozen=True)
+class PgStatus:
+    running: bool
+    postmaster_pid: int | None = None
+    in_recovery: bool | None = None
+    timeline: int | None = None
+    system_identifier: int | None = None
+    current_lsn: int | None = None
+    receive_lsn: int | None = None
+    flush_lsn: int | None = None
+    replay_lsn: int | None = None
+    wal_receiver: WalReceiver | None = None
+    downstreams: tuple[Downstream, ...] = field(default=())
+    synchronous_standby_names: str = ""
+    port: int | None = None
+
+    @property
+    def role(self) -> str:
+        if not self.running:
+            return "stopped"
+        return "standby" if self.in_recovery else "master"
+
+    @property
+    def position(self) -> int:
+        """How far this server's WAL reaches: written (master) or flushed from upstream (standby)."""
+        if self.in_recovery:
+            return max(self.flush_lsn or 0, self.replay_lsn or 0)
+        return self.current_lsn or 0
+
+    def downstream(self, name: str) -> Downstream | None:
+        return next((d for d in self.downstreams if d.name == name), None)
