@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 
 from xcha import __version__
+from xcha.config import ConfigError
+from xcha.ctl import add_ctl, add_report_failure
 from xcha.errors import XchaError
+from xcha.logs import setup_logging
 from xcha.pg.render import ReplicationSpec, render
 from xcha.pg.syncrep import SyncPolicy, SyncStandbys
 from xcha.pg.version import parse_version
@@ -92,11 +95,91 @@ def _add_demo(commands: argparse._SubParsersAction[Parser]) -> None:
     d.set_defaults(handler=_demo)
 
 
+def _check_or_serve(
+    args: argparse.Namespace,
+    load: Callable[[Path], object],
+    serve: Callable[[object], Coroutine[object, object, None]],
+    name: str,
+) -> int:
+    try:
+        config = load(Path(args.config))
+    except ConfigError as error:
+        for line in error.lines():
+            print(line, file=sys.stderr)
+        return 1
+    if args.check_config:
+        print(f"{args.config}: ok")
+        return 0
+    setup_logging(getattr(config, "log_format", "text"), name)
+    asyncio.run(serve(config))
+    return 0
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from xcha.agent.config import load_agent_config
+    from xcha.agent.main import serve_agent
+
+    return _check_or_serve(args, load_agent_config, serve_agent, "agent")  # type: ignore[arg-type]
+
+
+def _controller(args: argparse.Namespace) -> int:
+    from xcha.controller.config import load_controller_config
+    from xcha.controller.main import serve_controller
+
+    return _check_or_serve(args, load_controller_config, serve_controller, "controller")  # type: ignore[arg-type]
+
+
+def _add_daemons(commands: argparse._SubParsersAction[Parser]) -> None:
+    for name, handler, text in (
+        ("agent", _agent, "run the agent beside one PostgreSQL instance"),
+        ("controller", _controller, "run the controller (with the coordinators)"),
+    ):
+        parser = commands.add_parser(name, help=text)
+        parser.add_argument("--config", required=True, help=f"{name}.toml")
+        parser.add_argument(
+            "--check-config",
+            action="store_true",
+            help="report every problem of the configuration, with its key, and exit",
+        )
+        parser.set_defaults(handler=handler)
+
+
+def _tls_init(args: argparse.Namespace) -> int:
+    from xcha.tls import create_ca, issue
+
+    directory = Path(args.directory)
+    if (directory / "ca.pem").exists():
+        print(f"using the CA in {directory}")
+    else:
+        create_ca(directory)
+    hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip())
+    for name in args.names.split(","):
+        cert, key = issue(directory, name.strip(), hosts)
+        print(f"{cert} {key}")
+    return 0
+
+
+def _add_tls(commands: argparse._SubParsersAction[Parser]) -> None:
+    tls = commands.add_parser("tls", help="certificates for mTLS between controller and agents")
+    sub = tls.add_subparsers(dest="tls_command", required=True)
+    init = sub.add_parser("init", help="create a CA (once) and a certificate per name")
+    init.add_argument("directory")
+    init.add_argument("--names", required=True, help="comma-separated: controller,dn1a,dn1b,operator")
+    init.add_argument(
+        "--hosts", default="127.0.0.1,::1,localhost", help="addresses the certificates are valid for"
+    )
+    init.set_defaults(handler=_tls_init)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="xcha", description="High availability for Postgres-XC style datanodes.")
     parser.add_argument("--version", action="version", version=f"xcha {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     _add_pg(commands)
+    _add_daemons(commands)
+    add_ctl(commands)
+    add_report_failure(commands)
+    _add_tls(commands)
     _add_demo(commands)
     return parser
 

@@ -426,6 +426,17 @@ class PostgresInstance:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(session.close(), 1)
 
+    async def control_data(self) -> dict[str, str]:
+        """pg_controldata of the (stopped) instance, as a dict of its lines."""
+        result = await self.runner.run("pg_controldata", "-D", str(self.data_dir))
+        fields = (line.partition(":") for line in result.output.splitlines())
+        return {key.strip(): value.strip() for key, sep, value in fields if sep}
+
+    async def shutdown_checkpoint_lsn(self) -> int:
+        """Where the last checkpoint of a cleanly stopped server is: every WAL record up to
+        it reached the standbys that were streaming at shutdown."""
+        return parse_lsn((await self.control_data())["Latest checkpoint location"])
+
     async def reload(self) -> None:
         async with self.session() as conn:
             await conn.execute("SELECT pg_reload_conf()")
@@ -477,11 +488,13 @@ class PostgresInstance:
                 received_text = None
             cur = await conn.execute(
                 """SELECT application_name, state, sync_state, flush_lsn::text, replay_lsn::text,
-                          host(client_addr) FROM pg_stat_replication ORDER BY application_name"""
+                          host(client_addr),
+                          extract(epoch FROM clock_timestamp() - reply_time)::float8
+                   FROM pg_stat_replication ORDER BY application_name"""
             )
             downstreams = tuple(
-                Downstream(str(name), str(state), str(sync_state), _lsn(flush), _lsn(replay), addr)  # type: ignore[arg-type]
-                for name, state, sync_state, flush, replay, addr in await cur.fetchall()
+                Downstream(str(name), str(state), str(sync_state), _lsn(flush), _lsn(replay), addr, age)  # type: ignore[arg-type]
+                for name, state, sync_state, flush, replay, addr, age in await cur.fetchall()
             )
         return PgStatus(
             running=True,

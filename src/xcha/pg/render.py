@@ -178,6 +178,7 @@ def _conf(spec: ReplicationSpec) -> str:
     lines.append(_setting("synchronous_commit", "on"))
     if version >= 90500:
         lines.append(_setting("wal_retrieve_retry_interval", "'100ms'", "a promote waits at most this"))
+    lines.append(_setting("wal_receiver_status_interval", "'1s'", "the master sees a live standby"))
     if version >= 100000:
         lines.append(_setting("password_encryption", "'scram-sha-256'"))
     if spec.role == "master" and spec.sync is not None:

@@ -164,7 +164,8 @@ class Runner:
         path.mkdir(parents=True, exist_ok=True)
         for created in missing:
             self.own(created)
-        path.chmod(mode)
+        if missing:
+            path.chmod(mode)  # a directory that already existed keeps its owner and mode
         return path
 
     def own(self, path: Path) -> None:

@@ -16,6 +16,7 @@ class Downstream:
     flush_lsn: int | None
     replay_lsn: int | None
     client_addr: str | None = None
+    reply_age: float | None = None  # seconds since the standby last confirmed (reply_time)
 
 
 @dataclass(frozen=True)

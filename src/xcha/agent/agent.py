@@ -1,0 +1,471 @@
+"""The datanode agent: owns one PostgreSQL instance beside it, reports what is, and carries
+out the controller's node-role messages.
+
+It never decides a role change itself, with one exception: a master that hears neither the
+controller nor a synchronous standby for failure_timeout fences itself, because a
+controller on the other side of that partition may be promoting a standby.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+
+import grpc
+
+from xcha import __version__
+from xcha.agent.config import AgentConfig
+from xcha.agent.state import StateFile
+from xcha.errors import InvalidInput, XchaError
+from xcha.names import Endpoint
+from xcha.pg.instance import PostgresInstance, Timings
+from xcha.pg.probe import ping
+from xcha.pg.status import PgStatus
+from xcha.pg.syncrep import SyncStandbys
+from xcha.rpc import channel, endpoint_from_proto, endpoint_to_proto, status_to_proto
+from xcha.v1 import xcha_pb2 as pb
+from xcha.v1 import xcha_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HEARTBEAT_INTERVAL = 0.5
+DEFAULT_FAILURE_TIMEOUT = 2.0
+
+
+class StaleEpoch(XchaError):
+    """A role message from an older epoch than the agent has seen: a deposed controller."""
+
+
+def _proc_state(pid: int | None) -> str:
+    if pid is None:
+        return ""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, instance: PostgresInstance, state_file: StateFile) -> None:
+        self.config = config
+        self.instance = instance
+        self.state_file = state_file
+        self.state = state_file.load()
+        if self.state.port is not None:
+            instance.port = self.state.port
+        self.pg = PgStatus(running=False, port=instance.port)
+        self.activity = "starting"
+        self.last_error = ""
+        self.upstream_check = pb.UpstreamCheck(checked=False)
+        self._upstream_ok_at = time.monotonic()
+        self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
+        self.failure_timeout = DEFAULT_FAILURE_TIMEOUT
+        self.controller_ok_at: float | None = None
+        self.goal = pb.GOAL_UNSPECIFIED
+        self._operation_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._change_reason = ""
+        self._postmaster_gone = asyncio.Event()
+        self._watched_pid: int | None = None
+        self._stopping = asyncio.Event()
+        self._started = time.monotonic()
+        self.on_change: Callable[[], None] | None = None  # metrics hook
+
+    # ---- state ---------------------------------------------------------------------------
+
+    def _save(self, **changes: object) -> None:
+        self.state = self.state.but(**changes)
+        self.state_file.save(self.state)
+
+    def accept_epoch(self, epoch: int, member: str) -> None:
+        """Refuse messages for another member or from an older epoch; persist a newer epoch
+        before acting on it."""
+        if member != self.config.member:
+            raise InvalidInput(f"this is the agent of {self.config.member}, not of {member!r}")
+        if epoch < self.state.epoch:
+            raise StaleEpoch(f"epoch {epoch} is older than epoch {self.state.epoch} already seen")
+        if epoch > self.state.epoch:
+            self._save(epoch=epoch)
+
+    def signal_change(self, reason: str) -> None:
+        """Something that matters changed: heartbeat now, not at the next interval."""
+        if not self._change_reason:
+            self._change_reason = reason
+        self._changed.set()
+        if self.on_change is not None:
+            self.on_change()
+
+    @property
+    def upstream(self) -> Endpoint | None:
+        if self.state.upstream_host:
+            return Endpoint(self.state.upstream_host, self.state.upstream_port)
+        return None
+
+    def member_status(self) -> pb.MemberStatus:
+        return pb.MemberStatus(
+            datanode=self.config.datanode,
+            member=self.config.member,
+            postgres=endpoint_to_proto(Endpoint(self.instance.spec.host, self.instance.port)),
+            agent_address=self.config.advertise,
+            postgres_status=status_to_proto(self.pg),
+            epoch=self.state.epoch,
+            agent_version=__version__,
+            activity=self.activity,
+            fenced=self.state.fenced,
+            has_data=self.instance.has_cluster(),
+            last_error=self.last_error,
+            upstream=self.upstream_check,
+            postmaster_state=_proc_state(self.pg.postmaster_pid),
+        )
+
+    # ---- observing PostgreSQL ------------------------------------------------------------
+
+    def _significant(self, status: PgStatus) -> tuple[object, ...]:
+        receiver = status.wal_receiver
+        return (
+            status.running,
+            status.role,
+            status.timeline,
+            status.port,
+            receiver.status if receiver else None,
+            (receiver.upstream_host, receiver.upstream_port) if receiver else None,
+            tuple((d.name, d.state, d.sync_state) for d in status.downstreams),
+            status.synchronous_standby_names,
+        )
+
+    async def refresh(self) -> PgStatus:
+        """Take a new snapshot; a server that does not answer in time keeps its last picture."""
+        before = self._significant(self.pg)
+        pid = self.instance.postmaster_pid()
+        if pid is None:
+            status = PgStatus(running=False, port=self.instance.port)
+        else:
+            try:
+                status = await self.instance.status(timeout=max(self.config.probe_timeout, 0.2))
+            except (TimeoutError, OSError, XchaError, Exception) as error:
+                self.last_error = f"status query failed: {str(error).strip() or type(error).__name__}"
+                status = replace(self.pg, running=True, postmaster_pid=pid, port=self.instance.port)
+        self.pg = status
+        self._watch_pid(status.postmaster_pid)
+        if self._significant(status) != before:
+            self.signal_change(f"PostgreSQL is now {status.role}")
+        return status
+
+    def _watch_pid(self, pid: int | None) -> None:
+        """A pidfd becomes readable the moment the postmaster exits, whether or not it is
+        this process's child: the crash is reported without waiting for the next poll."""
+        if pid == self._watched_pid:
+            return
+        self._watched_pid = pid
+        self._postmaster_gone.clear()
+        if pid is None:
+            return
+        try:
+            fd = os.pidfd_open(pid)
+        except (OSError, AttributeError):
+            return
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            self._postmaster_gone.set()
+
+        loop.add_reader(fd, exited)
+
+    async def _watch(self) -> None:
+        """Every watch_interval (or at once when the postmaster exits): is it still there?"""
+        next_refresh = 0.0
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._postmaster_gone.wait(), self.config.watch_interval)
+            alive = self.instance.postmaster_pid() is not None
+            self.instance.reap()
+            now = time.monotonic()
+            if alive != self.pg.running or now >= next_refresh:
+                was_running = self.pg.running
+                await self.refresh()
+                if was_running and not self.pg.running and not self._operation_lock.locked():
+                    log.warning(
+                        "%s: postmaster gone (%s)",
+                        self.config.member,
+                        "exit reaped" if self._postmaster_gone.is_set() else "no longer running",
+                    )
+                    self.signal_change("postmaster died")
+                next_refresh = now + self.heartbeat_interval
+            await self._self_fence_if_isolated()
+
+    async def _check_upstream(self) -> None:
+        """A standby asks its master itself: a hung master keeps the WAL receiver's TCP
+        connection open long after it stopped sending."""
+        while not self._stopping.is_set():
+            upstream = self.upstream
+            if self.pg.running and self.pg.in_recovery and upstream is not None:
+                result = await ping(upstream, self.config.probe_timeout)
+                now = time.monotonic()
+                if result.ok:
+                    self._upstream_ok_at = now
+                was_ok = self.upstream_check.ok
+                self.upstream_check = pb.UpstreamCheck(
+                    checked=True,
+                    ok=result.ok,
+                    seconds_since_ok=now - self._upstream_ok_at,
+                    detail=f"{upstream}: {result.detail}",
+                )
+                if was_ok != result.ok:
+                    self.signal_change(f"upstream {upstream} {'answers' if result.ok else 'does not answer'}")
+            else:
+                self.upstream_check = pb.UpstreamCheck(checked=False)
+                self._upstream_ok_at = time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.heartbeat_interval)
+
+    async def _self_fence_if_isolated(self) -> None:
+        if not (self.pg.running and self.pg.role == "master" and self.pg.synchronous_standby_names):
+            return
+        silent_since = self.controller_ok_at if self.controller_ok_at is not None else self._started
+        if time.monotonic() - silent_since < self.failure_timeout:
+            return
+        confirmed = [
+            d
+            for d in self.pg.downstreams
+            if d.sync_state in ("sync", "quorum")
+            and d.state == "streaming"
+            and d.reply_age is not None
+            and d.reply_age < self.failure_timeout
+        ]
+        if confirmed or self._operation_lock.locked():
+            return
+        async with self._operation("self-fencing"):
+            log.warning(
+                "%s: no controller and no synchronous standby for %.1f s: fencing myself",
+                self.config.member,
+                self.failure_timeout,
+            )
+            self._save(fenced=True)
+            await self.instance.kill()
+            await self.refresh()
+
+    # ---- heartbeats ---------------------------------------------------------------------
+
+    async def _heartbeats(self) -> None:
+        async with channel(self.config.controller, self.config.tls) as controller_channel:
+            stub = pb_grpc.ControllerStub(controller_channel)
+            unreachable_logged = False
+            while not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), self.heartbeat_interval)
+                self._changed.clear()
+                reason, self._change_reason = self._change_reason or "interval", ""
+                request = pb.HeartbeatRequest(status=self.member_status(), reason=reason)
+                try:
+                    reply = await stub.Heartbeat(request, timeout=max(self.heartbeat_interval, 0.5))
+                except grpc.aio.AioRpcError as error:
+                    if not unreachable_logged:
+                        log.warning(
+                            "%s: controller %s unreachable: %s",
+                            self.config.member,
+                            self.config.controller,
+                            error.details() or error.code().name,
+                        )
+                        unreachable_logged = True
+                    continue
+                if unreachable_logged:
+                    log.info("%s: controller %s reachable again", self.config.member, self.config.controller)
+                    unreachable_logged = False
+                self.controller_ok_at = time.monotonic()
+                await self._follow_reply(reply)
+
+    async def _follow_reply(self, reply: pb.HeartbeatReply) -> None:
+        if reply.heartbeat_interval > 0:
+            self.heartbeat_interval = reply.heartbeat_interval
+        if reply.failure_timeout > 0:
+            self.failure_timeout = reply.failure_timeout
+        if reply.epoch > self.state.epoch:
+            self._save(epoch=reply.epoch)
+        self.goal = reply.goal
+        upstream = endpoint_from_proto(reply.upstream)
+        if (
+            reply.goal == pb.GOAL_STANDBY
+            and upstream is not None
+            and self.upstream != upstream
+            and self.pg.role != "master"
+        ):
+            self._save(upstream_host=upstream.host, upstream_port=upstream.port)
+        deposed = (
+            reply.goal in (pb.GOAL_STANDBY, pb.GOAL_REMOVED) and self.pg.running and self.pg.role == "master"
+        )
+        if deposed and not self._operation_lock.locked():
+            async with self._operation("fencing"):
+                log.warning(
+                    "%s: the controller (epoch %d) says I am no master: fencing",
+                    self.config.member,
+                    reply.epoch,
+                )
+                self._save(fenced=True)
+                await self.instance.kill()
+                await self.refresh()
+        if reply.goal == pb.GOAL_REMOVED and not self.state.removed:
+            self._save(removed=True)
+
+    # ---- node-role messages --------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _operation(self, activity: str) -> AsyncIterator[None]:
+        """One role change at a time; the activity is reported while it runs."""
+        async with self._operation_lock:
+            self.activity = activity
+            self.signal_change(activity)
+            started = time.monotonic()
+            try:
+                yield
+                self.last_error = ""
+            except Exception as error:
+                self.last_error = f"{activity} failed: {error}"
+                log.error("%s: %s", self.config.member, self.last_error)
+                raise
+            finally:
+                self.activity = "idle"
+                log.info(
+                    "%s: %s took %.0f ms", self.config.member, activity, (time.monotonic() - started) * 1000
+                )
+                await self.refresh()
+                self.signal_change(f"{activity} done")
+
+    async def promote(
+        self, epoch: int, member: str, takeover_port: int = 0, sync: SyncStandbys | None = None
+    ) -> tuple[str, float]:
+        """Become the master: promote a standby, start a stopped master, or initdb an empty one."""
+        self.accept_epoch(epoch, member)
+        if self.state.removed:
+            raise InvalidInput(f"{member} was removed from its group")
+        started = time.monotonic()
+        async with self._operation("promoting"):
+            if not self.instance.has_cluster():
+                timings = await self.instance.bootstrap_master()
+                detail = f"bootstrapped: {_steps(timings)}"
+            else:
+                status = await self.refresh()
+                if status.running and status.in_recovery:
+                    if sync is not None:
+                        await self.instance.set_synchronous_standbys(sync)
+                    detail = f"promoted a standby in {await self.instance.promote() * 1000:.0f} ms"
+                elif status.running:
+                    detail = "already the master"
+                else:
+                    self.instance.configure("master")
+                    detail = f"started as master in {await self.instance.start() * 1000:.0f} ms"
+            if takeover_port and takeover_port != self.instance.port:
+                timings = await self.instance.take_over_port(takeover_port)
+                detail += f"; took over port {takeover_port}: {_steps(timings)}"
+            self._save(
+                fenced=False, role="master", port=self.instance.port, upstream_host="", upstream_port=0
+            )
+        log.info("%s: %s (epoch %d)", member, detail, epoch)
+        return detail, time.monotonic() - started
+
+    async def follow(self, epoch: int, member: str, upstream: Endpoint, port: int = 0) -> tuple[str, float]:
+        """Become a standby of upstream: keep, reconfigure, pg_rewind, or clone afresh."""
+        self.accept_epoch(epoch, member)
+        if self.state.removed:
+            raise InvalidInput(f"{member} was removed from its group")
+        started = time.monotonic()
+        async with self._operation("following"):
+            self._save(upstream_host=upstream.host, upstream_port=upstream.port)
+            status = await self.refresh()
+            if status.running and not status.in_recovery:
+                self._save(fenced=True)
+                await self.instance.kill()
+            if port and port != self.instance.port:
+                await self.instance.stop("fast")
+                self.instance.port = port
+                self._save(port=port)
+            timings = await self.instance.follow(upstream)
+            self._save(fenced=False, role="standby")
+        detail = f"following {upstream}: {_steps(timings)}"
+        log.info("%s: %s (epoch %d)", member, detail, epoch)
+        return detail, time.monotonic() - started
+
+    async def fence(self, epoch: int, member: str, reason: str, clean: bool) -> tuple[str, int, float]:
+        """Stop serving writes and stay stopped. clean: a fast shutdown, after which every WAL
+        record up to the returned position has reached the streaming standbys."""
+        self.accept_epoch(epoch, member)
+        started = time.monotonic()
+        final_lsn = 0
+        async with self._operation("fencing"):
+            self._save(fenced=True)
+            if clean:
+                await self.instance.stop("fast")
+                final_lsn = await self.instance.shutdown_checkpoint_lsn()
+            else:
+                await self.instance.kill()
+        log.warning("%s: fenced (%s), epoch %d", member, reason or "no reason given", epoch)
+        return f"fenced: {reason}", final_lsn, time.monotonic() - started
+
+    async def set_synchronous_standbys(self, epoch: int, member: str, sync: SyncStandbys) -> str:
+        self.accept_epoch(epoch, member)
+        async with self._operation("setting synchronous standbys"):
+            value = await self.instance.set_synchronous_standbys(sync)
+        log.info("%s: synchronous_standby_names = '%s' (epoch %d)", member, value, epoch)
+        return f"synchronous_standby_names = '{value}'"
+
+    async def checkpoint(self, epoch: int, member: str) -> str:
+        self.accept_epoch(epoch, member)
+        started = time.monotonic()
+        await self.instance.checkpoint()
+        return f"checkpoint in {(time.monotonic() - started) * 1000:.0f} ms"
+
+    async def remove(self, epoch: int, member: str) -> str:
+        self.accept_epoch(epoch, member)
+        async with self._operation("leaving the group"):
+            self._save(removed=True, fenced=True)
+            await self.instance.stop("fast")
+        log.warning("%s: removed from datanode %s (epoch %d)", member, self.config.datanode, epoch)
+        return "stopped and removed"
+
+    # ---- life cycle ----------------------------------------------------------------------
+
+    async def resume(self) -> None:
+        """On start: adopt a running postmaster; start a standby that is not running; never
+        start a master on its own (the controller may have promoted another meanwhile)."""
+        pid = self.instance.postmaster_pid()
+        if pid is not None:
+            log.info("%s: adopted running PostgreSQL (PID %d)", self.config.member, pid)
+        elif (
+            self.instance.has_cluster()
+            and self.state.role == "standby"
+            and not self.state.fenced
+            and not self.state.removed
+        ):
+            log.info("%s: starting PostgreSQL as a standby", self.config.member)
+            try:
+                await self.instance.start()
+            except XchaError as error:
+                self.last_error = f"start failed: {error}"
+                log.error("%s: %s", self.config.member, self.last_error)
+        await self.refresh()
+        self.activity = "idle"
+
+    async def run(self) -> None:
+        await self.resume()
+        tasks = [
+            asyncio.create_task(coroutine)
+            for coroutine in (self._watch(), self._heartbeats(), self._check_upstream())
+        ]
+        try:
+            await self._stopping.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+
+def _steps(timings: Timings) -> str:
+    return ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in timings.steps)

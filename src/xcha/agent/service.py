@@ -1,0 +1,122 @@
+"""The agent's gRPC service: thin, it converts messages and delegates to `Agent`."""
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import grpc
+
+from xcha.agent.agent import Agent, StaleEpoch
+from xcha.errors import InvalidInput, XchaError
+from xcha.names import Endpoint
+from xcha.pg.syncrep import SyncPolicy, SyncStandbys
+from xcha.rpc import endpoint_from_proto
+from xcha.v1 import xcha_pb2 as pb
+from xcha.v1 import xcha_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def sync_from_proto(message: pb.SyncStandbys) -> SyncStandbys:
+    if message.method not in ("first", "any") or message.count < 1:
+        raise InvalidInput(f"invalid synchronous policy {message.method!r} {message.count}")
+    return SyncStandbys(SyncPolicy(message.method, message.count), tuple(message.names))  # type: ignore[arg-type]
+
+
+def sync_to_proto(sync: SyncStandbys) -> pb.SyncStandbys:
+    return pb.SyncStandbys(method=sync.policy.method, count=sync.policy.count, names=list(sync.names))
+
+
+async def _call(context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
+    """Domain errors become gRPC status codes with the operator-readable message."""
+    try:
+        return await work()
+    except StaleEpoch as error:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
+    except InvalidInput as error:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+    except XchaError as error:
+        await context.abort(grpc.StatusCode.ABORTED, str(error))
+    raise AssertionError("unreachable")
+
+
+class AgentService(pb_grpc.AgentServicer):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    async def GetStatus(
+        self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.MemberStatus:
+        await self.agent.refresh()
+        return self.agent.member_status()
+
+    async def _reply(self, detail: str, seconds: float = 0.0, final_lsn: int = 0) -> pb.RoleReply:
+        return pb.RoleReply(
+            status=self.agent.member_status(), detail=detail, seconds=seconds, final_lsn=final_lsn
+        )
+
+    async def Promote(self, request: pb.PromoteRequest, context: grpc.aio.ServicerContext) -> pb.RoleReply:
+        async def work() -> pb.RoleReply:
+            sync = (
+                sync_from_proto(request.synchronous_standbys)
+                if request.HasField("synchronous_standbys")
+                else None
+            )
+            if request.takeover_port > 65535:
+                raise InvalidInput(f"invalid takeover port {request.takeover_port}")
+            detail, seconds = await self.agent.promote(
+                request.epoch, request.member, request.takeover_port, sync
+            )
+            return await self._reply(detail, seconds)
+
+        return await _call(context, work)
+
+    async def Follow(self, request: pb.FollowRequest, context: grpc.aio.ServicerContext) -> pb.RoleReply:
+        async def work() -> pb.RoleReply:
+            upstream = endpoint_from_proto(request.upstream)
+            if upstream is None:
+                raise InvalidInput("Follow needs the upstream's host and port")
+            if request.port > 65535:
+                raise InvalidInput(f"invalid port {request.port}")
+            detail, seconds = await self.agent.follow(request.epoch, request.member, upstream, request.port)
+            return await self._reply(detail, seconds)
+
+        return await _call(context, work)
+
+    async def Fence(self, request: pb.FenceRequest, context: grpc.aio.ServicerContext) -> pb.RoleReply:
+        async def work() -> pb.RoleReply:
+            detail, final_lsn, seconds = await self.agent.fence(
+                request.epoch, request.member, request.reason, request.clean
+            )
+            return await self._reply(detail, seconds, final_lsn)
+
+        return await _call(context, work)
+
+    async def SetSynchronousStandbys(
+        self, request: pb.SetSynchronousStandbysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RoleReply:
+        async def work() -> pb.RoleReply:
+            sync = sync_from_proto(request.synchronous_standbys)
+            return await self._reply(
+                await self.agent.set_synchronous_standbys(request.epoch, request.member, sync)
+            )
+
+        return await _call(context, work)
+
+    async def Checkpoint(
+        self, request: pb.CheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RoleReply:
+        async def work() -> pb.RoleReply:
+            return await self._reply(await self.agent.checkpoint(request.epoch, request.member))
+
+        return await _call(context, work)
+
+    async def Remove(self, request: pb.RemoveRequest, context: grpc.aio.ServicerContext) -> pb.RoleReply:
+        async def work() -> pb.RoleReply:
+            return await self._reply(await self.agent.remove(request.epoch, request.member))
+
+        return await _call(context, work)
+
+
+__all__ = ["AgentService", "Endpoint", "sync_from_proto", "sync_to_proto"]

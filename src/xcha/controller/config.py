@@ -1,0 +1,198 @@
+"""controller.toml: the controller, the datanode groups it keeps available, and how
+coordinators are re-pointed after a promotion."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from xcha.config import ConfigError, Problems, Section, TlsConfig, read_toml
+from xcha.controller.views import SyncFailurePolicy
+from xcha.errors import InvalidInput
+from xcha.names import check_address, check_name
+from xcha.pg.syncrep import SyncPolicy
+
+ROUTER_KINDS = ("none", "fdw", "pgxc", "takeover", "command")
+
+
+@dataclass(frozen=True)
+class DatanodeConfig:
+    name: str
+    members: tuple[str, ...]
+    policy: SyncPolicy
+    on_sync_failure: SyncFailurePolicy
+    allow_data_loss: bool
+    async_members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    name: str
+    conninfo: str
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    kind: str
+    coordinators: tuple[CoordinatorConfig, ...] = ()
+    flavor: str = "xc"  # pgxc: xc or xl
+    command: tuple[str, ...] = ()  # command: argv
+    retry_initial: float = 0.1
+    retry_max: float = 5.0
+    timeout: float = 5.0
+    terminate_writers: bool = True  # pgxc: end sessions holding an xid before the reload
+    clean_command: tuple[str, ...] = ()  # pgxc: pgxc_clean -a or equivalent
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    source: Path
+    listen: str
+    state_dir: Path
+    heartbeat_interval: float
+    failure_timeout: float
+    probe_timeout: float
+    startup_grace: float
+    tick_interval: float
+    metrics_listen: str | None
+    log_format: str
+    datanodes: tuple[DatanodeConfig, ...]
+    router: RouterConfig
+    tls: TlsConfig
+
+    def datanode(self, name: str) -> DatanodeConfig | None:
+        return next((d for d in self.datanodes if d.name == name), None)
+
+
+def _router(section: Section) -> RouterConfig:
+    kind = section.choice("kind", ROUTER_KINDS, "none")
+    coordinators = []
+    for table in section.tables("coordinator"):
+        coordinators.append(CoordinatorConfig(table.name("name"), table.text("conninfo")))
+        table.finish()
+    names = [c.name for c in coordinators]
+    if len(set(names)) != len(names):
+        section.problems.add(section.key("coordinator"), "coordinator names repeat")
+    if kind in ("fdw", "pgxc") and not coordinators:
+        section.problems.add(
+            section.key("coordinator"), f"router kind {kind} needs at least one [[router.coordinator]]"
+        )
+    command = section.strings("command", [])
+    if kind == "command" and not command:
+        section.problems.add(
+            section.key("command"), 'router kind command needs command = ["/path/to/program", ...]'
+        )
+    config = RouterConfig(
+        kind=kind,
+        coordinators=tuple(coordinators),
+        flavor=section.choice("flavor", ("xc", "xl"), "xc"),
+        command=command,
+        retry_initial=section.number("retry_initial", 0.1, minimum=0.01, maximum=10),
+        retry_max=section.number("retry_max", 5.0, minimum=0.1, maximum=600),
+        timeout=section.number("timeout", 5.0, minimum=0.1, maximum=600),
+        terminate_writers=section.flag("terminate_writers", True),
+        clean_command=section.strings("clean_command", []),
+    )
+    section.finish()
+    return config
+
+
+def _datanode(section: Section) -> DatanodeConfig:
+    name = section.name("name")
+    members = section.strings("members")
+    for member in members or ():
+        try:
+            check_name(member, "member name")
+        except InvalidInput as error:
+            section.problems.add(section.key("members"), str(error))
+    policy = SyncPolicy()
+    text = section.text("synchronous", "FIRST 1")
+    try:
+        policy = SyncPolicy.parse(text)
+    except InvalidInput as error:
+        section.problems.add(section.key("synchronous"), str(error))
+    async_members = section.strings("async_members", [])
+    config = DatanodeConfig(
+        name=name,
+        members=members or (),
+        policy=policy,
+        on_sync_failure=SyncFailurePolicy(
+            section.choice("sync_policy", ("available", "strict"), "available")
+        ),
+        allow_data_loss=section.flag("allow_data_loss", False),
+        async_members=async_members or (),
+    )
+    if members is not None and len(set(config.members)) != len(config.members):
+        section.problems.add(section.key("members"), "member names repeat")
+    if not config.members:
+        section.problems.add(
+            section.key("members"), "needs at least one member (the first is bootstrapped as master)"
+        )
+    unknown = set(config.async_members) - set(config.members)
+    if unknown:
+        section.problems.add(section.key("async_members"), f"not members: {', '.join(sorted(unknown))}")
+    sync_standbys = len(config.members) - 1 - len(set(config.async_members))
+    if len(config.members) > 1 and policy.count > sync_standbys:
+        section.problems.add(
+            section.key("synchronous"),
+            f"{policy} needs {policy.count} synchronous standbys but the group has {sync_standbys}",
+        )
+    section.finish()
+    return config
+
+
+def load_controller_config(path: Path) -> ControllerConfig:
+    problems = Problems()
+    root = Section(read_toml(path), "", problems)
+    controller = root.table("controller")
+    listen = controller.address("listen")
+    state_dir = controller.path("state_dir")
+    heartbeat_interval = controller.number("heartbeat_interval", 0.5, minimum=0.05, maximum=30)
+    failure_timeout = controller.number("failure_timeout", 2.0, minimum=0.2, maximum=600)
+    probe_timeout = controller.number("probe_timeout", 0.5, minimum=0.05, maximum=30)
+    startup_grace = controller.number("startup_grace", failure_timeout, minimum=0, maximum=3600)
+    tick_interval = controller.number("tick_interval", 0.05, minimum=0.005, maximum=5)
+    metrics_listen = controller.text("metrics_listen", "") or None
+    if metrics_listen:
+        try:
+            check_address(metrics_listen)
+        except InvalidInput as error:
+            problems.add("controller.metrics_listen", str(error))
+    log_format = controller.choice("log_format", ("text", "json"), "text")
+    controller.finish()
+    if isinstance(failure_timeout, float) and isinstance(heartbeat_interval, float):
+        if failure_timeout <= 2 * heartbeat_interval:
+            problems.add(
+                "controller.failure_timeout",
+                f"must be greater than 2 x heartbeat_interval ({2 * heartbeat_interval:g} s), "
+                f"so that one missed heartbeat is not a failure",
+            )
+        if isinstance(probe_timeout, float) and probe_timeout >= failure_timeout:
+            problems.add("controller.probe_timeout", "must be shorter than failure_timeout")
+    datanodes = tuple(_datanode(section) for section in root.tables("datanode"))
+    if not datanodes:
+        problems.add("datanode", "at least one [[datanode]] is needed")
+    names = [d.name for d in datanodes]
+    if len(set(names)) != len(names):
+        problems.add("datanode", "datanode names repeat")
+    members = [m for d in datanodes for m in d.members]
+    if len(set(members)) != len(members):
+        problems.add("datanode", "a member name is used in more than one datanode")
+    router = _router(root.table("router"))
+    tls = TlsConfig.load(root.table("tls"))
+    root.finish()
+    if problems.items:
+        raise ConfigError(str(path), problems.items)
+    return ControllerConfig(
+        path,
+        listen,
+        state_dir,
+        heartbeat_interval,
+        failure_timeout,
+        probe_timeout,
+        startup_grace,
+        tick_interval,
+        metrics_listen,
+        log_format,
+        datanodes,
+        router,
+        tls,
+    )

@@ -1,0 +1,689 @@
+"""Every decision the controller makes, as one table. No I/O.
+
+A row is (state, event, guard, next state, action, comment). Events and guards are named
+conditions over a `GroupView`; `decide` fires the first row whose state matches and whose
+event and guard hold, and returns the next state, the concrete actions and a one-line
+reason. The failure rule, candidate choice and desired synchronous standbys live here too,
+as pure functions. docs/design.md shows the diagram generated from TRANSITIONS.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from xcha.controller.views import GroupState, GroupView, MemberView, SyncFailurePolicy
+from xcha.pg.syncrep import SyncStandbys
+
+S = GroupState
+ANY = "*"
+SAME = "="
+RUNNING_STATES = (S.SINGLE, S.PROTECTED, S.UNPROTECTED, S.DEGRADED)
+PROMOTE_ATTEMPTS = 3
+
+
+class Action(StrEnum):
+    NONE = "none"
+    BOOTSTRAP = "bootstrap"  # initdb the first member as master
+    START_MASTER = "start_master"  # restart a crashed master in place
+    PROMOTE = "promote"  # bump the epoch, fence the old master, promote the candidate
+    RESEND_PROMOTE = "resend_promote"
+    SWITCHOVER = "switchover"  # bump the epoch, stop the master cleanly, promote the target
+    REFRESH = "refresh"  # ask the standbys for fresh positions
+    REROUTE = "reroute"  # re-point every coordinator (a barrier)
+    FOLLOW = "follow"  # make a member a standby of the master
+    SET_SYNC = "set_sync"  # synchronous_standby_names on the master
+    FENCE = "fence"  # stop a member that must not serve writes
+
+
+@dataclass(frozen=True)
+class Transition:
+    states: tuple[str, ...]  # ("*",): any state
+    event: str
+    guard: str | None
+    next_state: str
+    action: Action
+    comment: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """One concrete thing to do."""
+
+    action: Action
+    member: str | None = None
+    sync: SyncStandbys | None = None
+    clean: bool = False
+
+
+@dataclass(frozen=True)
+class Decision:
+    next_state: GroupState
+    steps: tuple[Step, ...]
+    reason: str
+    row: int | None = None  # index in TRANSITIONS, None: nothing matched
+    bump_epoch: bool = False
+    new_master: str | None = None
+    new_candidate: str | None = None
+    sync_set: tuple[str, ...] | None = None  # None: unchanged
+    clear_request: bool = False
+    promote_attempts: int | None = None
+
+
+# ---- the failure rule -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FailureVerdict:
+    failed: bool
+    crashed: bool
+    inputs: str
+
+
+def master_failure(view: GroupView) -> FailureVerdict:
+    """Crash: the master's agent reports its postmaster gone (a fact, no timeout).
+    Hang, host loss, partition: no heartbeat for failure_timeout AND the controller's own
+    probe fails AND every reachable standby reports it no longer receives WAL."""
+    master = view.master_view
+    if master is None:
+        return FailureVerdict(False, False, "no master")
+    timeout = view.failure_timeout
+    crashed = (
+        master.reachable(timeout)
+        and not master.pg.running
+        and master.activity == "idle"
+        and not master.fenced
+        and master.has_data
+    )
+    silent = not master.reachable(timeout)
+    probe_failed = master.probe_ok is False and master.probe_age < timeout
+    reachable_standbys = [m for m in view.standbys if m.reachable(timeout) and m.pg.running]
+    standbys_lost = all(not m.receiving_wal() for m in reachable_standbys)
+    heartbeat = "never" if master.heartbeat_age == float("inf") else f"{master.heartbeat_age:.2f}s ago"
+    probe = {None: "not probed", True: "answers", False: "no answer"}[master.probe_ok]
+    views = (
+        ", ".join(
+            f"{m.name} {'receives WAL' if m.receiving_wal() else 'receives no WAL'}"
+            for m in reachable_standbys
+        )
+        or "no standby reachable"
+    )
+    inputs = f"heartbeat {heartbeat}; probe {probe}; {views}" + (
+        "; postmaster gone (agent report)" if crashed else ""
+    )
+    failed = not view.in_grace and (crashed or (silent and probe_failed and standbys_lost))
+    return FailureVerdict(failed, crashed, inputs)
+
+
+# ---- candidates ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CandidateChoice:
+    member: MemberView | None
+    fresh: bool  # positions reported after the failure was detected
+    reason: str
+    lost_bytes: int = 0
+
+
+def _usable(view: GroupView, member: MemberView) -> bool:
+    return (
+        member.reachable(view.failure_timeout)
+        and member.pg.running
+        and bool(member.pg.in_recovery)
+        and not member.fenced
+        and not member.removed
+        and not member.busy
+    )
+
+
+def choose_candidate(
+    view: GroupView, allow_data_loss: bool = False, target: str | None = None
+) -> CandidateChoice:
+    """Only a standby that was synchronous when the master was last protected holds every
+    acknowledged commit. FIRST k: any of those; ANY k of n: positions from n-k+1 of them are
+    needed to be sure the most advanced one holds every commit. Highest flushed LSN wins."""
+    fresh_after = view.master_failed_for
+    usable = [m for m in view.standbys if _usable(view, m)]
+    if target is not None:
+        usable = [m for m in usable if m.name == target]
+        if not usable:
+            return CandidateChoice(None, False, f"{target} is not a running, reachable standby")
+    sync_usable = [m for m in usable if m.name in view.sync_set]
+    if sync_usable:
+        if view.policy.method == "any":
+            needed = len(view.sync_set) - view.policy.count + 1
+            if len(sync_usable) < needed:
+                pool: list[MemberView] = []
+                reason = (
+                    f"ANY {view.policy.count} of {len(view.sync_set)}: {len(sync_usable)} of the "
+                    f"{needed} standbys needed to be sure of every commit are reachable"
+                )
+            else:
+                pool, reason = sync_usable, "most advanced of the quorum"
+        else:
+            pool, reason = sync_usable, "synchronous standby"
+    else:
+        pool = []
+        reason = (
+            "no standby was synchronous when the master was last protected"
+            if not view.sync_set
+            else f"the synchronous standbys ({', '.join(view.sync_set)}) are not reachable"
+        )
+    data_loss = False
+    if not pool and allow_data_loss and usable:
+        pool, data_loss = usable, True
+    if not pool:
+        return CandidateChoice(None, False, reason)
+    best = max(pool, key=lambda m: m.pg.position)
+    fresh = all(m.heartbeat_age <= fresh_after for m in pool)
+    lost = 0
+    if data_loss:
+        master = view.master_view
+        lost = max(0, (master.pg.position if master else 0) - best.pg.position)
+        reason = f"allow_data_loss: {best.name} is the most advanced standby; up to {lost} bytes may be lost"
+    return CandidateChoice(best, fresh, reason, lost)
+
+
+# ---- synchronous replication -----------------------------------------------------------------
+
+
+def sync_grace(view: GroupView) -> float:
+    """How long a synchronous standby may be missing before it counts as lost."""
+    return view.failure_timeout / 2
+
+
+def desired_sync(view: GroupView) -> SyncStandbys:
+    """available: the sync-mode standbys that stream (or went missing only just now);
+    strict: every sync-mode standby, so that commits wait for them."""
+    names = []
+    for member in view.standbys:
+        if member.mode != "sync":
+            continue
+        if view.on_sync_failure == SyncFailurePolicy.STRICT or (
+            member.streaming_missing_for < sync_grace(view) and not _down(view, member)
+        ):
+            names.append(member.name)
+    return SyncStandbys(view.policy, tuple(names))
+
+
+def _down(view: GroupView, member: MemberView) -> bool:
+    """The member's agent says its PostgreSQL is not running: a fact, no grace needed."""
+    return member.reachable(view.failure_timeout) and not member.pg.running and member.activity == "idle"
+
+
+def _master_report_fresh(view: GroupView) -> bool:
+    master = view.master_view
+    return (
+        master is not None
+        and master.reachable(view.failure_timeout)
+        and master.pg.running
+        and master.pg.in_recovery is False
+    )
+
+
+def confirming_standbys(view: GroupView) -> tuple[str, ...]:
+    """Standbys the master reports as confirming commits now (sync / quorum, streaming)."""
+    master = view.master_view
+    if master is None:
+        return ()
+    return tuple(
+        d.name for d in master.pg.downstreams if d.state == "streaming" and d.sync_state in ("sync", "quorum")
+    )
+
+
+def _current_sync(view: GroupView) -> str:
+    master = view.master_view
+    return master.pg.synchronous_standby_names if master else ""
+
+
+def _sync_value(view: GroupView, sync: SyncStandbys) -> str:
+    # PostgreSQL echoes the setting as written; xcha always writes the 10+ spelling here.
+    return sync.render(100000)
+
+
+# ---- named conditions ---------------------------------------------------------------------
+
+
+def _stray_master(view: GroupView) -> MemberView | None:
+    for member in view.members:
+        if (
+            member.name != view.master
+            and member.reachable(view.failure_timeout)
+            and member.pg.running
+            and member.pg.in_recovery is False
+            and not member.busy
+        ):
+            return member
+    return None
+
+
+def _needs_follow(view: GroupView) -> MemberView | None:
+    master = view.master_view
+    if master is None or master.endpoint is None or not _master_report_fresh(view):
+        return None
+    for member in view.standbys:
+        if (
+            not member.reachable(view.failure_timeout)
+            or member.busy
+            or member.follow_backoff
+            or member.activity != "idle"
+        ):
+            continue
+        receiver = member.pg.wal_receiver
+        following = (
+            member.pg.running
+            and member.pg.in_recovery
+            and receiver is not None
+            and receiver.upstream_host == master.endpoint.host
+            and receiver.upstream_port == master.endpoint.port
+        )
+        # A standby whose WAL receiver is (re)connecting gets a moment before it is re-done.
+        starting = (
+            member.pg.running
+            and member.pg.in_recovery
+            and receiver is None
+            and member.streaming_missing_for < view.failure_timeout
+        )
+        if not following and not starting:
+            return member
+    return None
+
+
+def _sync_lost(view: GroupView) -> bool:
+    if not _master_report_fresh(view):
+        return False
+    if len(confirming_standbys(view)) >= view.policy.count:
+        return False
+    sync_members = [m for m in view.standbys if m.mode == "sync"]
+    return (
+        any(m.streaming_missing_for >= sync_grace(view) or _down(view, m) for m in sync_members)
+        or not sync_members
+    )
+
+
+def _sync_satisfied(view: GroupView) -> bool:
+    return (
+        _master_report_fresh(view)
+        and len(confirming_standbys(view)) >= view.policy.count
+        and _current_sync(view) == _sync_value(view, desired_sync(view))
+    )
+
+
+def _sync_names_differ(view: GroupView) -> bool:
+    master = view.master_view
+    return (
+        _master_report_fresh(view)
+        and master is not None
+        and not master.busy
+        and _current_sync(view) != _sync_value(view, desired_sync(view))
+    )
+
+
+def _master_running(view: GroupView) -> bool:
+    master = view.master_view
+    return _master_report_fresh(view) and master is not None and master.epoch >= view.epoch
+
+
+def _adoptable_master(view: GroupView) -> MemberView | None:
+    for member in view.members:
+        if member.reachable(view.failure_timeout) and member.pg.running and member.pg.in_recovery is False:
+            return member
+    return None
+
+
+def _bootstrap_member(view: GroupView) -> MemberView | None:
+    first = view.members[0] if view.members else None
+    if first is None or not first.reachable(view.failure_timeout) or first.busy:
+        return None
+    if any(m.has_data for m in view.members if m.reachable(view.failure_timeout)):
+        return None  # data exists somewhere: an operator decides, xcha does not initdb over it
+    return first
+
+
+def _master_restartable(view: GroupView) -> bool:
+    master = view.master_view
+    return (
+        master is not None
+        and master.reachable(view.failure_timeout)
+        and not master.pg.running
+        and master.has_data
+        and not master.busy
+        and master.activity == "idle"
+    )
+
+
+def _promoted(view: GroupView) -> bool:
+    candidate = view.member(view.candidate)
+    return (
+        candidate is not None
+        and candidate.reachable(view.failure_timeout)
+        and candidate.pg.running
+        and candidate.pg.in_recovery is False
+        and candidate.epoch >= view.epoch
+    )
+
+
+CONDITIONS: dict[str, Callable[[GroupView], bool]] = {
+    "always": lambda v: True,
+    "paused": lambda v: v.paused,
+    "in_grace": lambda v: v.in_grace,
+    "idle": lambda v: not v.busy,
+    "promoted": _promoted,
+    "promote_failed_often": lambda v: not v.busy and v.promote_attempts >= PROMOTE_ATTEMPTS,
+    "switchover_failed": lambda v: v.switchover_failed and not v.busy,
+    "rerouted": lambda v: v.rerouted,
+    "switchover_requested": lambda v: v.request is not None and v.request.kind == "switchover" and not v.busy,
+    "failover_requested": lambda v: v.request is not None and v.request.kind == "failover" and not v.busy,
+    "target_ready": lambda v: _requested_candidate(v).member is not None,
+    "target_not_ready": lambda v: _requested_candidate(v).member is None,
+    "master_running": _master_running,
+    "master_adoptable": lambda v: _adoptable_master(v) is not None,
+    "bootstrap_ready": lambda v: _bootstrap_member(v) is not None and not v.busy,
+    "master_failed": lambda v: master_failure(v).failed and not v.busy,
+    "candidate_ready": lambda v: (c := choose_candidate(v)).member is not None and c.fresh,
+    "reports_stale": lambda v: (c := choose_candidate(v)).member is not None and not c.fresh,
+    "data_loss_candidate": lambda v: (
+        v.allow_data_loss and (c := choose_candidate(v, True)).member is not None and c.fresh
+    ),
+    "master_restartable": _master_restartable,
+    "stray_master": lambda v: _stray_master(v) is not None,
+    "member_needs_follow": lambda v: _needs_follow(v) is not None,
+    "sync_lost": _sync_lost,
+    "available": lambda v: v.on_sync_failure == SyncFailurePolicy.AVAILABLE,
+    "strict": lambda v: v.on_sync_failure == SyncFailurePolicy.STRICT,
+    "sync_satisfied": _sync_satisfied,
+    "sync_names_differ": _sync_names_differ,
+}
+
+
+def _requested_candidate(view: GroupView) -> CandidateChoice:
+    request = view.request
+    if request is None:
+        return CandidateChoice(None, False, "no request")
+    return choose_candidate(view, request.allow_data_loss or view.allow_data_loss, request.target)
+
+
+RUNNING_OR_LOST = (*RUNNING_STATES, S.NO_CANDIDATE)
+MASTER_LOST_WITH_CANDIDATES = (S.PROTECTED, S.DEGRADED)
+
+# fmt: off
+_TABLE: tuple[tuple[tuple[str, ...] | str, str, str | None, str, Action, str], ...] = (
+    # Operations under way finish, even while paused.
+    (S.FAILOVER, "promoted", None, S.REROUTING, Action.REROUTE,
+     "{candidate} accepts writes: re-point every coordinator"),
+    (S.FAILOVER, "promote_failed_often", None, S.NO_CANDIDATE, Action.NONE,
+     "promoting {candidate} failed {attempts} times"),
+    (S.FAILOVER, "idle", None, SAME, Action.RESEND_PROMOTE,
+     "(re)sending Promote to {candidate}"),
+    (S.SWITCHOVER, "promoted", None, S.REROUTING, Action.REROUTE,
+     "switchover: {candidate} accepts writes: re-point every coordinator"),
+    (S.SWITCHOVER, "switchover_failed", None, S.SINGLE, Action.START_MASTER,
+     "switchover failed: restarting {master}"),
+    (S.SWITCHOVER, "idle", None, SAME, Action.SWITCHOVER,
+     "(re)starting the switchover to {candidate}"),
+    (S.REROUTING, "rerouted", None, S.SINGLE, Action.NONE,
+     "every coordinator points at {master}: restoring synchronous replication"),
+    (S.REROUTING, "idle", None, SAME, Action.REROUTE,
+     "(re)starting the reroute barrier for {master}"),
+    # After a (re)start the controller first learns what the agents report.
+    ((*RUNNING_OR_LOST, S.INITIALIZING), "in_grace", None, SAME, Action.NONE,
+     "learning the cluster after a start: no decision yet"),
+    # What an operator asks, also while paused.
+    (RUNNING_STATES, "switchover_requested", "target_ready", S.SWITCHOVER, Action.SWITCHOVER,
+     "switchover requested: stopping {master} cleanly, then promoting {target}"),
+    (RUNNING_OR_LOST, "failover_requested", "target_ready", S.FAILOVER, Action.PROMOTE,
+     "failover requested: promoting {target}"),
+    (ANY, "switchover_requested", "target_not_ready", SAME, Action.NONE,
+     "switchover refused: {target_reason}"),
+    (ANY, "failover_requested", "target_not_ready", SAME, Action.NONE,
+     "failover refused: {target_reason}"),
+    # Nothing automatic while paused.
+    (ANY, "paused", None, SAME, Action.NONE,
+     "paused: no automatic action"),
+    # A new group.
+    (S.INITIALIZING, "master_adoptable", None, S.SINGLE, Action.NONE,
+     "adopted {adoptable} as the master"),
+    (S.INITIALIZING, "bootstrap_ready", None, SAME, Action.BOOTSTRAP,
+     "bootstrapping {bootstrap} as the master"),
+    # The master is lost.
+    (MASTER_LOST_WITH_CANDIDATES, "master_failed", "candidate_ready", S.FAILOVER, Action.PROMOTE,
+     "master {master} lost ({failure}): promoting {candidate_choice} ({candidate_reason})"),
+    (MASTER_LOST_WITH_CANDIDATES, "master_failed", "reports_stale", SAME, Action.REFRESH,
+     "master {master} lost ({failure}): asking the standbys for their positions"),
+    (RUNNING_STATES, "master_failed", "master_restartable", SAME, Action.START_MASTER,
+     "master {master} crashed and no standby holds every commit ({candidate_reason}): restarting it"),
+    (RUNNING_STATES, "master_failed", "data_loss_candidate", S.FAILOVER, Action.PROMOTE,
+     "master {master} lost ({failure}): {data_loss_reason}"),
+    (RUNNING_STATES, "master_failed", None, S.NO_CANDIDATE, Action.NONE,
+     "master {master} lost ({failure}) and no standby is safe to promote: {candidate_reason}"),
+    (S.NO_CANDIDATE, "master_running", None, S.SINGLE, Action.NONE,
+     "master {master} is back"),
+    (S.NO_CANDIDATE, "candidate_ready", None, S.FAILOVER, Action.PROMOTE,
+     "promoting {candidate_choice} ({candidate_reason})"),
+    (S.NO_CANDIDATE, "reports_stale", None, SAME, Action.REFRESH,
+     "asking the standbys for their positions"),
+    (S.NO_CANDIDATE, "master_restartable", None, SAME, Action.START_MASTER,
+     "no standby is safe to promote ({candidate_reason}): restarting {master}"),
+    # Members that must not serve writes, and members to bring in.
+    (RUNNING_OR_LOST, "stray_master", None, SAME, Action.FENCE,
+     "{stray} accepts writes but {master} is the master: fencing it"),
+    (RUNNING_STATES, "member_needs_follow", None, SAME, Action.FOLLOW,
+     "{follower} joins as a standby of {master}"),
+    # Synchronous replication.
+    (S.PROTECTED, "sync_lost", "available", S.UNPROTECTED, Action.SET_SYNC,
+     "synchronous standby lost: synchronous_standby_names = '{desired}' so writes go on (available)"),
+    (S.PROTECTED, "sync_lost", "strict", S.DEGRADED, Action.NONE,
+     "synchronous standby lost: commits wait for it (strict)"),
+    ((S.SINGLE, S.UNPROTECTED, S.DEGRADED), "sync_satisfied", None, S.PROTECTED, Action.NONE,
+     "protected: {confirming} confirm(s) every commit"),
+    (RUNNING_STATES, "sync_names_differ", None, SAME, Action.SET_SYNC,
+     "synchronous_standby_names = '{desired}'"),
+    (ANY, "always", None, SAME, Action.NONE,
+     "{summary}"),
+)
+# fmt: on
+
+TRANSITIONS = tuple(
+    Transition(states if isinstance(states, tuple) else (states,), event, guard, next_state, action, comment)
+    for states, event, guard, next_state, action, comment in _TABLE
+)
+
+
+def _facts(view: GroupView) -> dict[str, object]:
+    """Values the row comments are written with."""
+    failure = master_failure(view)
+    choice = choose_candidate(view)
+    loss = choose_candidate(view, True)
+    requested = _requested_candidate(view)
+    stray = _stray_master(view)
+    follower = _needs_follow(view)
+    bootstrap = _bootstrap_member(view)
+    adoptable = _adoptable_master(view)
+    master = view.master_view
+    summary = f"{view.state}: master {view.master or 'none'}"
+    if master is not None:
+        summary += f", confirming standbys: {', '.join(confirming_standbys(view)) or 'none'}"
+    return {
+        "master": view.master or "none",
+        "candidate": view.candidate or "none",
+        "attempts": view.promote_attempts,
+        "failure": failure.inputs,
+        "candidate_choice": choice.member.name if choice.member else "none",
+        "candidate_reason": choice.reason,
+        "data_loss_reason": loss.reason,
+        "target": requested.member.name
+        if requested.member
+        else (view.request.target if view.request else ""),
+        "target_reason": requested.reason,
+        "stray": stray.name if stray else "",
+        "follower": follower.name if follower else "",
+        "bootstrap": bootstrap.name if bootstrap else "",
+        "adoptable": adoptable.name if adoptable else "",
+        "desired": _sync_value(view, desired_sync(view)),
+        "confirming": ", ".join(confirming_standbys(view)) or "none",
+        "summary": summary,
+    }
+
+
+def _plan(row: Transition, view: GroupView) -> Decision:
+    next_state = GroupState(view.state if row.next_state == SAME else row.next_state)
+    reason = row.comment.format(**_facts(view))
+    index = TRANSITIONS.index(row)
+    decision = Decision(next_state, (), reason, index)
+    master = view.master_view
+    match row.action:
+        case Action.NONE:
+            steps: tuple[Step, ...] = ()
+        case Action.BOOTSTRAP:
+            member = _bootstrap_member(view)
+            assert member is not None
+            return Decision(
+                next_state,
+                (Step(Action.BOOTSTRAP, member.name),),
+                reason,
+                index,
+                bump_epoch=True,
+                new_master=member.name,
+            )
+        case Action.START_MASTER:
+            steps = (Step(Action.START_MASTER, view.master),)
+        case Action.PROMOTE:
+            if row.event == "failover_requested":
+                choice = _requested_candidate(view)
+            else:
+                choice = choose_candidate(view, allow_data_loss=row.guard == "data_loss_candidate")
+            assert choice.member is not None
+            target = choice.member.name
+            fence = (Step(Action.FENCE, view.master),) if master is not None and master.name != target else ()
+            return Decision(
+                next_state,
+                (*fence, Step(Action.PROMOTE, target, _promote_sync(view, target))),
+                reason,
+                index,
+                bump_epoch=True,
+                new_master=target,
+                new_candidate=target,
+                clear_request=row.event == "failover_requested",
+                promote_attempts=0,
+            )
+        case Action.RESEND_PROMOTE:
+            return Decision(
+                next_state,
+                (Step(Action.RESEND_PROMOTE, view.candidate, _promote_sync(view, view.candidate)),),
+                reason,
+                index,
+                promote_attempts=view.promote_attempts + 1,
+            )
+        case Action.SWITCHOVER:
+            switch_to = view.candidate
+            if row.event == "switchover_requested":
+                chosen = _requested_candidate(view).member
+                assert chosen is not None
+                switch_to = chosen.name
+            return Decision(
+                next_state,
+                (Step(Action.SWITCHOVER, switch_to),),
+                reason,
+                index,
+                bump_epoch=row.event == "switchover_requested",
+                new_candidate=switch_to,
+                clear_request=row.event == "switchover_requested",
+            )
+        case Action.REFRESH:
+            steps = tuple(
+                Step(Action.REFRESH, m.name) for m in view.standbys if m.reachable(view.failure_timeout)
+            )
+        case Action.REROUTE:
+            new_master = view.candidate if view.state in (S.FAILOVER, S.SWITCHOVER) else view.master
+            return Decision(
+                next_state, (Step(Action.REROUTE, new_master),), reason, index, new_master=new_master
+            )
+        case Action.FOLLOW:
+            follower = _needs_follow(view)
+            assert follower is not None
+            steps = (Step(Action.FOLLOW, follower.name),)
+        case Action.SET_SYNC:
+            steps = (Step(Action.SET_SYNC, view.master, desired_sync(view)),)
+        case Action.FENCE:
+            stray = _stray_master(view)
+            assert stray is not None
+            steps = (Step(Action.FENCE, stray.name),)
+    sync_set = None
+    if (
+        next_state == S.PROTECTED
+        and _master_report_fresh(view)
+        and len(confirming_standbys(view)) >= view.policy.count
+    ):
+        sync_set = _sync_set(view)
+    elif next_state in (S.SINGLE, S.UNPROTECTED) and view.state != next_state:
+        sync_set = ()  # commits may now be acknowledged without the former sync standbys
+    adopted = _adoptable_master(view) if row.event == "master_adoptable" else None
+    return Decision(
+        decision.next_state,
+        steps,
+        reason,
+        index,
+        sync_set=sync_set,
+        new_master=adopted.name if adopted else None,
+        clear_request=row.guard == "target_not_ready",
+    )
+
+
+def _sync_set(view: GroupView) -> tuple[str, ...]:
+    """The standbys that hold every acknowledged commit: FIRST k the ones the master calls
+    sync; ANY k every standby named in the quorum."""
+    if view.policy.method == "any":
+        return SyncStandbys.parse(_current_sync(view)).names
+    return confirming_standbys(view)
+
+
+def _promote_sync(view: GroupView, target: str | None) -> SyncStandbys | None:
+    """strict: the new master waits for its standbys from its first commit on."""
+    if view.on_sync_failure != SyncFailurePolicy.STRICT:
+        return None
+    names = tuple(m.name for m in view.members if m.name != target and m.mode == "sync" and not m.removed)
+    return SyncStandbys(view.policy, names) if names else None
+
+
+def decide(view: GroupView) -> Decision:
+    """The first row of TRANSITIONS that matches the view."""
+    for row in TRANSITIONS:
+        if ANY not in row.states and view.state not in row.states:
+            continue
+        if not CONDITIONS[row.event](view):
+            continue
+        if row.guard is not None and not CONDITIONS[row.guard](view):
+            continue
+        return _plan(row, view)
+    raise AssertionError("the last row matches every view")
+
+
+def mermaid() -> str:
+    """The state diagram of TRANSITIONS (docs/design.md)."""
+    lines = ["stateDiagram-v2", "    [*] --> initializing"]
+    seen = set()
+    for row in TRANSITIONS:
+        if row.action == Action.NONE and row.next_state == SAME:
+            continue
+        sources = [s.value for s in GroupState] if ANY in row.states else [str(s) for s in row.states]
+        for source in sources:
+            target = source if row.next_state == SAME else str(row.next_state)
+            label = row.event + (f" [{row.guard}]" if row.guard else "")
+            if row.action != Action.NONE:
+                label += f" / {row.action.value}"
+            key = (source, target, label)
+            if key not in seen:
+                seen.add(key)
+                lines.append(f"    {source} --> {target}: {label}")
+    return "\n".join(lines) + "\n"
+
+
+def table_markdown() -> str:
+    """TRANSITIONS as a markdown table (docs/design.md)."""
+    lines = ["| # | state | event | guard | next | action | comment |", "|---|---|---|---|---|---|---|"]
+    for index, row in enumerate(TRANSITIONS):
+        lines.append(
+            f"| {index} | {', '.join(row.states)} | {row.event} | {row.guard or ''} | {row.next_state} | "
+            f"{row.action.value} | {row.comment} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,449 @@
+"""`xcha ctl ...` and `xcha report-failure`: what operators and coordinator hooks ask the
+controller. Every failure is one line and a non-zero exit."""
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from xcha.config import TlsConfig
+from xcha.errors import InvalidInput, XchaError
+from xcha.names import check_address, check_name
+from xcha.pg.lsn import format_lsn
+from xcha.rpc import blocking_channel
+from xcha.v1 import xcha_pb2 as pb
+from xcha.v1 import xcha_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+TOPOLOGY_FILE = "topology.json"
+RUNNING_STATES = ("single", "protected", "unprotected", "degraded")
+
+
+@dataclass(frozen=True)
+class ControllerTarget:
+    address: str
+    tls: TlsConfig
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("finding the controller (first that applies)")
+    group.add_argument("--controller", help="HOST:PORT (or XCHA_CONTROLLER)")
+    group.add_argument("--workdir", help="a directory made by `xcha up` (or XCHA_WORKDIR)")
+    group.add_argument("--config", dest="controller_config", help="the controller's TOML file")
+    group.add_argument("--ca", help="CA certificate (or XCHA_CA)")
+    group.add_argument("--cert", help="client certificate (or XCHA_CERT)")
+    group.add_argument("--key", help="client key (or XCHA_KEY)")
+    group.add_argument("--insecure", action="store_true", help="plaintext (or XCHA_INSECURE=1)")
+
+
+def resolve_target(args: argparse.Namespace) -> ControllerTarget:
+    env = os.environ
+    address = args.controller or env.get("XCHA_CONTROLLER")
+    workdir = args.workdir or env.get("XCHA_WORKDIR")
+    tls_files = [
+        args.ca or env.get("XCHA_CA"),
+        args.cert or env.get("XCHA_CERT"),
+        args.key or env.get("XCHA_KEY"),
+    ]
+    insecure = args.insecure or env.get("XCHA_INSECURE") == "1"
+    if address:
+        check_address(address, "controller address")
+        if insecure:
+            return ControllerTarget(address, TlsConfig(insecure=True))
+        if not all(tls_files):
+            raise InvalidInput("with --controller, give --ca, --cert and --key (or --insecure for plaintext)")
+        paths = [Path(p) for p in tls_files if p]
+        for path in paths:
+            if not path.is_file():
+                raise InvalidInput(f"{path} does not exist")
+        return ControllerTarget(address, TlsConfig(paths[0], paths[1], paths[2]))
+    if workdir:
+        topology = Path(workdir) / TOPOLOGY_FILE
+        try:
+            data = json.loads(topology.read_text())
+        except FileNotFoundError:
+            raise InvalidInput(
+                f"{workdir} holds no {TOPOLOGY_FILE}: is it a directory made by `xcha up`?"
+            ) from None
+        except ValueError as error:
+            raise InvalidInput(f"{topology} is unreadable: {error}") from None
+        operator = data["operator_tls"]
+        tls = (
+            TlsConfig(insecure=True)
+            if operator.get("insecure")
+            else TlsConfig(Path(operator["ca_file"]), Path(operator["cert_file"]), Path(operator["key_file"]))
+        )
+        return ControllerTarget(data["controller"], tls)
+    if args.controller_config:
+        from xcha.controller.config import load_controller_config
+
+        config = load_controller_config(Path(args.controller_config))
+        host, port = check_address(config.listen)
+        return ControllerTarget(f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", config.tls)
+    raise InvalidInput(
+        "which controller? give --controller HOST:PORT, --workdir DIR or --config FILE "
+        "(or set XCHA_CONTROLLER)"
+    )
+
+
+def call(target: ControllerTarget, work: Callable[[pb_grpc.ControllerStub], T]) -> T:
+    with blocking_channel(target.address, target.tls) as channel:
+        try:
+            return work(pb_grpc.ControllerStub(channel))
+        except grpc.RpcError as error:
+            code = error.code()
+            details = error.details()
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise XchaError(f"controller at {target.address} unreachable: {details}") from None
+            raise XchaError(details) from None
+
+
+def _age(seconds: float) -> str:
+    return "never" if seconds < 0 else f"{seconds:.1f}s"
+
+
+ROLE = {
+    pb.ROLE_MASTER: "master",
+    pb.ROLE_STANDBY: "standby",
+    pb.ROLE_STOPPED: "stopped",
+    pb.ROLE_UNSPECIFIED: "?",
+}
+
+
+def status_table(status: pb.ClusterStatus) -> str:
+    header = (
+        "DATANODE",
+        "MEMBER",
+        "HOST:PORT",
+        "ROLE",
+        "GOAL",
+        "STATE",
+        "TL",
+        "LAG",
+        "SYNC",
+        "HEARTBEAT",
+        "EPOCH",
+    )
+    rows = [header]
+    notes = []
+    for group in status.groups:
+        for member in group.members:
+            member_status = member.status
+            pg = member_status.postgres_status
+            address = (
+                f"{member_status.postgres.host}:{member_status.postgres.port}"
+                if member_status.postgres.host
+                else "-"
+            )
+            role = ROLE[pg.role] if member_status.agent_version else "unknown"
+            state = member_status.activity or "-"
+            if member_status.fenced:
+                state = "fenced"
+            rows.append(
+                (
+                    group.name,
+                    member.name,
+                    address,
+                    role,
+                    member.goal,
+                    state,
+                    str(pg.timeline or "-"),
+                    str(member.lag_bytes),
+                    member.sync_state or "-",
+                    _age(member.heartbeat_age),
+                    str(member_status.epoch),
+                )
+            )
+        flags = " (paused)" if group.paused else ""
+        pending = (
+            f"; coordinators pending: {', '.join(group.reroute_pending)}" if group.reroute_pending else ""
+        )
+        notes.append(
+            f"{group.name}: {group.state}{flags}, master {group.master or '-'}, {group.synchronous} "
+            f"{group.sync_policy}: {group.reason}{pending}"
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return "\n".join([*lines, "", *notes, f"epoch {status.epoch}"]) + "\n"
+
+
+def status_json(status: pb.ClusterStatus) -> dict[str, object]:
+    groups = []
+    for group in status.groups:
+        members = []
+        for member in group.members:
+            pg = member.status.postgres_status
+            members.append(
+                {
+                    "member": member.name,
+                    "host": member.status.postgres.host,
+                    "port": member.status.postgres.port,
+                    "role": ROLE[pg.role],
+                    "goal": member.goal,
+                    "mode": member.mode,
+                    "activity": member.status.activity,
+                    "fenced": member.status.fenced,
+                    "timeline": pg.timeline,
+                    "lag_bytes": member.lag_bytes,
+                    "sync_state": member.sync_state,
+                    "heartbeat_age": member.heartbeat_age if member.heartbeat_age >= 0 else None,
+                    "epoch": member.status.epoch,
+                    "receiving_wal": member.receiving_wal,
+                    "probe": member.probe,
+                    "flush_lsn": format_lsn(pg.flush_lsn or pg.current_lsn),
+                }
+            )
+        groups.append(
+            {
+                "datanode": group.name,
+                "state": group.state,
+                "master": group.master,
+                "paused": group.paused,
+                "reason": group.reason,
+                "synchronous": group.synchronous,
+                "sync_policy": group.sync_policy,
+                "reroute_pending": list(group.reroute_pending),
+                "failure_inputs": group.failure_inputs,
+                "members": members,
+            }
+        )
+    return {"epoch": status.epoch, "paused": status.paused, "groups": groups}
+
+
+def get_status(target: ControllerTarget) -> pb.ClusterStatus:
+    status: pb.ClusterStatus = call(
+        target, lambda stub: stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=5)
+    )
+    return status
+
+
+def wait_for_new_master(target: ControllerTarget, datanode: str, old_master: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        group = next(g for g in get_status(target).groups if g.name == datanode)
+        if group.master != old_master and group.state in RUNNING_STATES:
+            return group.master
+        time.sleep(0.1)
+    raise XchaError(f"{datanode} has no new master after {timeout:.0f} s: see `xcha ctl status`")
+
+
+def _group(target: ControllerTarget, datanode: str) -> pb.GroupView:
+    check_name(datanode, "datanode name")
+    for group in get_status(target).groups:
+        if group.name == datanode:
+            return group
+    raise XchaError(f"unknown datanode {datanode!r}")
+
+
+def run_ctl(args: argparse.Namespace) -> int:
+    target = resolve_target(args)
+    command = args.ctl_command
+    if command == "status":
+        status = get_status(target)
+        if args.json:
+            print(json.dumps(status_json(status), indent=2))
+        else:
+            sys.stdout.write(status_table(status))
+        return 0
+    if command in ("switchover", "failover"):
+        old_master = _group(target, args.datanode).master
+        if command == "switchover":
+            reply = call(
+                target,
+                lambda stub: stub.Switchover(
+                    pb.SwitchoverRequest(datanode=args.datanode, to_member=args.to or ""), timeout=10
+                ),
+            )
+        else:
+            reply = call(
+                target,
+                lambda stub: stub.Failover(
+                    pb.FailoverRequest(
+                        datanode=args.datanode, to_member=args.to or "", allow_data_loss=args.allow_data_loss
+                    ),
+                    timeout=10,
+                ),
+            )
+        print(reply.detail)
+        if not args.no_wait:
+            new_master = wait_for_new_master(target, args.datanode, old_master, args.timeout)
+            print(f"{args.datanode}: {new_master} is the master")
+        return 0
+    if command in ("pause", "resume"):
+        datanode = args.datanode or ""
+        if datanode:
+            check_name(datanode, "datanode name")
+        reply = call(
+            target,
+            lambda stub: stub.SetPaused(
+                pb.PauseRequest(datanode=datanode, paused=command == "pause"), timeout=10
+            ),
+        )
+        print(reply.detail)
+        return 0
+    if command == "add-standby":
+        reply = call(
+            target,
+            lambda stub: stub.AddStandby(
+                pb.AddStandbyRequest(datanode=args.datanode, member=args.member, mode=args.mode), timeout=10
+            ),
+        )
+    elif command == "remove-standby":
+        reply = call(
+            target,
+            lambda stub: stub.RemoveStandby(
+                pb.RemoveStandbyRequest(datanode=args.datanode, member=args.member), timeout=10
+            ),
+        )
+    elif command == "set-mode":
+        reply = call(
+            target,
+            lambda stub: stub.SetStandbyMode(
+                pb.StandbyModeRequest(datanode=args.datanode, member=args.member, mode=args.mode), timeout=10
+            ),
+        )
+    elif command == "events":
+        return _events(target, args)
+    else:
+        raise InvalidInput(f"unknown command {command}")
+    print(reply.detail)
+    return 0
+
+
+def _events(target: ControllerTarget, args: argparse.Namespace) -> int:
+    after = 0
+    if not args.follow and args.limit:
+        newest = call(
+            target,
+            lambda stub: stub.ListEvents(
+                pb.EventsRequest(after_id=0, limit=100000, datanode=args.datanode or ""), timeout=10
+            ),
+        )
+        after = max(0, (newest.events[-1].id if newest.events else 0) - args.limit)
+    while True:
+        reply = call(
+            target,
+            lambda stub, after=after: stub.ListEvents(  # type: ignore[misc]
+                pb.EventsRequest(after_id=after, limit=1000, datanode=args.datanode or ""), timeout=10
+            ),
+        )
+        for event in reply.events:
+            after = event.id
+            if args.json:
+                print(
+                    json.dumps(
+                        {
+                            "id": event.id,
+                            "time": event.time,
+                            "datanode": event.datanode,
+                            "kind": event.kind,
+                            "epoch": event.epoch,
+                            "message": event.message,
+                            "details": json.loads(event.details_json or "{}"),
+                        }
+                    ),
+                    flush=True,
+                )
+            else:
+                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.time))
+                print(
+                    f"{stamp}.{int(event.time * 1000) % 1000:03d}  {event.datanode or '-':<8} "
+                    f"{event.kind:<14} epoch {event.epoch:<4} {event.message}",
+                    flush=True,
+                )
+        if not args.follow:
+            return 0
+        time.sleep(0.5)
+
+
+def add_ctl(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    ctl = commands.add_parser("ctl", help="see and steer the cluster through the controller")
+    sub = ctl.add_subparsers(dest="ctl_command", required=True)
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(name, help=help_text)
+        add_connection_arguments(parser)
+        parser.set_defaults(handler=run_ctl)
+        return parser
+
+    status = command("status", "one row per member; --json for machines")
+    status.add_argument("--json", action="store_true")
+    for name, text in (
+        ("switchover", "planned: stop the master cleanly, promote a synchronous standby"),
+        ("failover", "promote a standby now"),
+    ):
+        parser = command(name, text)
+        parser.add_argument("datanode")
+        parser.add_argument(
+            "--to", help="the member to promote (default: the most advanced synchronous standby)"
+        )
+        parser.add_argument("--no-wait", action="store_true", help="return once the controller accepted it")
+        parser.add_argument("--timeout", type=float, default=60.0)
+        if name == "failover":
+            parser.add_argument(
+                "--allow-data-loss",
+                action="store_true",
+                help="also promote a standby that may lack acknowledged commits",
+            )
+    for name, text in (
+        ("pause", "no automatic action (for DATANODE, or the whole cluster)"),
+        ("resume", "automatic actions again"),
+    ):
+        command(name, text).add_argument("datanode", nargs="?")
+    events = command("events", "the controller's event history")
+    events.add_argument("--follow", action="store_true")
+    events.add_argument("--datanode")
+    events.add_argument("--limit", type=int, default=50, help="the newest N (default 50)")
+    events.add_argument("--json", action="store_true")
+    add = command("add-standby", "admit a member (its agent clones it) as a sync or async standby")
+    add.add_argument("datanode")
+    add.add_argument("member")
+    add.add_argument("--mode", choices=("sync", "async"), default="sync")
+    remove = command("remove-standby", "stop a standby and remove it from its group")
+    remove.add_argument("datanode")
+    remove.add_argument("member")
+    mode = command("set-mode", "switch a standby between synchronous and asynchronous")
+    mode.add_argument("datanode")
+    mode.add_argument("member")
+    mode.add_argument("mode", choices=("sync", "async"))
+
+
+def run_report_failure(args: argparse.Namespace) -> int:
+    target = resolve_target(args)
+    check_name(args.datanode, "datanode name")
+    if args.member:
+        check_name(args.member, "member name")
+    reply = call(
+        target,
+        lambda stub: stub.ReportNodeFailure(
+            pb.NodeFailureReport(
+                datanode=args.datanode, member=args.member or "", reporter=args.reporter, detail=args.detail
+            ),
+            timeout=10,
+        ),
+    )
+    print(reply.verdict)
+    return 0
+
+
+def add_report_failure(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = commands.add_parser(
+        "report-failure",
+        help="a coordinator reports a datanode it cannot reach "
+        "(a suspicion: the controller checks before it acts)",
+    )
+    parser.add_argument("--datanode", required=True)
+    parser.add_argument("--member", help="default: the datanode's master")
+    parser.add_argument("--reporter", default=os.uname().nodename)
+    parser.add_argument("--detail", default="")
+    add_connection_arguments(parser)
+    parser.set_defaults(handler=run_report_failure)

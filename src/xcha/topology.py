@@ -1,0 +1,523 @@
+"""A whole xcha deployment on one machine, as real processes: a controller, an agent per
+PostgreSQL instance (each group the specification's master/slave pair on a pair of
+adjacent free ports), certificates for mTLS, and the configuration files an operator would
+write. Used by `xcha up` / `xcha down`, the demo, the tests and the benchmarks.
+
+Every process is recorded with its PID in topology.json; stopping is by PID only.
+"""
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+from xcha.config import TlsConfig
+from xcha.ctl import TOPOLOGY_FILE, ControllerTarget, get_status
+from xcha.errors import XchaError
+from xcha.names import check_name
+from xcha.pg.instance import InstanceSpec, PostgresInstance
+from xcha.pg.runner import OsUser, Runner, find_bindir, server_version
+from xcha.tls import create_ca, issue
+from xcha.v1 import xcha_pb2 as pb
+
+APP_USER = "xcha_app"
+
+
+@dataclass(frozen=True)
+class DatanodePlan:
+    name: str
+    members: tuple[str, ...]
+    synchronous: str = "FIRST 1"
+    sync_policy: str = "available"
+    allow_data_loss: bool = False
+    async_members: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TopologyPlan:
+    datanodes: tuple[DatanodePlan, ...] = (DatanodePlan("dn1", ("dn1a", "dn1b")),)
+    router: str = "none"
+    tls: bool = True
+    heartbeat_interval: float = 0.5
+    failure_timeout: float = 2.0
+    probe_timeout: float = 0.5
+    startup_grace: float | None = None
+    extra_router: dict[str, object] = field(default_factory=dict)
+
+
+def free_port_pair() -> int:
+    """p such that p and p + 1 are free on loopback (the seed's 5432/5433 pair, elsewhere)."""
+    for _ in range(200):
+        with socket.socket() as first:
+            first.bind(("127.0.0.1", 0))
+            port: int = first.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket() as second:
+                try:
+                    second.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise XchaError("no pair of adjacent free ports found")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        return json.dumps(str(value))
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def toml_document(tables: list[tuple[str, dict[str, object]]]) -> str:
+    """[table] or [[array]] sections, in order."""
+    lines = []
+    for header, values in tables:
+        lines.append(header)
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in values.items() if value is not None)
+        lines.append("")
+    return "\n".join(lines)
+
+
+@dataclass
+class MemberInfo:
+    name: str
+    datanode: str
+    port: int
+    agent_port: int
+    directory: str
+    config: str
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.directory) / "data"
+
+
+class Topology:
+    def __init__(self, workdir: Path, plan: TopologyPlan | None = None) -> None:
+        self.workdir = workdir
+        self.plan = plan or TopologyPlan()
+        self.members: dict[str, MemberInfo] = {}
+        self.controller_port = 0
+        self.controller_config = workdir / "controller" / "controller.toml"
+        self.pids: dict[str, int] = {}
+        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self._runner: Runner | None = None
+        self._version = 0
+
+    # ---- files ------------------------------------------------------------------------------
+
+    @property
+    def secrets(self) -> Path:
+        return self.workdir / "secrets"
+
+    @property
+    def app_password(self) -> str:
+        return (self.secrets / "app.password").read_text().strip()
+
+    def _tls(self, name: str) -> dict[str, object]:
+        if not self.plan.tls:
+            return {"insecure": True}
+        directory = self.workdir / "tls"
+        return {
+            "ca_file": directory / "ca.pem",
+            "cert_file": directory / f"{name}.pem",
+            "key_file": directory / f"{name}.key",
+        }
+
+    @property
+    def operator_tls(self) -> TlsConfig:
+        values = self._tls("operator")
+        if values.get("insecure"):
+            return TlsConfig(insecure=True)
+        return TlsConfig(
+            Path(str(values["ca_file"])), Path(str(values["cert_file"])), Path(str(values["key_file"]))
+        )
+
+    @property
+    def target(self) -> ControllerTarget:
+        return ControllerTarget(f"127.0.0.1:{self.controller_port}", self.operator_tls)
+
+    def write(self) -> None:
+        """Allocate ports and write certificates, secrets and every configuration file."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.chmod(0o755)
+        self.secrets.mkdir(mode=0o700, exist_ok=True)
+        for secret in ("replication.password", "app.password"):
+            path = self.secrets / secret
+            if not path.exists():
+                path.write_text(secrets.token_hex(16) + "\n")
+                path.chmod(0o600)
+        self.runner.own(self.secrets)
+        self.runner.own(self.secrets / "replication.password")
+        if self.plan.tls and not (self.workdir / "tls" / "ca.pem").exists():
+            create_ca(self.workdir / "tls")
+            names = ["controller", "operator", *(m for d in self.plan.datanodes for m in d.members)]
+            for name in names:
+                issue(self.workdir / "tls", name)
+        self.controller_port = free_port()
+        for datanode in self.plan.datanodes:
+            check_name(datanode.name, "datanode name")
+            base = free_port_pair()
+            for index, member in enumerate(datanode.members):
+                port = base + index if index < 2 else free_port()
+                self.add_member(datanode.name, member, port)
+        self._write_controller_config()
+        self.save()
+
+    def add_member(self, datanode: str, member: str, port: int | None = None) -> MemberInfo:
+        """Write the agent configuration for one member (also a later one: add-standby)."""
+        check_name(member)
+        directory = self.workdir / datanode / member
+        directory.mkdir(parents=True, exist_ok=True)
+        directory.chmod(0o755)
+        if self.plan.tls and not (self.workdir / "tls" / f"{member}.pem").exists():
+            issue(self.workdir / "tls", member)
+        info = MemberInfo(
+            member, datanode, port or free_port(), free_port(), str(directory), str(directory / "agent.toml")
+        )
+        archive = self.workdir / datanode / "archive"
+        document = toml_document(
+            [
+                (
+                    "[agent]",
+                    {
+                        "datanode": datanode,
+                        "member": member,
+                        "listen": f"127.0.0.1:{info.agent_port}",
+                        "controller": f"127.0.0.1:{self.controller_port}",
+                        "state_dir": directory,
+                        "probe_timeout": self.plan.probe_timeout,
+                    },
+                ),
+                (
+                    "[postgres]",
+                    {
+                        "port": info.port,
+                        "archive_dir": archive,
+                        "replication_password_file": self.secrets / "replication.password",
+                    },
+                ),
+                ("[tls]", self._tls(member)),
+            ]
+        )
+        Path(info.config).write_text(document)
+        self.members[member] = info
+        return info
+
+    def _write_controller_config(self) -> None:
+        plan = self.plan
+        tables: list[tuple[str, dict[str, object]]] = [
+            (
+                "[controller]",
+                {
+                    "listen": f"127.0.0.1:{self.controller_port}",
+                    "state_dir": self.controller_config.parent / "state",
+                    "heartbeat_interval": plan.heartbeat_interval,
+                    "failure_timeout": plan.failure_timeout,
+                    "probe_timeout": plan.probe_timeout,
+                    "startup_grace": plan.startup_grace,
+                },
+            ),
+            (
+                "[router]",
+                {
+                    "kind": plan.router,
+                    **{
+                        k: v
+                        for k, v in plan.extra_router.items()
+                        if not isinstance(v, list) or not v or not isinstance(v[0], dict)
+                    },
+                },
+            ),
+        ]
+        for key, value in plan.extra_router.items():
+            if isinstance(value, list) and value and isinstance(value[0], dict):
+                tables.extend((f"[[router.{key}]]", item) for item in value)
+        for datanode in plan.datanodes:
+            tables.append(
+                (
+                    "[[datanode]]",
+                    {
+                        "name": datanode.name,
+                        "members": list(datanode.members),
+                        "synchronous": datanode.synchronous,
+                        "sync_policy": datanode.sync_policy,
+                        "allow_data_loss": datanode.allow_data_loss,
+                        "async_members": list(datanode.async_members),
+                    },
+                )
+            )
+        tables.append(("[tls]", self._tls("controller")))
+        self.controller_config.parent.mkdir(parents=True, exist_ok=True)
+        self.controller_config.write_text(toml_document(tables))
+
+    def save(self) -> None:
+        operator = self._tls("operator")
+        data = {
+            "controller": f"127.0.0.1:{self.controller_port}",
+            "controller_config": str(self.controller_config),
+            "operator_tls": {k: str(v) if isinstance(v, Path) else v for k, v in operator.items()},
+            "members": {name: asdict(info) for name, info in self.members.items()},
+            "pids": self.pids,
+            "plan": asdict(self.plan),
+        }
+        path = self.workdir / TOPOLOGY_FILE
+        path.write_text(json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, workdir: Path) -> "Topology":
+        try:
+            data = json.loads((workdir / TOPOLOGY_FILE).read_text())
+        except FileNotFoundError:
+            raise XchaError(
+                f"{workdir} holds no {TOPOLOGY_FILE}: nothing was started there by `xcha up`"
+            ) from None
+        plan = data["plan"]
+        plan["datanodes"] = tuple(
+            DatanodePlan(**{**d, "members": tuple(d["members"]), "async_members": tuple(d["async_members"])})
+            for d in plan["datanodes"]
+        )
+        topology = cls(workdir, TopologyPlan(**plan))
+        topology.controller_port = int(data["controller"].rpartition(":")[2])
+        topology.members = {name: MemberInfo(**info) for name, info in data["members"].items()}
+        topology.pids = {name: int(pid) for name, pid in data["pids"].items()}
+        return topology
+
+    # ---- processes -----------------------------------------------------------------------------
+
+    @property
+    def runner(self) -> Runner:
+        if self._runner is None:
+            bindir = find_bindir()
+            self._runner = Runner(bindir, OsUser.for_postgres())
+            self._version = server_version(bindir)
+        return self._runner
+
+    def instance(self, member: str) -> PostgresInstance:
+        """The member's PostgreSQL as the pg layer sees it (to find and stop its processes)."""
+        info = self.members[member]
+        spec = InstanceSpec.under(
+            Path(info.directory),
+            member,
+            info.port,
+            self.workdir / info.datanode / "archive",
+            self.secrets / "replication.password",
+        )
+        runner = self.runner
+        return PostgresInstance(spec, runner, self._version)
+
+    def _spawn(self, key: str, argv: list[str], log_name: str) -> int:
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        with open(logs / log_name, "ab") as log:
+            process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+        self.children[key] = process
+        self.pids[key] = process.pid
+        self.save()
+        return process.pid
+
+    def start_controller(self) -> int:
+        return self._spawn(
+            "controller",
+            [sys.executable, "-m", "xcha", "controller", "--config", str(self.controller_config)],
+            "controller.log",
+        )
+
+    def start_agent(self, member: str) -> int:
+        return self._spawn(
+            f"agent:{member}",
+            [sys.executable, "-m", "xcha", "agent", "--config", self.members[member].config],
+            f"agent-{member}.log",
+        )
+
+    def start(self) -> None:
+        self.start_controller()
+        for member in self.members:
+            self.start_agent(member)
+
+    def alive(self, key: str) -> bool:
+        pid = self.pids.get(key)
+        if pid is None:
+            return False
+        child = self.children.get(key)
+        if child is not None:
+            return child.poll() is None
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                return handle.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
+
+    def signal(self, key: str, signum: int) -> None:
+        pid = self.pids[key]
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    def stop_process(self, key: str, timeout: float = 10) -> None:
+        """SIGTERM by PID, then SIGKILL if it does not exit; reaps it when it is a child."""
+        if key not in self.pids:
+            return
+        for signum in (signal.SIGCONT, signal.SIGTERM):
+            self.signal(key, signum)
+        deadline = time.monotonic() + timeout
+        while self.alive(key) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if self.alive(key):
+            self.signal(key, signal.SIGKILL)
+        child = self.children.pop(key, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(5)
+        self.pids.pop(key, None)
+        self.save()
+
+    def kill_process(self, key: str) -> None:
+        """kill -9, as a fault: the process gets no chance to clean up."""
+        self.signal(key, signal.SIGKILL)
+        child = self.children.pop(key, None)
+        if child is not None:
+            child.wait(5)
+        self.pids.pop(key, None)
+        self.save()
+
+    def postmaster_pid(self, member: str) -> int | None:
+        return self.instance(member).postmaster_pid()
+
+    def postgres_pids(self, member: str) -> list[int]:
+        return self.instance(member).processes()
+
+    def host_signal(self, member: str, signum: int) -> list[int]:
+        """A hung (SIGSTOP) or resumed (SIGCONT) host: the agent and every PostgreSQL process."""
+        pids = [*self.postgres_pids(member)]
+        if f"agent:{member}" in self.pids:
+            pids.append(self.pids[f"agent:{member}"])
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        return pids
+
+    async def down(self) -> list[str]:
+        """Stop everything this topology started, by PID: agents and controller first (so
+        nothing restarts a server), then every PostgreSQL process of every member."""
+        stopped = []
+        for key in [k for k in self.pids if k.startswith("agent:")] + (
+            ["controller"] if "controller" in self.pids else []
+        ):
+            self.stop_process(key)
+            stopped.append(key)
+        for key in [k for k in self.pids if k.startswith("coordinator")]:
+            self.stop_process(key)
+            stopped.append(key)
+        for member in self.members:
+            instance = self.instance(member)
+            if instance.processes() or instance.postmaster_pid():
+                await instance.kill()
+                stopped.append(f"postgres:{member}")
+        return stopped
+
+    # ---- waiting and asking ------------------------------------------------------------------
+
+    def status(self) -> pb.ClusterStatus:
+        return get_status(self.target)
+
+    async def wait_for(
+        self, predicate: Callable[[pb.ClusterStatus], bool], timeout: float, what: str
+    ) -> pb.ClusterStatus:
+        deadline = time.monotonic() + timeout
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = await asyncio.to_thread(self.status)
+                if predicate(last):
+                    return last
+            except XchaError:
+                pass
+            for key, child in self.children.items():
+                if child.poll() is not None and key == "controller":
+                    raise XchaError(
+                        f"the controller exited (code {child.returncode}): see "
+                        f"{self.workdir / 'logs' / 'controller.log'}"
+                    )
+            await asyncio.sleep(0.1)
+        summary = (
+            "\n".join(f"  {g.name}: {g.state}, master {g.master}: {g.reason}" for g in last.groups)
+            if last
+            else "  (controller not reachable)"
+        )
+        raise XchaError(f"timed out after {timeout:.0f} s waiting for {what}:\n{summary}")
+
+    async def wait_protected(self, timeout: float = 90) -> pb.ClusterStatus:
+        return await self.wait_for(
+            lambda s: all(g.state == "protected" for g in s.groups), timeout, "every datanode to be protected"
+        )
+
+    def master(self, datanode: str) -> str:
+        return next(g.master for g in self.status().groups if g.name == datanode)
+
+    def app_conninfo(self, member: str, dbname: str = "postgres") -> str:
+        info = self.members[member]
+        return make_conninfo(
+            "",
+            host="127.0.0.1",
+            port=info.port,
+            user=APP_USER,
+            password=self.app_password,
+            dbname=dbname,
+            connect_timeout=2,
+            application_name="xcha-writer",
+        )
+
+    def group_conninfos(self, datanode: str) -> list[str]:
+        return [self.app_conninfo(m) for m, info in self.members.items() if info.datanode == datanode]
+
+    async def superuser(self, member: str) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        return await self.instance(member).connect()
+
+    async def create_app_role(self, datanode: str) -> None:
+        """The role clients (the writer, coordinators) use: a password over TCP."""
+        async with await self.superuser(self.master(datanode)) as conn:
+            exists = await (
+                await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [APP_USER])
+            ).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            await conn.execute(
+                sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(APP_USER), sql.Literal(self.app_password)
+                )
+            )
+            await conn.execute(
+                sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(APP_USER))
+            )

@@ -1,0 +1,155 @@
+"""A writer that inserts unique ids and remembers which commits were acknowledged.
+
+It is the judge of "nothing lost": every id it saw committed must be on the surviving
+master(s) afterwards, and no id may be there that it never sent. It also measures the
+write gap of a failover: from the fault to the first acknowledged insert after the first
+failed one (an insert already in flight can be acknowledged just after the fault).
+"""
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+import psycopg
+from psycopg import sql
+
+
+@dataclass
+class Outcome:
+    acknowledged: int
+    present: int
+    lost: list[int]
+    unexpected: list[int]
+
+    @property
+    def ok(self) -> bool:
+        return not self.lost and not self.unexpected
+
+
+@dataclass
+class Writer:
+    """Inserts id = 1, 2, 3, ... into `table` through whichever of `conninfos` accepts writes."""
+
+    conninfos: list[str]
+    table: str = "xcha_writes"
+    interval: float = 0.01
+    attempt_timeout: float = 1.0
+    statement_timeout: float = 5.0
+    sent: set[int] = field(default_factory=set)
+    acknowledged: dict[int, float] = field(default_factory=dict)
+    failures: list[tuple[float, str]] = field(default_factory=list)
+    next_id: int = 1
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+
+    async def _connect(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        """The first conninfo that accepts writes, each attempt bounded (libpq's own
+        connect_timeout is at least 2 s, too coarse to measure a failover)."""
+        errors = []
+        for conninfo in self.conninfos:
+            try:
+                conn = await asyncio.wait_for(
+                    psycopg.AsyncConnection.connect(conninfo, autocommit=True), self.attempt_timeout
+                )
+            except (psycopg.Error, TimeoutError, OSError) as error:
+                errors.append(str(error).strip().splitlines()[0] if str(error).strip() else "timeout")
+                continue
+            try:
+                cur = await asyncio.wait_for(conn.execute("SELECT pg_is_in_recovery()"), self.attempt_timeout)
+                row = await cur.fetchone()
+                if row is not None and not row[0]:
+                    return conn
+                errors.append("read-only")
+            except (psycopg.Error, TimeoutError) as error:
+                errors.append(str(error).strip() or "timeout")
+            with contextlib.suppress(Exception):
+                await conn.close()
+        raise ConnectionError("; ".join(errors) or "no server")
+
+    async def prepare(self) -> None:
+        conn = await self._connect()
+        async with conn:
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (id bigint PRIMARY KEY, at timestamptz "
+                    "DEFAULT clock_timestamp())"
+                ).format(sql.Identifier(self.table))
+            )
+
+    async def write_one(self) -> bool:
+        """Insert the next id; True when the commit was acknowledged."""
+        ident = self.next_id
+        self.next_id += 1
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = await self._connect()
+            self.sent.add(ident)
+            await asyncio.wait_for(
+                self._conn.execute(
+                    sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(sql.Identifier(self.table)), [ident]
+                ),
+                self.statement_timeout,
+            )
+        except (psycopg.Error, TimeoutError, OSError, ConnectionError) as error:
+            self.failures.append(
+                (
+                    time.time(),
+                    str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
+                )
+            )
+            if self._conn is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._conn.close(), 1)
+            self._conn = None
+            return False
+        self.acknowledged[ident] = time.time()
+        return True
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            started = time.monotonic()
+            ok = await self.write_one()
+            pause = self.interval - (time.monotonic() - started)
+            if not ok:
+                pause = max(pause, 0.005)
+            if pause > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), pause)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._conn.close(), 2)
+            self._conn = None
+
+    def recovery_seconds(self, fault_at: float) -> float | None:
+        """From the fault to the first acknowledged write after the first failure after it
+        (or, with no failure at all, 0)."""
+        failed = [t for t, _ in self.failures if t >= fault_at]
+        if not failed:
+            return 0.0
+        first_failure = failed[0]
+        after = [t for t in self.acknowledged.values() if t > first_failure]
+        return (min(after) - fault_at) if after else None
+
+    async def verify(self, conninfos: list[str] | None = None) -> Outcome:
+        """Read the table where writes go now: every acknowledged id present, nothing unsent."""
+        self.conninfos = conninfos or self.conninfos
+        conn = await self._connect()
+        async with conn:
+            cur = await conn.execute(sql.SQL("SELECT id FROM {}").format(sql.Identifier(self.table)))
+            present = {int(row[0]) for row in await cur.fetchall()}  # type: ignore[call-overload]
+        lost = sorted(set(self.acknowledged) - present)
+        unexpected = sorted(present - self.sent)
+        return Outcome(len(self.acknowledged), len(present), lost, unexpected)
+
+
+async def run_for(writer: Writer, seconds: float) -> None:
+    task = asyncio.create_task(writer.run())
+    await asyncio.sleep(seconds)
+    writer.stop()
+    await task
