@@ -74,8 +74,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         listing = "\n".join(f"  PID {pid}: {what}" for pid, what in left)
         print(f"\nFAILED: processes started by the tests were still running (killed now):\n{listing}")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
-    else:
+    if session.exitstatus == 0:
         shutil.rmtree(SESSION_BASE, ignore_errors=True)
+    else:
+        print(f"\ntest directories (logs, data) kept in {SESSION_BASE}")
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,8 @@ def pg_env() -> PgEnv:
 
 @pytest.fixture
 def workdir(request: pytest.FixtureRequest) -> Iterator[Path]:
-    name = request.node.name.replace("[", "-").replace("]", "")[:40]
+    # Short: a Unix socket path (socket directory included) must fit in 107 bytes.
+    name = request.node.name.removeprefix("test_").replace("[", "-").replace("]", "")[:20]
     path = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=SESSION_BASE))
     path.chmod(0o755)
     yield path

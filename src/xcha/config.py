@@ -55,16 +55,19 @@ class Section:
         return f"{self.prefix}.{name}" if self.prefix else name
 
     def _get(self, name: str, kinds: tuple[type, ...], default: object, what: str) -> object:
+        """The value, or (after recording the problem) the default; None for a required key
+        that is missing or wrong, so the loader can go on collecting problems."""
         self.used.add(name)
+        fallback = None if default is _MISSING else default
         if name not in self.data:
             if default is _MISSING:
                 self.problems.add(self.key(name), "is required")
-            return default
+            return fallback
         value = self.data[name]
         # bool is an int in Python, but `port = true` is a mistake, not 1.
         if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
             self.problems.add(self.key(name), f"must be {what}, not {value!r}")
-            return default
+            return fallback
         return value
 
     def text(
@@ -81,8 +84,14 @@ class Section:
     def name(self, name: str, default: object = _MISSING) -> str:
         return self.text(name, default, check_name)
 
-    def address(self, name: str, default: object = _MISSING) -> str:
-        return self.text(name, default, check_address)
+    def address(self, name: str, default: object = _MISSING, listen: bool = False) -> str:
+        """HOST:PORT; a listening address may use port 0 (any free port)."""
+
+        def check(value: str) -> object:
+            any_port = listen and value.endswith(":0")
+            return check_address(value.removesuffix(":0") + ":1" if any_port else value)
+
+        return self.text(name, default, check)
 
     def _bounded(self, name: str, value: object, minimum: float | None, maximum: float | None) -> None:
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -136,6 +145,7 @@ class Section:
         value = self.text(name, default)
         if isinstance(value, str) and value not in choices:
             self.problems.add(self.key(name), f"must be one of {', '.join(choices)}, not {value!r}")
+            return choices[0]  # the problem is recorded; a valid value lets loading go on
         return value
 
     def table(self, name: str) -> "Section":
@@ -183,11 +193,11 @@ class TlsConfig:
         files = {name: section.optional_path(name) for name in ("ca_file", "cert_file", "key_file")}
         if not insecure:
             for name, value in files.items():
-                if value is None:
+                if value is None and name not in section.data:
                     section.problems.add(
                         section.key(name), "is required (or set insecure = true for plaintext)"
                     )
-                elif not value.is_file():
+                elif value is not None and not value.is_file():
                     section.problems.add(section.key(name), f"{value} does not exist")
         section.finish()
         return cls(files["ca_file"], files["cert_file"], files["key_file"], insecure)

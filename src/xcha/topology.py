@@ -466,11 +466,12 @@ class Topology:
             except XchaError:
                 pass
             for key, child in self.children.items():
-                if child.poll() is not None and key == "controller":
-                    raise XchaError(
-                        f"the controller exited (code {child.returncode}): see "
-                        f"{self.workdir / 'logs' / 'controller.log'}"
+                if child.poll() is not None:
+                    log = self.workdir / "logs" / (key.replace("agent:", "agent-") + ".log")
+                    tail = (
+                        "\n".join(log.read_text(errors="replace").splitlines()[-5:]) if log.exists() else ""
                     )
+                    raise XchaError(f"{key} exited (code {child.returncode}), see {log}:\n{tail}")
             await asyncio.sleep(0.1)
         summary = (
             "\n".join(f"  {g.name}: {g.state}, master {g.master}: {g.reason}" for g in last.groups)

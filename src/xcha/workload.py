@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
+from xcha.pg.client import bounded, connect
+
 
 @dataclass
 class Outcome:
@@ -35,7 +37,7 @@ class Writer:
     table: str = "xcha_writes"
     interval: float = 0.01
     attempt_timeout: float = 1.0
-    statement_timeout: float = 5.0
+    statement_timeout: float = 1.0
     sent: set[int] = field(default_factory=set)
     acknowledged: dict[int, float] = field(default_factory=dict)
     failures: list[tuple[float, str]] = field(default_factory=list)
@@ -43,28 +45,40 @@ class Writer:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
 
+    async def _writable(self, conninfo: str) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        conn = await connect(conninfo, self.attempt_timeout, autocommit=True)
+        try:
+            cur = await bounded(conn, conn.execute("SELECT pg_is_in_recovery()"), self.attempt_timeout)
+            row = await cur.fetchone()
+            if row is not None and not row[0]:
+                return conn
+        except BaseException:
+            await conn.close()
+            raise
+        await conn.close()
+        raise ConnectionError("read-only")
+
     async def _connect(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
-        """The first conninfo that accepts writes, each attempt bounded (libpq's own
-        connect_timeout is at least 2 s, too coarse to measure a failover)."""
+        """The first server that accepts writes. All are tried at once, each attempt bounded:
+        a hung server must not delay finding the one that answers."""
+        attempts = [asyncio.ensure_future(self._writable(c)) for c in self.conninfos]
         errors = []
-        for conninfo in self.conninfos:
-            try:
-                conn = await asyncio.wait_for(
-                    psycopg.AsyncConnection.connect(conninfo, autocommit=True), self.attempt_timeout
-                )
-            except (psycopg.Error, TimeoutError, OSError) as error:
-                errors.append(str(error).strip().splitlines()[0] if str(error).strip() else "timeout")
-                continue
-            try:
-                cur = await asyncio.wait_for(conn.execute("SELECT pg_is_in_recovery()"), self.attempt_timeout)
-                row = await cur.fetchone()
-                if row is not None and not row[0]:
-                    return conn
-                errors.append("read-only")
-            except (psycopg.Error, TimeoutError) as error:
-                errors.append(str(error).strip() or "timeout")
-            with contextlib.suppress(Exception):
-                await conn.close()
+        winner = None
+        try:
+            for finished in asyncio.as_completed(attempts):
+                try:
+                    winner = await finished
+                    return winner
+                except (psycopg.Error, TimeoutError, OSError, ConnectionError) as error:
+                    errors.append(str(error).strip().splitlines()[0] if str(error).strip() else "timeout")
+        finally:
+            for attempt in attempts:
+                if not attempt.done():
+                    attempt.cancel()
+                elif (
+                    not attempt.cancelled() and attempt.exception() is None and attempt.result() is not winner
+                ):
+                    await attempt.result().close()  # a second writable server: not used
         raise ConnectionError("; ".join(errors) or "no server")
 
     async def prepare(self) -> None:
@@ -85,12 +99,8 @@ class Writer:
             if self._conn is None or self._conn.closed:
                 self._conn = await self._connect()
             self.sent.add(ident)
-            await asyncio.wait_for(
-                self._conn.execute(
-                    sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(sql.Identifier(self.table)), [ident]
-                ),
-                self.statement_timeout,
-            )
+            insert = sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(sql.Identifier(self.table))
+            await bounded(self._conn, self._conn.execute(insert, [ident]), self.statement_timeout)
         except (psycopg.Error, TimeoutError, OSError, ConnectionError) as error:
             self.failures.append(
                 (

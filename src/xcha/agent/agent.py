@@ -78,8 +78,10 @@ class Agent:
     # ---- state ---------------------------------------------------------------------------
 
     def _save(self, **changes: object) -> None:
-        self.state = self.state.but(**changes)
-        self.state_file.save(self.state)
+        """Durable first: the agent acts on a state only once it is on disk."""
+        state = self.state.but(**changes)
+        self.state_file.save(state)
+        self.state = state
 
     def accept_epoch(self, epoch: int, member: str) -> None:
         """Refuse messages for another member or from an older epoch; persist a newer epoch

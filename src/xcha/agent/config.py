@@ -69,8 +69,8 @@ def load_agent_config(path: Path) -> AgentConfig:
     agent = root.table("agent")
     datanode = agent.name("datanode")
     member = agent.name("member")
-    listen = agent.address("listen")
-    advertise = agent.address("advertise", listen)
+    listen = agent.address("listen", listen=True)
+    advertise = agent.address("advertise", None) or listen
     controller = agent.address("controller")
     state_dir = agent.path("state_dir")
     watch_interval = agent.number("watch_interval", 0.05, minimum=0.005, maximum=1.0)
@@ -87,7 +87,8 @@ def load_agent_config(path: Path) -> AgentConfig:
     agent.finish()
 
     pg = root.table("postgres")
-    base = state_dir if isinstance(state_dir, Path) else Path("/")
+    # Defaults under state_dir; an unusable state_dir is reported once, under its own key.
+    base = state_dir if isinstance(state_dir, Path) and state_dir.is_absolute() else Path("/var/lib/xcha")
     data_dir = pg.path("data_dir", base / "data")
     postgres = PostgresConfig(
         data_dir=data_dir,

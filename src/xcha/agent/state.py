@@ -33,6 +33,8 @@ class StateFile:
             return AgentState()
         except (OSError, ValueError) as error:
             raise XchaError(f"agent state file {self.path} is unreadable: {error}") from None
+        if not isinstance(data, dict):
+            raise XchaError(f"agent state file {self.path} is unreadable: not a JSON object")
         known = AgentState.__dataclass_fields__
         return AgentState(**{key: value for key, value in data.items() if key in known})
 

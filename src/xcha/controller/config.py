@@ -129,7 +129,7 @@ def _datanode(section: Section) -> DatanodeConfig:
     unknown = set(config.async_members) - set(config.members)
     if unknown:
         section.problems.add(section.key("async_members"), f"not members: {', '.join(sorted(unknown))}")
-    sync_standbys = len(config.members) - 1 - len(set(config.async_members))
+    sync_standbys = len(config.members) - 1 - len(set(config.async_members) & set(config.members))
     if len(config.members) > 1 and policy.count > sync_standbys:
         section.problems.add(
             section.key("synchronous"),
@@ -143,7 +143,7 @@ def load_controller_config(path: Path) -> ControllerConfig:
     problems = Problems()
     root = Section(read_toml(path), "", problems)
     controller = root.table("controller")
-    listen = controller.address("listen")
+    listen = controller.address("listen", listen=True)
     state_dir = controller.path("state_dir")
     heartbeat_interval = controller.number("heartbeat_interval", 0.5, minimum=0.05, maximum=30)
     failure_timeout = controller.number("failure_timeout", 2.0, minimum=0.2, maximum=600)

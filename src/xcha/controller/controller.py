@@ -263,6 +263,8 @@ class Controller:
         return reply
 
     def mark_dirty(self, datanode: str) -> None:
+        if self._stopping.is_set():
+            return
         self.dirty.add(datanode)
         if not self._evaluation_scheduled:
             self._evaluation_scheduled = True
@@ -270,6 +272,8 @@ class Controller:
 
     def _evaluate_dirty(self) -> None:
         self._evaluation_scheduled = False
+        if self._stopping.is_set():
+            return
         dirty, self.dirty = self.dirty, set()
         for datanode in dirty:
             self.evaluate(datanode)

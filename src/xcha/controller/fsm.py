@@ -218,6 +218,7 @@ def _master_report_fresh(view: GroupView) -> bool:
         and master.reachable(view.failure_timeout)
         and master.pg.running
         and master.pg.in_recovery is False
+        and master.activity == "idle"  # not mid-bootstrap or mid-change
     )
 
 
@@ -326,7 +327,13 @@ def _master_running(view: GroupView) -> bool:
 
 def _adoptable_master(view: GroupView) -> MemberView | None:
     for member in view.members:
-        if member.reachable(view.failure_timeout) and member.pg.running and member.pg.in_recovery is False:
+        if (
+            member.reachable(view.failure_timeout)
+            and member.pg.running
+            and member.pg.in_recovery is False
+            and member.activity == "idle"
+            and not member.busy
+        ):
             return member
     return None
 
@@ -377,13 +384,16 @@ CONDITIONS: dict[str, Callable[[GroupView], bool]] = {
     "target_ready": lambda v: _requested_candidate(v).member is not None,
     "target_not_ready": lambda v: _requested_candidate(v).member is None,
     "master_running": _master_running,
-    "master_adoptable": lambda v: _adoptable_master(v) is not None,
+    "master_adoptable": lambda v: _adoptable_master(v) is not None and not v.busy,
     "bootstrap_ready": lambda v: _bootstrap_member(v) is not None and not v.busy,
     "master_failed": lambda v: master_failure(v).failed and not v.busy,
     "candidate_ready": lambda v: (c := choose_candidate(v)).member is not None and c.fresh,
     "reports_stale": lambda v: (c := choose_candidate(v)).member is not None and not c.fresh,
     "data_loss_candidate": lambda v: (
         v.allow_data_loss and (c := choose_candidate(v, True)).member is not None and c.fresh
+    ),
+    "data_loss_stale": lambda v: (
+        v.allow_data_loss and (c := choose_candidate(v, True)).member is not None and not c.fresh
     ),
     "master_restartable": _master_restartable,
     "stray_master": lambda v: _stray_master(v) is not None,
@@ -454,6 +464,9 @@ _TABLE: tuple[tuple[tuple[str, ...] | str, str, str | None, str, Action, str], .
      "master {master} crashed and no standby holds every commit ({candidate_reason}): restarting it"),
     (RUNNING_STATES, "master_failed", "data_loss_candidate", S.FAILOVER, Action.PROMOTE,
      "master {master} lost ({failure}): {data_loss_reason}"),
+    (RUNNING_STATES, "master_failed", "data_loss_stale", SAME, Action.REFRESH,
+     "master {master} lost ({failure}): asking the standbys for their positions before a promotion "
+     "that may lose data"),
     (RUNNING_STATES, "master_failed", None, S.NO_CANDIDATE, Action.NONE,
      "master {master} lost ({failure}) and no standby is safe to promote: {candidate_reason}"),
     (S.NO_CANDIDATE, "master_running", None, S.SINGLE, Action.NONE,

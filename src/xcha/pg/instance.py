@@ -437,6 +437,14 @@ class PostgresInstance:
         it reached the standbys that were streaming at shutdown."""
         return parse_lsn((await self.control_data())["Latest checkpoint location"])
 
+    async def _stopped_in_recovery(self) -> bool:
+        """Was this stopped server a standby? (pg_controldata's cluster state)"""
+        try:
+            state = (await self.control_data()).get("Database cluster state", "")
+        except PostgresError:
+            return False
+        return "recovery" in state
+
     async def reload(self) -> None:
         async with self.session() as conn:
             await conn.execute("SELECT pg_reload_conf()")
@@ -779,11 +787,16 @@ class PostgresInstance:
             steps.append(("start", await self.start()))
             return Timings(tuple(steps))
         status = await self.status() if self.postmaster_pid() else None
-        if status is not None and status.in_recovery:
+        was_standby = status.in_recovery if status is not None else await self._stopped_in_recovery()
+        if was_standby:
             await self.stop("fast")
             self.configure("standby", upstream)
-            steps.append(("restart", await self.start()))
-            return Timings(tuple(steps))
+            try:
+                steps.append(("restart", await self.start()))
+                return Timings(tuple(steps))
+            except PostgresError:
+                await self.stop("immediate")  # e.g. it cannot follow the new timeline: rewind
+                steps.append(("restart failed", 0.0))
         try:
             steps.append(("rewind", await self.rewind_from(upstream)))
             steps.append(("start", await self.start()))

@@ -1,0 +1,35 @@
+"""Client-side deadlines for talking to a server that may hang.
+
+A hung server (SIGSTOP, lost host) accepts TCP and then says nothing. Cancelling a psycopg
+query makes psycopg send a cancel request and wait for it (up to 10 s); past a deadline
+xcha drops the connection instead, which a hung server cannot delay.
+"""
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import psycopg
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[tuple[object, ...]]
+
+
+async def bounded(conn: Conn, operation: Awaitable[T], timeout: float) -> T:
+    """Await operation on conn; past timeout, close conn without a cancel request and raise
+    TimeoutError (conn is unusable afterwards)."""
+    task = asyncio.ensure_future(operation)
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if task in done:
+        return task.result()
+    conn.pgconn.finish()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    raise TimeoutError(f"no answer within {timeout:.2f} s")
+
+
+async def connect(conninfo: str, timeout: float, **options: object) -> Conn:
+    """A connection attempt bounded by timeout (libpq's connect_timeout cannot go below 2 s)."""
+    return await asyncio.wait_for(psycopg.AsyncConnection.connect(conninfo, **options), timeout)  # type: ignore[arg-type]

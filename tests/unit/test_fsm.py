@@ -1,0 +1,863 @@
+"""The controller's state machine on hand-built views: every row of TRANSITIONS fires on a
+view made for it, and the pure helpers (failure rule, candidate choice, desired synchronous
+standbys, the generated diagram and table) hold their rules. No I/O."""
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+
+from xcha.controller.fsm import (
+    ANY,
+    CONDITIONS,
+    PROMOTE_ATTEMPTS,
+    SAME,
+    TRANSITIONS,
+    Action,
+    Decision,
+    Step,
+    choose_candidate,
+    decide,
+    desired_sync,
+    master_failure,
+    mermaid,
+    table_markdown,
+)
+from xcha.controller.views import NEVER, GroupState, GroupView, MemberView, Request, SyncFailurePolicy
+from xcha.names import Endpoint
+from xcha.pg.status import Downstream, PgStatus, WalReceiver
+from xcha.pg.syncrep import SyncPolicy, SyncStandbys
+
+S = GroupState
+TIMEOUT = 2.0
+LSN = 0x5000000
+PORTS = {"dn1a": 5432, "dn1b": 5433, "dn1c": 5434, "dn1d": 5435}
+STRICT = SyncFailurePolicy.STRICT
+
+# ---- builders ------------------------------------------------------------------------------
+
+
+def endpoint(name: str) -> Endpoint:
+    return Endpoint("127.0.0.1", PORTS[name])
+
+
+def downstream(name: str, sync_state: str = "sync", state: str = "streaming") -> Downstream:
+    """A pg_stat_replication row on the master."""
+    return Downstream(name, state, sync_state, LSN, LSN)
+
+
+def master(
+    name: str = "dn1a",
+    *,
+    sync_names: str = "FIRST 1 (dn1b)",
+    downstreams: tuple[Downstream, ...] = (downstream("dn1b"),),
+    position: int = LSN,
+    **changes: Any,
+) -> MemberView:
+    """A running master whose agent reported 0.1 s ago."""
+    member = MemberView(
+        name=name,
+        heartbeat_age=0.1,
+        pg=PgStatus(
+            running=True,
+            in_recovery=False,
+            timeline=1,
+            current_lsn=position,
+            downstreams=downstreams,
+            synchronous_standby_names=sync_names,
+        ),
+        endpoint=endpoint(name),
+        epoch=1,
+        has_data=True,
+    )
+    return replace(member, **changes)
+
+
+def standby(
+    name: str = "dn1b",
+    *,
+    upstream: str = "dn1a",
+    position: int = LSN,
+    mode: str = "sync",
+    receiver: str = "streaming",
+    **changes: Any,
+) -> MemberView:
+    """A running standby streaming from upstream, reported 0.1 s ago."""
+    member = MemberView(
+        name=name,
+        mode=mode,
+        heartbeat_age=0.1,
+        pg=PgStatus(
+            running=True,
+            in_recovery=True,
+            timeline=1,
+            flush_lsn=position,
+            replay_lsn=position,
+            wal_receiver=WalReceiver(receiver, "127.0.0.1", PORTS[upstream], 0.1),
+        ),
+        endpoint=endpoint(name),
+        epoch=1,
+        has_data=True,
+        streaming_missing_for=0.0,
+    )
+    return replace(member, **changes)
+
+
+def promoted(name: str = "dn1b", epoch: int = 2) -> MemberView:
+    """A standby that became master in the given epoch (no standbys yet)."""
+    return master(name, sync_names="", downstreams=(), epoch=epoch)
+
+
+def stopped(member: MemberView) -> MemberView:
+    """Its agent reports (reachable) that PostgreSQL does not run."""
+    return replace(member, pg=PgStatus(running=False))
+
+
+def fenced(member: MemberView) -> MemberView:
+    return replace(stopped(member), fenced=True)
+
+
+def silent(member: MemberView) -> MemberView:
+    """No heartbeat for longer than the failure timeout, and the controller's probe fails."""
+    return replace(member, heartbeat_age=5.0, probe_ok=False, probe_age=0.5)
+
+
+def gone(member: MemberView) -> MemberView:
+    """Never heard of since the controller started."""
+    return replace(member, heartbeat_age=NEVER)
+
+
+def cut_off(member: MemberView) -> MemberView:
+    """A standby whose agent finds its master no longer answering."""
+    return replace(member, upstream_checked=True, upstream_ok=False, upstream_silent_for=3.0)
+
+
+def group(
+    state: GroupState = S.PROTECTED, members: tuple[MemberView, ...] | None = None, **changes: Any
+) -> GroupView:
+    """By default the healthy protected group: master dn1a, synchronous standby dn1b."""
+    view = GroupView(
+        name="dn1",
+        state=state,
+        members=(master(), standby()) if members is None else members,
+        master="dn1a",
+        sync_set=("dn1b",),
+        epoch=1,
+        failure_timeout=TIMEOUT,
+    )
+    return replace(view, **changes)
+
+
+def master_lost(state: GroupState = S.PROTECTED, **changes: Any) -> GroupView:
+    """dn1a hangs (silent, probe fails, dn1b receives no WAL) for 1 s; dn1b reported since."""
+    return group(state, (silent(master()), cut_off(standby())), **{"master_failed_for": 1.0, **changes})
+
+
+def lost_unprotected(**changes: Any) -> GroupView:
+    """A single master (nothing synchronous) hangs; dn1b is an async standby 4096 bytes behind."""
+    members = (silent(unprotected_master()), cut_off(standby(mode="async")))
+    return group(S.SINGLE, members, sync_set=(), **{"master_failed_for": 1.0, **changes})
+
+
+def unprotected_master(position: int = LSN + 4096) -> MemberView:
+    """dn1a with dn1b streaming asynchronously (by default 4096 bytes behind)."""
+    return master(sync_names="", downstreams=(downstream("dn1b", "async"),), position=position)
+
+
+def in_failover(candidate: MemberView, **changes: Any) -> GroupView:
+    """dn1b is being promoted in epoch 2; the old master dn1a is fenced."""
+    members = (fenced(master()), candidate)
+    return group(S.FAILOVER, members, master="dn1b", candidate="dn1b", epoch=2, **changes)
+
+
+def in_switchover(target: MemberView, **changes: Any) -> GroupView:
+    """dn1a was stopped cleanly for a switchover to dn1b in epoch 2."""
+    return group(S.SWITCHOVER, (stopped(master()), target), candidate="dn1b", epoch=2, **changes)
+
+
+def rerouting(**changes: Any) -> GroupView:
+    members = (fenced(master()), promoted())
+    return group(S.REROUTING, members, master="dn1b", candidate="dn1b", epoch=2, **changes)
+
+
+def new_group(*members: MemberView) -> GroupView:
+    return group(S.INITIALIZING, members, master=None, sync_set=(), epoch=0)
+
+
+def promote(target: str = "dn1b", sync: SyncStandbys | None = None) -> tuple[Step, ...]:
+    """Fence the old master dn1a, promote the target."""
+    return (Step(Action.FENCE, "dn1a"), Step(Action.PROMOTE, target, sync))
+
+
+# ---- every row -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """A view made for one row, and the decision expected from it."""
+
+    event: str  # the row's event and guard: the index still names the intended row
+    guard: str | None
+    view: Callable[[], GroupView]
+    state: GroupState
+    steps: tuple[Step, ...] = ()
+    says: tuple[str, ...] = ()  # fragments of the reason
+    bump_epoch: bool = False
+    new_master: str | None = None
+    new_candidate: str | None = None
+    sync_set: tuple[str, ...] | None = None
+    clear_request: bool = False
+    promote_attempts: int | None = None
+
+
+PROMOTED: dict[str, Any] = {
+    "bump_epoch": True,
+    "new_master": "dn1b",
+    "new_candidate": "dn1b",
+    "promote_attempts": 0,
+}
+
+# fmt: off
+CASES: dict[int, Case] = {
+    0: Case(
+        "promoted", None, lambda: in_failover(promoted()), S.REROUTING,
+        (Step(Action.REROUTE, "dn1b"),), ("dn1b accepts writes",), new_master="dn1b",
+    ),
+    1: Case(
+        "promote_failed_often", None, lambda: in_failover(standby(), promote_attempts=PROMOTE_ATTEMPTS),
+        S.NO_CANDIDATE, (), ("promoting dn1b failed 3 times",),
+    ),
+    2: Case(
+        "idle", None, lambda: in_failover(standby(), promote_attempts=1), S.FAILOVER,
+        (Step(Action.RESEND_PROMOTE, "dn1b"),), ("(re)sending Promote to dn1b",), promote_attempts=2,
+    ),
+    3: Case(
+        "promoted", None, lambda: in_switchover(promoted()), S.REROUTING,
+        (Step(Action.REROUTE, "dn1b"),), ("switchover: dn1b accepts writes",), new_master="dn1b",
+    ),
+    4: Case(
+        "switchover_failed", None, lambda: in_switchover(standby(), switchover_failed=True), S.SINGLE,
+        (Step(Action.START_MASTER, "dn1a"),), ("switchover failed: restarting dn1a",), sync_set=(),
+    ),
+    5: Case(
+        "idle", None, lambda: in_switchover(standby()), S.SWITCHOVER,
+        (Step(Action.SWITCHOVER, "dn1b"),), ("switchover to dn1b",), new_candidate="dn1b",
+    ),
+    6: Case(
+        "rerouted", None, lambda: rerouting(rerouted=True), S.SINGLE,
+        (), ("every coordinator points at dn1b",), sync_set=(),
+    ),
+    7: Case(
+        "idle", None, rerouting, S.REROUTING,
+        (Step(Action.REROUTE, "dn1b"),), ("reroute barrier for dn1b",), new_master="dn1b",
+    ),
+    8: Case(
+        "in_grace", None, lambda: master_lost(in_grace=True), S.PROTECTED, (), ("no decision yet",),
+    ),
+    9: Case(
+        "switchover_requested", "target_ready", lambda: group(request=Request("switchover")), S.SWITCHOVER,
+        (Step(Action.SWITCHOVER, "dn1b"),), ("stopping dn1a cleanly, then promoting dn1b",),
+        bump_epoch=True, new_candidate="dn1b", clear_request=True,
+    ),
+    10: Case(
+        "failover_requested", "target_ready", lambda: group(request=Request("failover", "dn1b")), S.FAILOVER,
+        promote(), ("failover requested: promoting dn1b",), clear_request=True, **PROMOTED,
+    ),
+    11: Case(
+        "switchover_requested", "target_not_ready",
+        lambda: group(
+            members=(master(), standby(), gone(standby("dn1c"))), request=Request("switchover", "dn1c")
+        ),
+        S.PROTECTED, (), ("switchover refused: dn1c is not a running, reachable standby",),
+        sync_set=("dn1b",), clear_request=True,
+    ),
+    12: Case(
+        "failover_requested", "target_not_ready",
+        lambda: group(
+            members=(master(), standby(), stopped(standby("dn1c"))), request=Request("failover", "dn1c")
+        ),
+        S.PROTECTED, (), ("failover refused: dn1c is not a running, reachable standby",),
+        sync_set=("dn1b",), clear_request=True,
+    ),
+    13: Case("paused", None, lambda: master_lost(paused=True), S.PROTECTED, (), ("paused",)),
+    14: Case(
+        "master_adoptable", None, lambda: new_group(standby(), master()), S.SINGLE,
+        (), ("adopted dn1a as the master",), new_master="dn1a", sync_set=(),
+    ),
+    15: Case(
+        "bootstrap_ready", None,
+        lambda: new_group(MemberView("dn1a", heartbeat_age=0.1), MemberView("dn1b", heartbeat_age=0.1)),
+        S.INITIALIZING, (Step(Action.BOOTSTRAP, "dn1a"),), ("bootstrapping dn1a",),
+        bump_epoch=True, new_master="dn1a",
+    ),
+    16: Case(
+        "master_failed", "candidate_ready", master_lost, S.FAILOVER, promote(),
+        ("master dn1a lost", "probe no answer", "dn1b receives no WAL",
+         "promoting dn1b (synchronous standby)"),
+        **PROMOTED,
+    ),
+    17: Case(
+        "master_failed", "reports_stale", lambda: master_lost(S.DEGRADED, master_failed_for=0.0), S.DEGRADED,
+        (Step(Action.REFRESH, "dn1b"),), ("master dn1a lost", "asking the standbys for their positions"),
+    ),
+    18: Case(
+        "master_failed", "master_restartable",
+        lambda: group(S.SINGLE, (stopped(master()), standby()), sync_set=()), S.SINGLE,
+        (Step(Action.START_MASTER, "dn1a"),), ("master dn1a crashed", "restarting it"),
+    ),
+    19: Case(
+        "master_failed", "data_loss_candidate", lambda: lost_unprotected(allow_data_loss=True), S.FAILOVER,
+        promote(), ("master dn1a lost", "dn1b is the most advanced standby; up to 4096 bytes may be lost"),
+        **PROMOTED,
+    ),
+    20: Case(
+        "master_failed", "data_loss_stale",
+        lambda: lost_unprotected(allow_data_loss=True, master_failed_for=0.0), S.SINGLE,
+        (Step(Action.REFRESH, "dn1b"),), ("master dn1a lost", "may lose data"),
+    ),
+    21: Case(
+        "master_failed", None, lost_unprotected, S.NO_CANDIDATE,
+        (), ("master dn1a lost", "no standby was synchronous when the master was last protected"),
+    ),
+    22: Case(
+        "master_running", None, lambda: group(S.NO_CANDIDATE), S.SINGLE,
+        (), ("master dn1a is back",), sync_set=(),
+    ),
+    23: Case(
+        "candidate_ready", None, lambda: master_lost(S.NO_CANDIDATE, master_failed_for=3.0), S.FAILOVER,
+        promote(), ("promoting dn1b (synchronous standby)",), **PROMOTED,
+    ),
+    24: Case(
+        "reports_stale", None, lambda: master_lost(S.NO_CANDIDATE, master_failed_for=0.0), S.NO_CANDIDATE,
+        (Step(Action.REFRESH, "dn1b"),), ("asking the standbys for their positions",),
+    ),
+    25: Case(
+        "master_restartable", None, lambda: group(S.NO_CANDIDATE, (stopped(master()), gone(standby()))),
+        S.NO_CANDIDATE, (Step(Action.START_MASTER, "dn1a"),),
+        ("synchronous standbys (dn1b) are not reachable", "restarting dn1a"),
+    ),
+    26: Case(
+        "stray_master", None, lambda: group(members=(master(), standby(), promoted("dn1c", epoch=1))),
+        S.PROTECTED, (Step(Action.FENCE, "dn1c"),), ("dn1c accepts writes but dn1a is the master",),
+        sync_set=("dn1b",),
+    ),
+    27: Case(
+        "member_needs_follow", None,
+        lambda: group(members=(master(), standby(), standby("dn1c", upstream="dn1b", mode="async"))),
+        S.PROTECTED, (Step(Action.FOLLOW, "dn1c"),), ("dn1c joins as a standby of dn1a",), sync_set=("dn1b",),
+    ),
+    28: Case(
+        "sync_lost", "available",
+        lambda: group(members=(master(downstreams=()), replace(gone(standby()), streaming_missing_for=5.0))),
+        S.UNPROTECTED, (Step(Action.SET_SYNC, "dn1a", SyncStandbys(SyncPolicy(), ())),),
+        ("synchronous standby lost", "synchronous_standby_names = ''", "(available)"), sync_set=(),
+    ),
+    29: Case(
+        "sync_lost", "strict",
+        lambda: group(
+            members=(master(downstreams=()), replace(gone(standby()), streaming_missing_for=5.0)),
+            on_sync_failure=STRICT,
+        ),
+        S.DEGRADED, (), ("synchronous standby lost", "commits wait for it (strict)"),
+    ),
+    30: Case(
+        "sync_satisfied", None, lambda: group(S.SINGLE, sync_set=()), S.PROTECTED,
+        (), ("protected: dn1b confirm(s) every commit",), sync_set=("dn1b",),
+    ),
+    31: Case(
+        "sync_names_differ", None,
+        lambda: group(S.SINGLE, (unprotected_master(position=LSN), standby())),
+        S.SINGLE, (Step(Action.SET_SYNC, "dn1a", SyncStandbys(SyncPolicy(), ("dn1b",))),),
+        ("synchronous_standby_names = 'FIRST 1 (dn1b)'",),
+    ),
+    32: Case(
+        "always", None, group, S.PROTECTED, (), ("protected: master dn1a, confirming standbys: dn1b",),
+        sync_set=("dn1b",),
+    ),
+}
+# fmt: on
+
+
+@pytest.mark.parametrize("row", sorted(CASES), ids=lambda row: f"{row}-{CASES[row].event}")
+def test_row_fires_with_its_decision(row: int) -> None:
+    case = CASES[row]
+    transition = TRANSITIONS[row]
+    assert (transition.event, transition.guard) == (case.event, case.guard), "the table was reordered"
+    decision = decide(case.view())
+    assert decision.row == row, f"row {decision.row} fired: {decision.reason}"
+    expected = Decision(
+        case.state,
+        case.steps,
+        decision.reason,
+        row,
+        bump_epoch=case.bump_epoch,
+        new_master=case.new_master,
+        new_candidate=case.new_candidate,
+        sync_set=case.sync_set,
+        clear_request=case.clear_request,
+        promote_attempts=case.promote_attempts,
+    )
+    assert decision == expected
+    for fragment in case.says:
+        assert fragment in decision.reason
+    assert "{" not in decision.reason
+
+
+# ---- decisions beyond one row --------------------------------------------------------------
+
+
+def row(event: str, guard: str | None = None, state: GroupState | None = None) -> int:
+    """The index of the one row with this event and guard (and, given a state, for it)."""
+    found = [
+        index
+        for index, transition in enumerate(TRANSITIONS)
+        if (transition.event, transition.guard) == (event, guard)
+        and (state is None or state in transition.states or ANY in transition.states)
+    ]
+    assert len(found) == 1, (event, guard, state, found)
+    return found[0]
+
+
+ALWAYS = row("always")
+FAILOVER_ROW = row("master_failed", "candidate_ready")
+
+
+def test_a_failover_under_way_is_not_resent_while_the_promotion_runs() -> None:
+    decision = decide(in_failover(standby(), busy=True, promote_attempts=1))
+    assert decision.row == ALWAYS
+    assert decision.steps == ()
+    assert decision.promote_attempts is None
+
+
+def test_operations_under_way_finish_while_paused_or_in_grace() -> None:
+    decision = decide(in_failover(promoted(), paused=True, in_grace=True))
+    assert decision.next_state == S.REROUTING
+    assert decision.steps == (Step(Action.REROUTE, "dn1b"),)
+
+
+def test_strict_promotes_with_the_sync_mode_members_as_synchronous_standbys() -> None:
+    members = (
+        silent(master()),
+        *(cut_off(m) for m in (standby(), standby("dn1c"), standby("dn1d", mode="async"))),
+    )
+    decision = decide(group(members=members, on_sync_failure=STRICT, master_failed_for=1.0))
+    assert decision.row == FAILOVER_ROW
+    assert decision.steps == promote(sync=SyncStandbys(SyncPolicy(), ("dn1a", "dn1c")))
+    resend = decide(in_failover(standby(), on_sync_failure=STRICT))
+    assert resend.steps == (Step(Action.RESEND_PROMOTE, "dn1b", SyncStandbys(SyncPolicy(), ("dn1a",))),)
+
+
+def test_a_crashed_master_is_restarted_when_no_synchronous_standby_is_reachable() -> None:
+    decision = decide(group(members=(stopped(master()), gone(standby()))))
+    assert (decision.row, decision.steps) == (
+        row("master_failed", "master_restartable"),
+        (Step(Action.START_MASTER, "dn1a"),),
+    )
+
+
+def test_a_crashed_master_fails_over_to_its_synchronous_standby() -> None:
+    view = group(members=(stopped(master()), standby()), master_failed_for=0.5)
+    decision = decide(view)
+    assert (decision.row, decision.next_state, decision.steps) == (FAILOVER_ROW, S.FAILOVER, promote())
+    assert "postmaster gone" in decision.reason
+
+
+@pytest.mark.parametrize("state", [S.SINGLE, S.UNPROTECTED, S.DEGRADED])
+def test_protection_is_restored_from_every_unprotected_state(state: GroupState) -> None:
+    decision = decide(group(state, sync_set=()))
+    assert (decision.row, decision.next_state, decision.sync_set) == (
+        row("sync_satisfied"),
+        S.PROTECTED,
+        ("dn1b",),
+    )
+
+
+def test_a_lost_master_with_a_lagging_async_standby_is_not_replaced_without_allow_data_loss() -> None:
+    decision = decide(replace(lost_unprotected(), state=S.PROTECTED))
+    assert decision.next_state == S.NO_CANDIDATE
+    assert not any(step.action == Action.PROMOTE for step in decision.steps)
+
+
+def test_allow_data_loss_waits_for_fresh_positions_instead_of_giving_up() -> None:
+    """The controller sees master_failed_for = 0 on the tick that detects the failure, so no
+    position is fresh yet: the group must stay and ask, then promote on a later tick (before
+    the fix it went to no_candidate, where no row promotes with data loss)."""
+    first = decide(lost_unprotected(allow_data_loss=True, master_failed_for=0.0))
+    assert (first.next_state, first.steps) == (S.SINGLE, (Step(Action.REFRESH, "dn1b"),))
+    later = decide(lost_unprotected(allow_data_loss=True, master_failed_for=0.3))
+    assert (later.next_state, later.steps) == (S.FAILOVER, promote())
+
+
+def test_a_master_that_comes_back_is_kept_instead_of_a_data_loss_failover() -> None:
+    view = lost_unprotected(allow_data_loss=True)
+    assert decide(view).next_state == S.FAILOVER
+    back = replace(view, members=(unprotected_master(), standby(mode="async")))
+    decision = decide(back)
+    assert decision.next_state == S.SINGLE
+    assert decision.steps == ()
+
+
+def apply(view: GroupView, decision: Decision) -> GroupView:
+    """What the controller stores from a decision."""
+    return replace(
+        view,
+        state=decision.next_state,
+        master=decision.new_master or view.master,
+        candidate=decision.new_candidate or view.candidate,
+        sync_set=view.sync_set if decision.sync_set is None else decision.sync_set,
+        epoch=view.epoch + decision.bump_epoch,
+        promote_attempts=view.promote_attempts
+        if decision.promote_attempts is None
+        else decision.promote_attempts,
+        request=None if decision.clear_request else view.request,
+    )
+
+
+def step(view: GroupView, **world: Any) -> tuple[GroupView, Decision]:
+    """One tick: the world changed, the machine decides, the controller stores."""
+    view = replace(view, **world)
+    decision = decide(view)
+    return apply(view, decision), decision
+
+
+def test_a_whole_failover_from_protected_back_to_protected() -> None:
+    view, refresh = step(group(), members=(silent(master()), cut_off(standby())), master_failed_for=0.0)
+    assert (refresh.row, view.state) == (row("master_failed", "reports_stale"), S.PROTECTED)
+    view, failover = step(view, master_failed_for=0.5)
+    assert failover.row == FAILOVER_ROW
+    assert (view.state, view.master, view.candidate, view.epoch) == (S.FAILOVER, "dn1b", "dn1b", 2)
+    view, waiting = step(view, busy=True)
+    assert (waiting.row, waiting.steps, view.state) == (ALWAYS, (), S.FAILOVER)
+    view, reroute = step(view, busy=False, members=(fenced(master()), promoted("dn1b", epoch=view.epoch)))
+    assert (reroute.row, view.state) == (row("promoted", state=S.FAILOVER), S.REROUTING)
+    view, rerouted = step(view, rerouted=True)
+    assert (rerouted.row, view.state, view.sync_set) == (row("rerouted"), S.SINGLE, ())
+    dn1a = standby("dn1a", upstream="dn1b")
+    async_master = master("dn1b", sync_names="", downstreams=(downstream("dn1a", "async"),), epoch=2)
+    view, set_sync = step(view, members=(dn1a, async_master), master_failed_for=0.0)
+    assert (set_sync.row, set_sync.steps) == (
+        row("sync_names_differ"),
+        (Step(Action.SET_SYNC, "dn1b", SyncStandbys(SyncPolicy(), ("dn1a",))),),
+    )
+    sync_master = master("dn1b", sync_names="FIRST 1 (dn1a)", downstreams=(downstream("dn1a"),), epoch=2)
+    view, protected = step(view, members=(dn1a, sync_master))
+    assert (protected.row, view.state, view.sync_set) == (row("sync_satisfied"), S.PROTECTED, ("dn1a",))
+
+
+# ---- the failure rule ----------------------------------------------------------------------
+
+
+def test_a_crash_reported_by_the_agent_fails_without_a_timeout() -> None:
+    verdict = master_failure(group(members=(stopped(master()), standby())))
+    assert (verdict.failed, verdict.crashed) == (True, True)
+    assert "postmaster gone" in verdict.inputs
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"activity": "starting"}, {"has_data": False}, {"fenced": True}],
+    ids=["not-idle", "no-data", "fenced"],
+)
+def test_a_stopped_master_is_no_crash_unless_idle_with_data_and_unfenced(change: dict[str, Any]) -> None:
+    verdict = master_failure(group(members=(replace(stopped(master()), **change), standby())))
+    assert (verdict.failed, verdict.crashed) == (False, False)
+
+
+def test_a_hang_needs_silence_a_failed_probe_and_standbys_without_wal() -> None:
+    verdict = master_failure(master_lost())
+    assert (verdict.failed, verdict.crashed) == (True, False)
+    assert verdict.inputs == "heartbeat 5.00s ago; probe no answer; dn1b receives no WAL"
+
+
+def test_a_standby_whose_wal_receiver_stopped_counts_as_receiving_no_wal() -> None:
+    dn1b = standby(receiver="waiting")
+    assert not dn1b.receiving_wal()
+    assert master_failure(group(members=(silent(master()), dn1b))).failed
+
+
+@pytest.mark.parametrize(
+    ("members", "why"),
+    [
+        (
+            (replace(master(), heartbeat_age=5.0, probe_ok=True, probe_age=0.5), standby()),
+            "agent dead, PG serving",
+        ),
+        ((replace(silent(master()), heartbeat_age=1.5), cut_off(standby())), "one missed heartbeat"),
+        ((replace(silent(master()), probe_ok=True), cut_off(standby())), "probe answers"),
+        ((replace(silent(master()), probe_ok=None, probe_age=NEVER), cut_off(standby())), "not probed"),
+        ((replace(silent(master()), probe_age=TIMEOUT), cut_off(standby())), "probe failed long ago"),
+        ((silent(master()), standby()), "standby still streaming"),
+        ((silent(master()), cut_off(standby()), standby("dn1c")), "one of two standbys streams"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_without_every_input_of_a_hang_the_master_has_not_failed(
+    members: tuple[MemberView, ...], why: str
+) -> None:
+    verdict = master_failure(group(members=members))
+    assert (verdict.failed, verdict.crashed) == (False, False), why
+
+
+def test_a_standby_that_streams_but_finds_its_master_silent_receives_no_wal() -> None:
+    assert master_failure(group(members=(silent(master()), cut_off(standby())))).failed
+    assert not master_failure(group(members=(silent(master()), standby()))).failed
+
+
+def test_unreachable_or_stopped_standbys_do_not_vote() -> None:
+    members = (silent(master()), gone(standby()), stopped(standby("dn1c")))
+    verdict = master_failure(group(members=members))
+    assert verdict.failed
+    assert "no standby reachable" in verdict.inputs
+
+
+@pytest.mark.parametrize(
+    "lost", [master_lost(), group(members=(stopped(master()), standby()))], ids=["hang", "crash"]
+)
+def test_nothing_fails_during_the_startup_grace(lost: GroupView) -> None:
+    assert master_failure(lost).failed
+    assert not master_failure(replace(lost, in_grace=True)).failed
+
+
+def test_a_group_without_master_has_no_master_failure() -> None:
+    verdict = master_failure(new_group(standby()))
+    assert (verdict.failed, verdict.inputs) == (False, "no master")
+
+
+# ---- the candidate -------------------------------------------------------------------------
+
+
+def lost_with(*standbys: MemberView, **changes: Any) -> GroupView:
+    """dn1a (at LSN + 4096) lost for 1 s, with the given standbys."""
+    return group(members=(silent(master(position=LSN + 4096)), *standbys), master_failed_for=1.0, **changes)
+
+
+def test_only_a_member_of_the_sync_set_is_a_candidate() -> None:
+    view = lost_with(standby(), standby("dn1c", position=LSN + 100))
+    choice = choose_candidate(view)
+    assert choice.member is not None
+    assert (choice.member.name, choice.fresh, choice.lost_bytes) == ("dn1b", True, 0)
+    assert choice.reason == "synchronous standby"
+
+
+def test_the_most_advanced_synchronous_standby_wins() -> None:
+    view = lost_with(standby(), standby("dn1c", position=LSN + 100), sync_set=("dn1b", "dn1c"))
+    choice = choose_candidate(view)
+    assert choice.member is not None and choice.member.name == "dn1c"
+
+
+def test_an_async_standby_is_chosen_only_when_data_loss_is_allowed() -> None:
+    view = lost_with(gone(standby()), standby("dn1c", mode="async", position=LSN + 1000))
+    refused = choose_candidate(view)
+    assert refused.member is None
+    assert refused.reason == "the synchronous standbys (dn1b) are not reachable"
+    allowed = choose_candidate(view, allow_data_loss=True)
+    assert allowed.member is not None
+    assert (allowed.member.name, allowed.fresh, allowed.lost_bytes) == ("dn1c", True, 3096)
+    assert "dn1c" in allowed.reason and "3096 bytes" in allowed.reason
+
+
+def test_without_a_sync_set_no_standby_is_safe() -> None:
+    choice = choose_candidate(lost_with(standby(position=LSN + 4096), sync_set=()))
+    assert choice.member is None
+    assert choice.reason == "no standby was synchronous when the master was last protected"
+
+
+def test_allow_data_loss_prefers_the_synchronous_standby_and_loses_nothing() -> None:
+    view = lost_with(standby(), standby("dn1c", mode="async", position=LSN + 100))
+    choice = choose_candidate(view, allow_data_loss=True)
+    assert choice.member is not None
+    assert (choice.member.name, choice.lost_bytes, choice.reason) == ("dn1b", 0, "synchronous standby")
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"fenced": True},
+        {"busy": True},
+        {"removed": True},
+        {"heartbeat_age": TIMEOUT},
+        {"pg": PgStatus(running=False)},
+        {"pg": PgStatus(running=True, in_recovery=False, current_lsn=LSN)},
+    ],
+    ids=["fenced", "busy", "removed", "unreachable", "stopped", "not-in-recovery"],
+)
+def test_an_unusable_standby_is_never_chosen(change: dict[str, Any]) -> None:
+    view = lost_with(replace(standby(), **change))
+    assert choose_candidate(view).member is None
+    assert choose_candidate(view, allow_data_loss=True).member is None
+
+
+def test_any_k_of_n_needs_n_minus_k_plus_one_reachable_quorum_members() -> None:
+    quorum = {"sync_set": ("dn1b", "dn1c", "dn1d"), "policy": SyncPolicy("any", 2)}
+    two = lost_with(standby(), standby("dn1c", position=LSN + 50), gone(standby("dn1d")), **quorum)
+    choice = choose_candidate(two)
+    assert choice.member is not None
+    assert (choice.member.name, choice.reason) == ("dn1c", "most advanced of the quorum")
+    one = lost_with(standby(), gone(standby("dn1c")), gone(standby("dn1d")), **quorum)
+    refused = choose_candidate(one)
+    assert refused.member is None
+    assert refused.reason == (
+        "ANY 2 of 3: 1 of the 2 standbys needed to be sure of every commit are reachable"
+    )
+    any1 = lost_with(standby(), gone(standby("dn1c")), sync_set=("dn1b", "dn1c"), policy=SyncPolicy("any", 1))
+    assert choose_candidate(any1).member is None
+
+
+def test_first_k_needs_only_one_synchronous_standby() -> None:
+    view = lost_with(standby(), gone(standby("dn1c")), sync_set=("dn1b", "dn1c"))
+    choice = choose_candidate(view)
+    assert choice.member is not None and choice.member.name == "dn1b"
+
+
+@pytest.mark.parametrize(
+    ("ages", "fresh"),
+    [((0.1, 0.2), True), ((1.0, 1.0), True), ((0.1, 1.5), False), ((1.5, 0.1), False)],
+)
+def test_positions_are_fresh_only_when_every_candidate_reported_after_the_failure(
+    ages: tuple[float, float], fresh: bool
+) -> None:
+    dn1b = standby(position=LSN + 100, heartbeat_age=ages[0])
+    dn1c = standby("dn1c", heartbeat_age=ages[1])
+    choice = choose_candidate(lost_with(dn1b, dn1c, sync_set=("dn1b", "dn1c")))
+    assert choice.member is not None
+    assert (choice.member.name, choice.fresh) == ("dn1b", fresh)
+
+
+def test_an_unfresh_non_candidate_does_not_make_the_choice_stale() -> None:
+    view = lost_with(standby(), standby("dn1c", mode="async", heartbeat_age=1.5))
+    assert choose_candidate(view).fresh
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["dn1a", "dn1c", "dn1d", "dn1x"],
+    ids=["the-master", "stopped", "unreachable", "not-a-member"],
+)
+def test_a_target_that_is_not_a_usable_standby_is_refused(target: str) -> None:
+    view = lost_with(standby(), stopped(standby("dn1c")), gone(standby("dn1d")))
+    choice = choose_candidate(view, allow_data_loss=True, target=target)
+    assert (choice.member, choice.fresh) == (None, False)
+    assert choice.reason == f"{target} is not a running, reachable standby"
+
+
+def test_a_target_is_chosen_even_when_another_standby_is_more_advanced() -> None:
+    view = lost_with(standby(), standby("dn1c", position=LSN + 100), sync_set=("dn1b", "dn1c"))
+    choice = choose_candidate(view, target="dn1b")
+    assert choice.member is not None and choice.member.name == "dn1b"
+
+
+def test_an_async_target_needs_allow_data_loss() -> None:
+    view = lost_with(standby(), standby("dn1c", mode="async"))
+    assert choose_candidate(view, target="dn1c").member is None
+    allowed = choose_candidate(view, allow_data_loss=True, target="dn1c")
+    assert allowed.member is not None and allowed.member.name == "dn1c"
+
+
+# ---- synchronous standbys ------------------------------------------------------------------
+
+
+def sync_view(policy: SyncFailurePolicy, *standbys: MemberView, sync: SyncPolicy | None = None) -> GroupView:
+    return group(members=(master(), *standbys), on_sync_failure=policy, policy=sync or SyncPolicy())
+
+
+def test_available_lists_sync_mode_standbys_missing_for_less_than_half_the_timeout() -> None:
+    view = sync_view(
+        SyncFailurePolicy.AVAILABLE,
+        standby(),  # streams
+        standby("dn1c", streaming_missing_for=TIMEOUT / 2 - 0.01),  # missing only just now
+        standby("dn1d", streaming_missing_for=TIMEOUT / 2),  # lost
+    )
+    assert desired_sync(view) == SyncStandbys(SyncPolicy(), ("dn1b", "dn1c"))
+
+
+def test_available_drops_a_standby_whose_agent_reports_postgres_down_at_once() -> None:
+    view = sync_view(SyncFailurePolicy.AVAILABLE, stopped(standby()), standby("dn1c"))
+    assert desired_sync(view).names == ("dn1c",)
+    starting = replace(stopped(standby()), activity="starting")  # not idle: not known to be down
+    assert desired_sync(sync_view(SyncFailurePolicy.AVAILABLE, starting)).names == ("dn1b",)
+
+
+def test_strict_lists_every_sync_mode_standby() -> None:
+    view = sync_view(
+        STRICT,
+        stopped(standby()),
+        gone(standby("dn1c", streaming_missing_for=NEVER)),
+        standby("dn1d", mode="async"),
+        sync=SyncPolicy("any", 2),
+    )
+    assert desired_sync(view) == SyncStandbys(SyncPolicy("any", 2), ("dn1b", "dn1c"))
+
+
+@pytest.mark.parametrize("policy", list(SyncFailurePolicy))
+def test_async_mode_standbys_are_never_listed(policy: SyncFailurePolicy) -> None:
+    view = sync_view(policy, standby(mode="async"), standby("dn1c", mode="async"))
+    assert desired_sync(view) == SyncStandbys(SyncPolicy(), ())
+
+
+def test_removed_members_and_the_master_are_not_standbys() -> None:
+    view = sync_view(SyncFailurePolicy.AVAILABLE, standby(), standby("dn1c", removed=True))
+    assert desired_sync(view).names == ("dn1b",)
+
+
+# ---- the table itself ----------------------------------------------------------------------
+
+
+def test_every_event_and_guard_is_a_condition_and_every_condition_is_used() -> None:
+    named = {t.event for t in TRANSITIONS} | {t.guard for t in TRANSITIONS if t.guard}
+    assert named == set(CONDITIONS)
+    last = TRANSITIONS[-1]
+    assert (last.states, last.event, last.guard, last.next_state) == ((ANY,), "always", None, SAME)
+
+
+def test_every_row_names_real_states() -> None:
+    states = {s.value for s in GroupState}
+    for transition in TRANSITIONS:
+        assert set(transition.states) <= states | {ANY}
+        assert transition.next_state in states | {SAME}
+
+
+def test_the_markdown_table_has_one_line_per_row() -> None:
+    lines = table_markdown().splitlines()
+    assert lines[0] == "| # | state | event | guard | next | action | comment |"
+    assert len(lines) == 2 + len(TRANSITIONS)
+    for index, (line, transition) in enumerate(zip(lines[2:], TRANSITIONS, strict=True)):
+        assert line.startswith(f"| {index} | ")
+        assert f"| {transition.event} |" in line
+        assert f"| {transition.action.value} |" in line
+    for state in GroupState:
+        assert state.value in table_markdown()
+
+
+def test_the_diagram_has_one_line_per_distinct_transition() -> None:
+    lines = mermaid().splitlines()
+    assert lines[:2] == ["stateDiagram-v2", "    [*] --> initializing"]
+    edges = lines[2:]
+    assert len(edges) == len(set(edges))
+    pattern = re.compile(r" {4}(\w+) --> (\w+): (\w+)(?: \[(\w+)\])?(?: / (\w+))?")
+    parsed = {}
+    for edge in edges:
+        match = pattern.fullmatch(edge)
+        assert match is not None, edge
+        parsed[edge] = match.groups()
+    states = {s.value for s in GroupState}
+    expected = set()
+    for transition in TRANSITIONS:
+        if transition.action == Action.NONE and transition.next_state == SAME:
+            continue  # nothing happens: no arrow
+        sources = states if ANY in transition.states else set(transition.states)
+        for source in sources:
+            target = source if transition.next_state == SAME else transition.next_state
+            action = None if transition.action == Action.NONE else transition.action.value
+            expected.add((source, target, transition.event, transition.guard, action))
+    assert set(parsed.values()) == expected
+    assert {source for source, *_ in expected} | {target for _, target, *_ in expected} == states
+    assert "paused" not in mermaid()  # a row that changes nothing draws nothing
+
+
+# ---- coverage of the table (keep last) -----------------------------------------------------
+
+
+def test_every_row_of_the_table_is_driven_by_a_case() -> None:
+    assert set(CASES) == set(range(len(TRANSITIONS)))
