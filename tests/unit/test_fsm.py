@@ -334,27 +334,32 @@ CASES: dict[int, Case] = {
         (Step(Action.REFRESH, "dn1b"),), ("asking the standbys for their positions",),
     ),
     25: Case(
-        "master_restartable", None, lambda: group(S.NO_CANDIDATE, (stopped(master()), gone(standby()))),
-        S.NO_CANDIDATE, (Step(Action.START_MASTER, "dn1a"),),
-        ("synchronous standbys (dn1b) are not reachable", "restarting dn1a"),
+        "data_loss_candidate", None,
+        lambda: replace(lost_unprotected(allow_data_loss=True), state=S.NO_CANDIDATE), S.FAILOVER,
+        promote(), ("dn1b is the most advanced standby; up to 4096 bytes may be lost",), **PROMOTED,
     ),
     26: Case(
+        "master_restartable", None, lambda: group(S.NO_CANDIDATE, (stopped(master()), gone(standby()))),
+        S.NO_CANDIDATE, (Step(Action.START_MASTER, "dn1a"),),
+        ("no synchronous standby (dn1b) is running and reachable", "restarting dn1a"),
+    ),
+    27: Case(
         "stray_master", None, lambda: group(members=(master(), standby(), promoted("dn1c", epoch=1))),
         S.PROTECTED, (Step(Action.FENCE, "dn1c"),), ("dn1c accepts writes but dn1a is the master",),
         sync_set=("dn1b",),
     ),
-    27: Case(
+    28: Case(
         "member_needs_follow", None,
         lambda: group(members=(master(), standby(), standby("dn1c", upstream="dn1b", mode="async"))),
         S.PROTECTED, (Step(Action.FOLLOW, "dn1c"),), ("dn1c joins as a standby of dn1a",), sync_set=("dn1b",),
     ),
-    28: Case(
+    29: Case(
         "sync_lost", "available",
         lambda: group(members=(master(downstreams=()), replace(gone(standby()), streaming_missing_for=5.0))),
         S.UNPROTECTED, (Step(Action.SET_SYNC, "dn1a", SyncStandbys(SyncPolicy(), ())),),
         ("synchronous standby lost", "synchronous_standby_names = ''", "(available)"), sync_set=(),
     ),
-    29: Case(
+    30: Case(
         "sync_lost", "strict",
         lambda: group(
             members=(master(downstreams=()), replace(gone(standby()), streaming_missing_for=5.0)),
@@ -362,17 +367,17 @@ CASES: dict[int, Case] = {
         ),
         S.DEGRADED, (), ("synchronous standby lost", "commits wait for it (strict)"),
     ),
-    30: Case(
+    31: Case(
         "sync_satisfied", None, lambda: group(S.SINGLE, sync_set=()), S.PROTECTED,
         (), ("protected: dn1b confirm(s) every commit",), sync_set=("dn1b",),
     ),
-    31: Case(
+    32: Case(
         "sync_names_differ", None,
         lambda: group(S.SINGLE, (unprotected_master(position=LSN), standby())),
         S.SINGLE, (Step(Action.SET_SYNC, "dn1a", SyncStandbys(SyncPolicy(), ("dn1b",))),),
         ("synchronous_standby_names = 'FIRST 1 (dn1b)'",),
     ),
-    32: Case(
+    33: Case(
         "always", None, group, S.PROTECTED, (), ("protected: master dn1a, confirming standbys: dn1b",),
         sync_set=("dn1b",),
     ),
@@ -651,7 +656,7 @@ def test_an_async_standby_is_chosen_only_when_data_loss_is_allowed() -> None:
     view = lost_with(gone(standby()), standby("dn1c", mode="async", position=LSN + 1000))
     refused = choose_candidate(view)
     assert refused.member is None
-    assert refused.reason == "the synchronous standbys (dn1b) are not reachable"
+    assert refused.reason == "no synchronous standby (dn1b) is running and reachable"
     allowed = choose_candidate(view, allow_data_loss=True)
     assert allowed.member is not None
     assert (allowed.member.name, allowed.fresh, allowed.lost_bytes) == ("dn1c", True, 3096)

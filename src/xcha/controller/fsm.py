@@ -164,11 +164,12 @@ def choose_candidate(
             pool, reason = sync_usable, "synchronous standby"
     else:
         pool = []
-        reason = (
-            "no standby was synchronous when the master was last protected"
-            if not view.sync_set
-            else f"the synchronous standbys ({', '.join(view.sync_set)}) are not reachable"
-        )
+        if target is not None and target not in view.sync_set:
+            reason = f"{target} was not a synchronous standby when the master was last protected"
+        elif not view.sync_set:
+            reason = "no standby was synchronous when the master was last protected"
+        else:
+            reason = f"no synchronous standby ({', '.join(view.sync_set)}) is running and reachable"
     data_loss = False
     if not pool and allow_data_loss and usable:
         pool, data_loss = usable, True
@@ -475,6 +476,8 @@ _TABLE: tuple[tuple[tuple[str, ...] | str, str, str | None, str, Action, str], .
      "promoting {candidate_choice} ({candidate_reason})"),
     (S.NO_CANDIDATE, "reports_stale", None, SAME, Action.REFRESH,
      "asking the standbys for their positions"),
+    (S.NO_CANDIDATE, "data_loss_candidate", None, S.FAILOVER, Action.PROMOTE,
+     "{data_loss_reason}"),
     (S.NO_CANDIDATE, "master_restartable", None, SAME, Action.START_MASTER,
      "no standby is safe to promote ({candidate_reason}): restarting {master}"),
     # Members that must not serve writes, and members to bring in.
@@ -564,7 +567,9 @@ def _plan(row: Transition, view: GroupView) -> Decision:
             if row.event == "failover_requested":
                 choice = _requested_candidate(view)
             else:
-                choice = choose_candidate(view, allow_data_loss=row.guard == "data_loss_candidate")
+                choice = choose_candidate(
+                    view, allow_data_loss="data_loss_candidate" in (row.event, row.guard)
+                )
             assert choice.member is not None
             target = choice.member.name
             fence = (Step(Action.FENCE, view.master),) if master is not None and master.name != target else ()
