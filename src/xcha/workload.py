@@ -36,7 +36,7 @@ class Writer:
     conninfos: list[str]
     table: str = "xcha_writes"
     interval: float = 0.01
-    attempt_timeout: float = 1.0
+    attempt_timeout: float = 0.3
     statement_timeout: float = 1.0
     sent: set[int] = field(default_factory=set)
     acknowledged: dict[int, float] = field(default_factory=dict)

@@ -285,3 +285,67 @@ async def test_mtls_refuses_callers_without_a_valid_client_certificate(make_clus
     async with channel(agent_address, topology.operator_tls) as trusted:
         status = await pb_grpc.AgentStub(trusted).GetStatus(pb.GetStatusRequest(), timeout=5)
     assert status.member == "dn1a"
+
+
+async def test_a_coordinator_report_contradicted_by_the_controllers_checks_is_no_failover(
+    make_cluster: ClusterFactory,
+) -> None:
+    cluster = await make_cluster()
+    master = cluster.group().master
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xcha",
+            "report-failure",
+            "--datanode",
+            "dn1",
+            "--reporter",
+            "coord1",
+            "--detail",
+            "could not connect to server",
+            "--workdir",
+            str(cluster.topology.workdir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "probe: answers" in result.stdout and "reported just now" in result.stdout
+    await asyncio.sleep(2 * cluster.topology.plan.failure_timeout)
+    assert cluster.group().master == master and not events(cluster, "failover")
+    assert any(e.kind == "report" and "coord1" in e.message for e in events(cluster))
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "xcha",
+            "report-failure",
+            "--datanode",
+            "dn9",
+            "--workdir",
+            str(cluster.topology.workdir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0 and "unknown datanode 'dn9'" in bad.stderr and "Traceback" not in bad.stderr
+    await cluster.assert_nothing_lost()
+
+
+async def test_pause_stops_automatic_failover_until_resume(make_cluster: ClusterFactory) -> None:
+    cluster = await make_cluster()
+    old = cluster.group().master
+    assert "dn1 paused" in ctl(cluster, "pause", "dn1").stdout
+    os.kill(cluster.topology.postmaster_pid(old), signal.SIGKILL)  # type: ignore[arg-type]
+    await asyncio.sleep(2 * cluster.topology.plan.failure_timeout)
+    group = cluster.group()
+    assert group.master == old and group.paused and "paused" in group.reason
+    assert "paused" in ctl(cluster, "status").stdout
+    ctl(cluster, "resume", "dn1")
+    new = await cluster.wait_master_changed(old)
+    assert new != old
+    await cluster.wait_protected()
+    await cluster.assert_nothing_lost()

@@ -1,0 +1,32 @@
+"""Regenerate the parts of docs/design.md that come from code: the state machine's table
+and its Mermaid diagram (from xcha.controller.fsm.TRANSITIONS).
+
+    .venv/bin/python scripts/update_design_doc.py          # rewrite docs/design.md
+tests/unit/test_design_doc.py fails when the document differs from what this produces.
+"""
+
+import re
+import sys
+from pathlib import Path
+
+from xcha.controller.fsm import mermaid, table_markdown
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "design.md"
+
+
+def generated_sections() -> dict[str, str]:
+    return {"fsm-diagram": f"```mermaid\n{mermaid()}```\n", "fsm-table": table_markdown()}
+
+
+def render(text: str) -> str:
+    for name, content in generated_sections().items():
+        pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.DOTALL)
+        if not pattern.search(text):
+            raise SystemExit(f"docs/design.md has no <!-- {name}:begin --> ... <!-- {name}:end --> section")
+        text = pattern.sub(lambda m: m.group(1) + content + m.group(2), text)
+    return text
+
+
+if __name__ == "__main__":
+    DOC.write_text(render(DOC.read_text()))
+    sys.exit(0)
