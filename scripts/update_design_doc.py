@@ -23,7 +23,7 @@ def render(text: str) -> str:
         pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.DOTALL)
         if not pattern.search(text):
             raise SystemExit(f"docs/design.md has no <!-- {name}:begin --> ... <!-- {name}:end --> section")
-        text = pattern.sub(lambda m: m.group(1) + content + m.group(2), text)
+        text = pattern.sub(lambda m, content=content: m.group(1) + content + m.group(2), text)
     return text
 
 
