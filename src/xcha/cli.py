@@ -85,14 +85,45 @@ def _add_pg(commands: argparse._SubParsersAction[Parser]) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from xcha.demo import run_demo
 
-    return asyncio.run(run_demo(workdir=Path(args.workdir) if args.workdir else None, as_json=args.json))
+    return asyncio.run(
+        run_demo(
+            workdir=Path(args.workdir) if args.workdir else None, as_json=args.json, reroute=args.reroute
+        )
+    )
+
+
+def _up(args: argparse.Namespace) -> int:
+    from xcha.demo import start_topology
+
+    return asyncio.run(start_topology(Path(args.workdir), args.reroute))
+
+
+def _down(args: argparse.Namespace) -> int:
+    from xcha.topology import Topology
+
+    stopped = asyncio.run(Topology.load(Path(args.workdir)).down())
+    print(f"stopped {len(stopped)}: {', '.join(stopped) or 'nothing was running'}")
+    return 0
 
 
 def _add_demo(commands: argparse._SubParsersAction[Parser]) -> None:
-    d = commands.add_parser("demo", help="run the demo on real PostgreSQL processes and tear it down")
+    d = commands.add_parser("demo", help="a failover under load on real processes, then tear it all down")
     d.add_argument("--workdir", help="build the demo here instead of a temporary directory")
     d.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    d.add_argument(
+        "--reroute",
+        choices=("fdw", "takeover"),
+        default="fdw",
+        help="re-point the coordinator (fdw, default) or take over the old master's port",
+    )
     d.set_defaults(handler=_demo)
+    up = commands.add_parser("up", help="start the demo topology and leave it running")
+    up.add_argument("--workdir", required=True)
+    up.add_argument("--reroute", choices=("fdw", "takeover"), default="fdw")
+    up.set_defaults(handler=_up)
+    down = commands.add_parser("down", help="stop every process `xcha up` started there, by PID")
+    down.add_argument("--workdir", required=True)
+    down.set_defaults(handler=_down)
 
 
 def _check_or_serve(

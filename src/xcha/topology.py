@@ -1,7 +1,8 @@
 """A whole xcha deployment on one machine, as real processes: a controller, an agent per
 PostgreSQL instance (each group the specification's master/slave pair on a pair of
-adjacent free ports), certificates for mTLS, and the configuration files an operator would
-write. Used by `xcha up` / `xcha down`, the demo, the tests and the benchmarks.
+adjacent free ports), optional plain PostgreSQL coordinators with postgres_fdw, certificates
+for mTLS, and the configuration files an operator would write. Used by `xcha up` /
+`xcha down`, the demo, the tests and the benchmarks.
 
 Every process is recorded with its PID in topology.json; stopping is by PID only.
 """
@@ -25,15 +26,17 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from xcha.config import TlsConfig
+from xcha.coordinator import datanode_setup, fdw_setup
 from xcha.ctl import TOPOLOGY_FILE, ControllerTarget, get_status
 from xcha.errors import XchaError
-from xcha.names import check_name
+from xcha.names import Endpoint, check_name
 from xcha.pg.instance import InstanceSpec, PostgresInstance
 from xcha.pg.runner import OsUser, Runner, find_bindir, server_version
 from xcha.tls import create_ca, issue
 from xcha.v1 import xcha_pb2 as pb
 
 APP_USER = "xcha_app"
+Tables = list[tuple[str, dict[str, object]]]
 
 
 @dataclass(frozen=True)
@@ -55,24 +58,9 @@ class TopologyPlan:
     failure_timeout: float = 2.0
     probe_timeout: float = 0.5
     startup_grace: float | None = None
-    extra_router: dict[str, object] = field(default_factory=dict)
-
-
-def free_port_pair() -> int:
-    """p such that p and p + 1 are free on loopback (the seed's 5432/5433 pair, elsewhere)."""
-    for _ in range(200):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port: int = first.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-            return port
-    raise XchaError("no pair of adjacent free ports found")
+    coordinators: tuple[str, ...] = ()  # plain PostgreSQL coordinators with postgres_fdw
+    metrics: bool = False
+    router_settings: dict[str, object] = field(default_factory=dict)  # e.g. command = [...]
 
 
 def free_port() -> int:
@@ -80,6 +68,19 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def free_port_pair() -> int:
+    """p such that p and p + 1 are free on loopback (the seed's 5432/5433 pair, elsewhere)."""
+    for _ in range(200):
+        port = free_port()
+        with socket.socket() as second:
+            try:
+                second.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise XchaError("no pair of adjacent free ports found")
 
 
 def toml_value(value: object) -> str:
@@ -94,8 +95,8 @@ def toml_value(value: object) -> str:
     raise TypeError(f"cannot write {value!r} as TOML")
 
 
-def toml_document(tables: list[tuple[str, dict[str, object]]]) -> str:
-    """[table] or [[array]] sections, in order."""
+def toml_document(tables: Tables) -> str:
+    """[table] or [[array]] sections, in order; None values are left out."""
     lines = []
     for header, values in tables:
         lines.append(header)
@@ -113,10 +114,6 @@ class MemberInfo:
     directory: str
     config: str
 
-    @property
-    def data_dir(self) -> Path:
-        return Path(self.directory) / "data"
-
 
 class Topology:
     def __init__(self, workdir: Path, plan: TopologyPlan | None = None) -> None:
@@ -125,6 +122,8 @@ class Topology:
         self.members: dict[str, MemberInfo] = {}
         self.controller_port = 0
         self.controller_config = workdir / "controller" / "controller.toml"
+        self.coordinator_ports: dict[str, int] = {}
+        self.metrics_ports: dict[str, int] = {}
         self.pids: dict[str, int] = {}
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self._runner: Runner | None = None
@@ -152,12 +151,10 @@ class Topology:
 
     @property
     def operator_tls(self) -> TlsConfig:
-        values = self._tls("operator")
-        if values.get("insecure"):
+        if not self.plan.tls:
             return TlsConfig(insecure=True)
-        return TlsConfig(
-            Path(str(values["ca_file"])), Path(str(values["cert_file"])), Path(str(values["key_file"]))
-        )
+        directory = self.workdir / "tls"
+        return TlsConfig(directory / "ca.pem", directory / "operator.pem", directory / "operator.key")
 
     @property
     def target(self) -> ControllerTarget:
@@ -173,20 +170,24 @@ class Topology:
             if not path.exists():
                 path.write_text(secrets.token_hex(16) + "\n")
                 path.chmod(0o600)
+        # PostgreSQL (as its own OS user) reads the replication password for its passfile.
         self.runner.own(self.secrets)
         self.runner.own(self.secrets / "replication.password")
         if self.plan.tls and not (self.workdir / "tls" / "ca.pem").exists():
             create_ca(self.workdir / "tls")
-            names = ["controller", "operator", *(m for d in self.plan.datanodes for m in d.members)]
-            for name in names:
+            for name in ("controller", "operator"):
                 issue(self.workdir / "tls", name)
         self.controller_port = free_port()
+        for name in self.plan.coordinators:
+            check_name(name, "coordinator name")
+            self.coordinator_ports[name] = free_port()
+        if self.plan.metrics:
+            self.metrics_ports["controller"] = free_port()
         for datanode in self.plan.datanodes:
             check_name(datanode.name, "datanode name")
             base = free_port_pair()
             for index, member in enumerate(datanode.members):
-                port = base + index if index < 2 else free_port()
-                self.add_member(datanode.name, member, port)
+                self.add_member(datanode.name, member, base + index if index < 2 else None)
         self._write_controller_config()
         self.save()
 
@@ -201,64 +202,50 @@ class Topology:
         info = MemberInfo(
             member, datanode, port or free_port(), free_port(), str(directory), str(directory / "agent.toml")
         )
-        archive = self.workdir / datanode / "archive"
-        document = toml_document(
-            [
-                (
-                    "[agent]",
-                    {
-                        "datanode": datanode,
-                        "member": member,
-                        "listen": f"127.0.0.1:{info.agent_port}",
-                        "controller": f"127.0.0.1:{self.controller_port}",
-                        "state_dir": directory,
-                        "probe_timeout": self.plan.probe_timeout,
-                    },
-                ),
-                (
-                    "[postgres]",
-                    {
-                        "port": info.port,
-                        "archive_dir": archive,
-                        "replication_password_file": self.secrets / "replication.password",
-                    },
-                ),
-                ("[tls]", self._tls(member)),
-            ]
+        if self.plan.metrics:
+            self.metrics_ports[member] = free_port()
+        agent: dict[str, object] = {
+            "datanode": datanode,
+            "member": member,
+            "listen": f"127.0.0.1:{info.agent_port}",
+            "controller": f"127.0.0.1:{self.controller_port}",
+            "state_dir": directory,
+            "probe_timeout": self.plan.probe_timeout,
+        }
+        if member in self.metrics_ports:
+            agent["metrics_listen"] = f"127.0.0.1:{self.metrics_ports[member]}"
+        postgres = {
+            "port": info.port,
+            "archive_dir": self.workdir / datanode / "archive",
+            "replication_password_file": self.secrets / "replication.password",
+        }
+        Path(info.config).write_text(
+            toml_document([("[agent]", agent), ("[postgres]", postgres), ("[tls]", self._tls(member))])
         )
-        Path(info.config).write_text(document)
         self.members[member] = info
         return info
 
     def _write_controller_config(self) -> None:
         plan = self.plan
-        tables: list[tuple[str, dict[str, object]]] = [
-            (
-                "[controller]",
-                {
-                    "listen": f"127.0.0.1:{self.controller_port}",
-                    "state_dir": self.controller_config.parent / "state",
-                    "heartbeat_interval": plan.heartbeat_interval,
-                    "failure_timeout": plan.failure_timeout,
-                    "probe_timeout": plan.probe_timeout,
-                    "startup_grace": plan.startup_grace,
-                },
-            ),
-            (
-                "[router]",
-                {
-                    "kind": plan.router,
-                    **{
-                        k: v
-                        for k, v in plan.extra_router.items()
-                        if not isinstance(v, list) or not v or not isinstance(v[0], dict)
-                    },
-                },
-            ),
+        controller: dict[str, object] = {
+            "listen": f"127.0.0.1:{self.controller_port}",
+            "state_dir": self.controller_config.parent / "state",
+            "heartbeat_interval": plan.heartbeat_interval,
+            "failure_timeout": plan.failure_timeout,
+            "probe_timeout": plan.probe_timeout,
+            "startup_grace": plan.startup_grace,
+        }
+        if "controller" in self.metrics_ports:
+            controller["metrics_listen"] = f"127.0.0.1:{self.metrics_ports['controller']}"
+        tables: Tables = [
+            ("[controller]", controller),
+            ("[router]", {"kind": plan.router, **plan.router_settings}),
         ]
-        for key, value in plan.extra_router.items():
-            if isinstance(value, list) and value and isinstance(value[0], dict):
-                tables.extend((f"[[router.{key}]]", item) for item in value)
+        if plan.router in ("fdw", "pgxc"):
+            for name in plan.coordinators:
+                tables.append(
+                    ("[[router.coordinator]]", {"name": name, "conninfo": self.coordinator_conninfo(name)})
+                )
         for datanode in plan.datanodes:
             tables.append(
                 (
@@ -278,17 +265,19 @@ class Topology:
         self.controller_config.write_text(toml_document(tables))
 
     def save(self) -> None:
-        operator = self._tls("operator")
         data = {
             "controller": f"127.0.0.1:{self.controller_port}",
             "controller_config": str(self.controller_config),
-            "operator_tls": {k: str(v) if isinstance(v, Path) else v for k, v in operator.items()},
+            "operator_tls": {
+                k: str(v) if isinstance(v, Path) else v for k, v in self._tls("operator").items()
+            },
             "members": {name: asdict(info) for name, info in self.members.items()},
+            "coordinators": self.coordinator_ports,
+            "metrics": self.metrics_ports,
             "pids": self.pids,
             "plan": asdict(self.plan),
         }
-        path = self.workdir / TOPOLOGY_FILE
-        path.write_text(json.dumps(data, indent=2))
+        (self.workdir / TOPOLOGY_FILE).write_text(json.dumps(data, indent=2))
 
     @classmethod
     def load(cls, workdir: Path) -> "Topology":
@@ -303,13 +292,16 @@ class Topology:
             DatanodePlan(**{**d, "members": tuple(d["members"]), "async_members": tuple(d["async_members"])})
             for d in plan["datanodes"]
         )
+        plan["coordinators"] = tuple(plan["coordinators"])
         topology = cls(workdir, TopologyPlan(**plan))
         topology.controller_port = int(data["controller"].rpartition(":")[2])
         topology.members = {name: MemberInfo(**info) for name, info in data["members"].items()}
+        topology.coordinator_ports = {name: int(port) for name, port in data["coordinators"].items()}
+        topology.metrics_ports = {name: int(port) for name, port in data["metrics"].items()}
         topology.pids = {name: int(pid) for name, pid in data["pids"].items()}
         return topology
 
-    # ---- processes -----------------------------------------------------------------------------
+    # ---- PostgreSQL instances ---------------------------------------------------------------
 
     @property
     def runner(self) -> Runner:
@@ -320,7 +312,7 @@ class Topology:
         return self._runner
 
     def instance(self, member: str) -> PostgresInstance:
-        """The member's PostgreSQL as the pg layer sees it (to find and stop its processes)."""
+        """A member's PostgreSQL as the pg layer sees it (to find and stop its processes)."""
         info = self.members[member]
         spec = InstanceSpec.under(
             Path(info.directory),
@@ -329,8 +321,33 @@ class Topology:
             self.workdir / info.datanode / "archive",
             self.secrets / "replication.password",
         )
-        runner = self.runner
-        return PostgresInstance(spec, runner, self._version)
+        return PostgresInstance(spec, self.runner, self._version)
+
+    def coordinator(self, name: str) -> PostgresInstance:
+        base = self.workdir / "coordinators" / name
+        spec = InstanceSpec.under(
+            base, name, self.coordinator_ports[name], base / "archive", self.secrets / "replication.password"
+        )
+        return PostgresInstance(spec, self.runner, self._version)
+
+    def coordinator_conninfo(self, name: str) -> str:
+        """How the controller reaches a coordinator: its private socket, as the superuser."""
+        socket_dir = self.workdir / "coordinators" / name / "run"
+        return make_conninfo(
+            "", host=str(socket_dir), port=self.coordinator_ports[name], user="postgres", dbname="postgres"
+        )
+
+    async def start_coordinators(self) -> None:
+        for name in self.plan.coordinators:
+            instance = self.coordinator(name)
+            if instance.has_cluster():
+                await instance.start()
+            else:
+                await instance.bootstrap_master()
+            self.pids[f"coordinator:{name}"] = instance.postmaster_pid() or 0
+        self.save()
+
+    # ---- processes ------------------------------------------------------------------------------
 
     def _spawn(self, key: str, argv: list[str], log_name: str) -> int:
         logs = self.workdir / "logs"
@@ -382,9 +399,16 @@ class Topology:
             return False
 
     def signal(self, key: str, signum: int) -> None:
-        pid = self.pids[key]
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+        with contextlib.suppress(ProcessLookupError, KeyError):
+            os.kill(self.pids[key], signum)
+
+    def _forget(self, key: str) -> None:
+        child = self.children.pop(key, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(5)
+        self.pids.pop(key, None)
+        self.save()
 
     def stop_process(self, key: str, timeout: float = 10) -> None:
         """SIGTERM by PID, then SIGKILL if it does not exit; reaps it when it is a child."""
@@ -397,21 +421,12 @@ class Topology:
             time.sleep(0.02)
         if self.alive(key):
             self.signal(key, signal.SIGKILL)
-        child = self.children.pop(key, None)
-        if child is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.wait(5)
-        self.pids.pop(key, None)
-        self.save()
+        self._forget(key)
 
     def kill_process(self, key: str) -> None:
         """kill -9, as a fault: the process gets no chance to clean up."""
         self.signal(key, signal.SIGKILL)
-        child = self.children.pop(key, None)
-        if child is not None:
-            child.wait(5)
-        self.pids.pop(key, None)
-        self.save()
+        self._forget(key)
 
     def postmaster_pid(self, member: str) -> int | None:
         return self.instance(member).postmaster_pid()
@@ -421,7 +436,7 @@ class Topology:
 
     def host_signal(self, member: str, signum: int) -> list[int]:
         """A hung (SIGSTOP) or resumed (SIGCONT) host: the agent and every PostgreSQL process."""
-        pids = [*self.postgres_pids(member)]
+        pids = self.postgres_pids(member)
         if f"agent:{member}" in self.pids:
             pids.append(self.pids[f"agent:{member}"])
         for pid in pids:
@@ -431,21 +446,20 @@ class Topology:
 
     async def down(self) -> list[str]:
         """Stop everything this topology started, by PID: agents and controller first (so
-        nothing restarts a server), then every PostgreSQL process of every member."""
+        nothing restarts a server), then every PostgreSQL process of members and coordinators."""
         stopped = []
-        for key in [k for k in self.pids if k.startswith("agent:")] + (
-            ["controller"] if "controller" in self.pids else []
-        ):
+        keys = [k for k in self.pids if k.startswith("agent:")] + [k for k in self.pids if k == "controller"]
+        for key in keys:
             self.stop_process(key)
             stopped.append(key)
-        for key in [k for k in self.pids if k.startswith("coordinator")]:
-            self.stop_process(key)
-            stopped.append(key)
-        for member in self.members:
-            instance = self.instance(member)
+        instances = [(f"postgres:{m}", self.instance(m)) for m in self.members]
+        instances += [(f"coordinator:{c}", self.coordinator(c)) for c in self.plan.coordinators]
+        for key, instance in instances:
             if instance.processes() or instance.postmaster_pid():
                 await instance.kill()
-                stopped.append(f"postgres:{member}")
+                stopped.append(key)
+            self.pids.pop(key, None)
+        self.save()
         return stopped
 
     # ---- waiting and asking ------------------------------------------------------------------
@@ -488,15 +502,17 @@ class Topology:
     def master(self, datanode: str) -> str:
         return next(g.master for g in self.status().groups if g.name == datanode)
 
-    def app_conninfo(self, member: str, dbname: str = "postgres") -> str:
-        info = self.members[member]
+    def app_conninfo(self, member: str) -> str:
+        return self._app_conninfo(self.members[member].port)
+
+    def _app_conninfo(self, port: int) -> str:
         return make_conninfo(
             "",
             host="127.0.0.1",
-            port=info.port,
+            port=port,
             user=APP_USER,
             password=self.app_password,
-            dbname=dbname,
+            dbname="postgres",
             connect_timeout=2,
             application_name="xcha-writer",
         )
@@ -504,21 +520,48 @@ class Topology:
     def group_conninfos(self, datanode: str) -> list[str]:
         return [self.app_conninfo(m) for m, info in self.members.items() if info.datanode == datanode]
 
+    def coordinator_app_conninfo(self, name: str) -> str:
+        return self._app_conninfo(self.coordinator_ports[name])
+
     async def superuser(self, member: str) -> psycopg.AsyncConnection[tuple[object, ...]]:
         return await self.instance(member).connect()
+
+    async def _run(
+        self, conn: psycopg.AsyncConnection[tuple[object, ...]], statements: list[sql.Composed]
+    ) -> None:
+        for statement in statements:
+            await conn.execute(statement)
+
+    async def _app_role(self, conn: psycopg.AsyncConnection[tuple[object, ...]]) -> None:
+        exists = await (
+            await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [APP_USER])
+        ).fetchone()
+        verb = "ALTER" if exists else "CREATE"
+        await conn.execute(
+            sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(APP_USER), sql.Literal(self.app_password)
+            )
+        )
+        await conn.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(APP_USER)))
 
     async def create_app_role(self, datanode: str) -> None:
         """The role clients (the writer, coordinators) use: a password over TCP."""
         async with await self.superuser(self.master(datanode)) as conn:
-            exists = await (
-                await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [APP_USER])
-            ).fetchone()
-            verb = "ALTER" if exists else "CREATE"
-            await conn.execute(
-                sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(
-                    sql.Identifier(APP_USER), sql.Literal(self.app_password)
-                )
-            )
-            await conn.execute(
-                sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(APP_USER))
-            )
+            await self._app_role(conn)
+
+    async def setup_sharding(self) -> None:
+        """The demo's sharded table: a shard on every datanode, and on every coordinator a
+        hash-partitioned table over postgres_fdw foreign tables."""
+        status = self.status()
+        masters = {g.name: g.master for g in status.groups}
+        for master in masters.values():
+            async with await self.superuser(master) as conn:
+                await self._app_role(conn)
+                await self._run(conn, datanode_setup(APP_USER))
+        endpoints = [
+            (d.name, Endpoint("127.0.0.1", self.members[masters[d.name]].port)) for d in self.plan.datanodes
+        ]
+        for name in self.plan.coordinators:
+            async with await self.coordinator(name).connect() as conn:
+                await self._app_role(conn)
+                await self._run(conn, fdw_setup(endpoints, APP_USER, self.app_password))

@@ -8,7 +8,9 @@ failed one (an insert already in flight can be acknowledged just after the fault
 
 import asyncio
 import contextlib
+import itertools
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
@@ -31,7 +33,8 @@ class Outcome:
 
 @dataclass
 class Writer:
-    """Inserts id = 1, 2, 3, ... into `table` through whichever of `conninfos` accepts writes."""
+    """Inserts ids (1, 2, 3, ... or the given ones) into `table` through whichever of
+    `conninfos` accepts writes."""
 
     conninfos: list[str]
     table: str = "xcha_writes"
@@ -41,7 +44,7 @@ class Writer:
     sent: set[int] = field(default_factory=set)
     acknowledged: dict[int, float] = field(default_factory=dict)
     failures: list[tuple[float, str]] = field(default_factory=list)
-    next_id: int = 1
+    ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
 
@@ -93,8 +96,7 @@ class Writer:
 
     async def write_one(self) -> bool:
         """Insert the next id; True when the commit was acknowledged."""
-        ident = self.next_id
-        self.next_id += 1
+        ident = next(self.ids)
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = await self._connect()
@@ -148,18 +150,17 @@ class Writer:
 
     async def verify(self, conninfos: list[str] | None = None) -> Outcome:
         """Read the table where writes go now: every acknowledged id present, nothing unsent."""
-        self.conninfos = conninfos or self.conninfos
-        conn = await self._connect()
-        async with conn:
-            cur = await conn.execute(sql.SQL("SELECT id FROM {}").format(sql.Identifier(self.table)))
-            present = {int(row[0]) for row in await cur.fetchall()}  # type: ignore[call-overload]
-        lost = sorted(set(self.acknowledged) - present)
-        unexpected = sorted(present - self.sent)
-        return Outcome(len(self.acknowledged), len(present), lost, unexpected)
+        return await verify_all([self], conninfos or self.conninfos)
 
 
-async def run_for(writer: Writer, seconds: float) -> None:
-    task = asyncio.create_task(writer.run())
-    await asyncio.sleep(seconds)
-    writer.stop()
-    await task
+async def verify_all(writers: Sequence[Writer], conninfos: list[str]) -> Outcome:
+    """For writers sharing one table: every id any of them saw acknowledged is there, and no id
+    is there that none of them sent."""
+    reader = Writer(conninfos, table=writers[0].table)
+    conn = await reader._connect()
+    async with conn:
+        cur = await conn.execute(sql.SQL("SELECT id FROM {}").format(sql.Identifier(reader.table)))
+        present = {int(row[0]) for row in await cur.fetchall()}  # type: ignore[call-overload]
+    acknowledged = set().union(*(w.acknowledged for w in writers))
+    sent = set().union(*(w.sent for w in writers))
+    return Outcome(len(acknowledged), len(present), sorted(acknowledged - present), sorted(present - sent))

@@ -8,9 +8,11 @@ controller on the other side of that partition may be promoting a standby.
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 
@@ -19,7 +21,7 @@ import grpc
 from xcha import __version__
 from xcha.agent.config import AgentConfig
 from xcha.agent.state import StateFile
-from xcha.errors import InvalidInput, XchaError
+from xcha.errors import InvalidInput, PostgresError, XchaError
 from xcha.names import Endpoint
 from xcha.pg.instance import PostgresInstance, Timings
 from xcha.pg.probe import ping
@@ -73,6 +75,8 @@ class Agent:
         self._watched_pid: int | None = None
         self._stopping = asyncio.Event()
         self._started = time.monotonic()
+        self._boot_id = uuid.uuid4().hex
+        self._sequence = itertools.count(1)
         self.on_change: Callable[[], None] | None = None  # metrics hook
 
     # ---- state ---------------------------------------------------------------------------
@@ -122,6 +126,8 @@ class Agent:
             last_error=self.last_error,
             upstream=self.upstream_check,
             postmaster_state=_proc_state(self.pg.postmaster_pid),
+            boot_id=self._boot_id,
+            sequence=next(self._sequence),
         )
 
     # ---- observing PostgreSQL ------------------------------------------------------------
@@ -362,8 +368,12 @@ class Agent:
                     self.instance.configure("master")
                     detail = f"started as master in {await self.instance.start() * 1000:.0f} ms"
             if takeover_port and takeover_port != self.instance.port:
-                timings = await self.instance.take_over_port(takeover_port)
-                detail += f"; took over port {takeover_port}: {_steps(timings)}"
+                try:
+                    timings = await self.instance.take_over_port(takeover_port)
+                    detail += f"; took over port {takeover_port}: {_steps(timings)}"
+                except PostgresError as error:
+                    detail += f"; no port takeover: {error}"
+                    log.error("%s: %s", member, error)
             self._save(
                 fenced=False, role="master", port=self.instance.port, upstream_host="", upstream_port=0
             )

@@ -217,6 +217,13 @@ class Controller:
     def observe(self, name: str, status: pb.MemberStatus, reason: str = "interval") -> None:
         now = self.clock()
         observation = self.observations[name]
+        previous = observation.status
+        if (
+            previous is not None
+            and previous.boot_id == status.boot_id
+            and status.sequence <= previous.sequence
+        ):
+            return  # an older report that arrived late
         observation.status = status
         observation.pg = status_from_proto(status.postgres_status)
         observation.received_at = now
@@ -423,6 +430,7 @@ class Controller:
                 self._group_task(datanode, self._promote(datanode, member, None, failover=False))
             case Action.PROMOTE:
                 self.marks[datanode] = FailoverMarks(old_endpoint=self._endpoint(view.master))
+                self._plan_takeover(datanode, view.master, member)
                 self.event(datanode, "failover", reason, {"member": member, "epoch": self.epoch})
                 self._group_task(datanode, self._promote(datanode, member, step.sync, failover=True))
             case Action.RESEND_PROMOTE:
@@ -470,8 +478,26 @@ class Controller:
         self.observe(member, reply.status, what)
         return reply
 
+    def _plan_takeover(self, datanode: str, old: str | None, new: str) -> None:
+        """Router takeover: the new master takes the old master's port and the old master,
+        when it rejoins, the new master's former port (same host only)."""
+        old_endpoint, new_endpoint = self._endpoint(old), self._endpoint(new)
+        group = self.groups[datanode]
+        if self.router.kind != "takeover" or old_endpoint is None or new_endpoint is None:
+            return
+        if old_endpoint.host != new_endpoint.host:
+            self.event(datanode, "error", f"port takeover impossible: {old} and {new} are on different hosts")
+            return
+        self._save_group(
+            replace(
+                group, takeover_port=old_endpoint.port, handover_member=old, handover_port=new_endpoint.port
+            )
+        )
+
     async def _promote(self, datanode: str, member: str, sync: object, failover: bool) -> None:
-        request = pb.PromoteRequest(epoch=self.epoch, member=member)
+        group = self.groups[datanode]
+        takeover = group.takeover_port if failover and self.router.kind == "takeover" else 0
+        request = pb.PromoteRequest(epoch=self.epoch, member=member, takeover_port=takeover)
         if sync is not None:
             request.synchronous_standbys.CopyFrom(sync_to_proto(sync))  # type: ignore[arg-type]
         started = time.time()
@@ -489,6 +515,18 @@ class Controller:
             )
         elif reply is not None:
             self.event(datanode, "start_master", f"{member}: {reply.detail}", {"member": member})
+        if reply is not None and takeover and reply.status.postgres.port != takeover:
+            # The old master still holds its port (a hung host): clients on that port reach
+            # nothing writable, and the old master must not take the new master's port either.
+            self._save_group(
+                replace(self.groups[datanode], takeover_port=0, handover_member=None, handover_port=0)
+            )
+            self.event(
+                datanode,
+                "error",
+                f"port takeover failed, {member} stays on port {reply.status.postgres.port}: {reply.detail}",
+                {"member": member},
+            )
 
     async def _fence(self, member: str, reason: str, best_effort: bool, clean: bool = False) -> None:
         request = pb.FenceRequest(epoch=self.epoch, member=member, reason=reason, clean=clean)
@@ -535,13 +573,21 @@ class Controller:
             return
         checkpoint = pb.CheckpointRequest(epoch=self.epoch, member=master)
         await self._call(master, "Checkpoint", lambda stub: stub.Checkpoint(checkpoint, timeout=60))
+        group = self.groups[datanode]
+        port = group.handover_port if group.handover_member == member else 0
         request = pb.FollowRequest(
-            epoch=self.epoch, member=member, upstream=endpoint_to_proto(upstream), upstream_member=master
+            epoch=self.epoch,
+            member=member,
+            upstream=endpoint_to_proto(upstream),
+            upstream_member=master,
+            port=port,
         )
         reply = await self._call(member, "Follow", lambda stub: stub.Follow(request, timeout=900))
         if reply is None:
             self.observations[member].follow_failed_at = self.clock()
         else:
+            if port:
+                self._save_group(replace(self.groups[datanode], handover_member=None, handover_port=0))
             self.event(
                 datanode, "follow", f"{member}: {reply.detail}", {"member": member, "seconds": reply.seconds}
             )

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 async def serve_controller(config: ControllerConfig) -> None:
     config.state_dir.mkdir(parents=True, exist_ok=True)
     store = SqliteStore(config.state_dir / "controller.sqlite3")
-    controller = Controller(config, store, build_router(config.router))
+    controller = Controller(config, store, build_router(config))
     server, port, health = create_server(config.listen, config.tls)
     pb_grpc.add_ControllerServicer_to_server(ControllerService(controller), server)
     metrics = None

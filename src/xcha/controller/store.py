@@ -39,6 +39,9 @@ class GroupRecord:
     rerouted_epoch: int = 0
     request: Request | None = None
     reason: str = ""
+    takeover_port: int = 0  # router takeover: the port the new master takes
+    handover_member: str | None = None  # ... and the former master, rejoining, takes
+    handover_port: int = 0  # the new master's former port
 
 
 @dataclass(frozen=True)

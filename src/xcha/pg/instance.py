@@ -13,6 +13,7 @@ import os
 import pwd
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -612,11 +613,27 @@ class PostgresInstance:
         master's port, so clients need no change (standby.signal / recovery.conf are gone)."""
         check_port(port)
         promote = await self.promote()
+        if not self._port_free(port):
+            raise PostgresError(
+                f"port {port} is still in use (the former master holds it): "
+                f"{self.spec.name} stays master on port {self.port}"
+            )
         await self.stop("fast")
         self.port = port
         self.configure("master")
         start = await self.start()
         return Timings((("promote", promote), ("restart", start)))
+
+    def _port_free(self, port: int) -> bool:
+        address = self.spec.listen_addresses.split(",")[0].strip()
+        with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as probe:
+            # As PostgreSQL binds: connections of the old server in TIME_WAIT do not count.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("" if address in ("*", "localhost") else address, port))
+            except OSError:
+                return False
+        return True
 
     async def set_synchronous_standbys(self, sync: SyncStandbys | None, timeout: float = 10) -> str:
         """Set (or, with None or no names, clear) synchronous_standby_names and wait until it

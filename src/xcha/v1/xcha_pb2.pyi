@@ -286,6 +286,8 @@ class MemberStatus(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     UPSTREAM_FIELD_NUMBER: _builtins.int
     POSTMASTER_STATE_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
     datanode: _builtins.str
     member: _builtins.str
     agent_address: _builtins.str
@@ -302,6 +304,11 @@ class MemberStatus(_message.Message):
     last_error: _builtins.str
     postmaster_state: _builtins.str
     """/proc state letter: S, R, T (stopped), Z, or empty"""
+    boot_id: _builtins.str
+    """Reports travel on several calls (heartbeats, replies to role messages); the controller
+    keeps the newest: within one agent process (boot_id) the sequence only grows.
+    """
+    sequence: _builtins.int
     @_builtins.property
     def postgres(self) -> Global___Endpoint:
         """where PostgreSQL is reached now"""
@@ -326,10 +333,12 @@ class MemberStatus(_message.Message):
         last_error: _builtins.str = ...,
         upstream: Global___UpstreamCheck | None = ...,
         postmaster_state: _builtins.str = ...,
+        boot_id: _builtins.str = ...,
+        sequence: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["postgres", b"postgres", "postgres_status", b"postgres_status", "upstream", b"upstream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "agent_address", b"agent_address", "agent_version", b"agent_version", "datanode", b"datanode", "epoch", b"epoch", "fenced", b"fenced", "has_data", b"has_data", "last_error", b"last_error", "member", b"member", "postgres", b"postgres", "postgres_status", b"postgres_status", "postmaster_state", b"postmaster_state", "upstream", b"upstream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "agent_address", b"agent_address", "agent_version", b"agent_version", "boot_id", b"boot_id", "datanode", b"datanode", "epoch", b"epoch", "fenced", b"fenced", "has_data", b"has_data", "last_error", b"last_error", "member", b"member", "postgres", b"postgres", "postgres_status", b"postgres_status", "postmaster_state", b"postmaster_state", "sequence", b"sequence", "upstream", b"upstream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,43 @@
+"""The `command` router: an operator's executable re-points whatever clients use (a virtual
+IP, pgbouncer, DNS, ...). It gets the datanode, the old and new host/port and the epoch in
+its environment; exit status 0 acknowledges, anything else is retried."""
+
+import asyncio
+import os
+import subprocess
+
+from xcha.names import Endpoint
+
+
+class CommandTarget:
+    def __init__(self, argv: tuple[str, ...], timeout: float) -> None:
+        self.name = os.path.basename(argv[0])
+        self.argv = argv
+        self.timeout = timeout
+
+    async def apply(self, datanode: str, new: Endpoint, old: Endpoint | None, epoch: int) -> str:
+        env = {
+            **os.environ,
+            "XCHA_DATANODE": datanode,
+            "XCHA_NEW_HOST": new.host,
+            "XCHA_NEW_PORT": str(new.port),
+            "XCHA_OLD_HOST": old.host if old else "",
+            "XCHA_OLD_PORT": str(old.port) if old else "",
+            "XCHA_EPOCH": str(epoch),
+        }
+        process = await asyncio.create_subprocess_exec(
+            *self.argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), self.timeout)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise RuntimeError(f"{self.argv[0]} did not finish within {self.timeout:g} s") from None
+        text = output.decode(errors="replace").strip()
+        if process.returncode != 0:
+            raise RuntimeError(f"{self.argv[0]} exited {process.returncode}: {text[-500:]}")
+        return f"{self.argv[0]} acknowledged" + (f": {text.splitlines()[-1]}" if text else "")
+
+    async def close(self) -> None:
+        return None
