@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "src", "tests"],
-        ["ruff", "format", "--check", "src", "tests"],
+        ["ruff", "check", "src", "tests", "scripts"],
+        ["ruff", "format", "--check", "src", "tests", "scripts"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],

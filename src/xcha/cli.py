@@ -14,7 +14,7 @@ from pathlib import Path
 from xcha import __version__
 from xcha.config import ConfigError
 from xcha.ctl import add_ctl, add_report_failure
-from xcha.errors import XchaError
+from xcha.errors import InvalidInput, XchaError
 from xcha.logs import setup_logging
 from xcha.pg.render import ReplicationSpec, render
 from xcha.pg.syncrep import SyncPolicy, SyncStandbys
@@ -202,6 +202,43 @@ def _add_tls(commands: argparse._SubParsersAction[Parser]) -> None:
     init.set_defaults(handler=_tls_init)
 
 
+def _fdw_sql(args: argparse.Namespace) -> int:
+    from xcha.coordinator import fdw_setup
+    from xcha.names import Endpoint
+
+    datanodes = []
+    for item in args.datanode:
+        name, sep, address = item.partition("=")
+        if not sep:
+            raise InvalidInput(f"invalid --datanode {item!r}: expected NAME=HOST:PORT")
+        datanodes.append((name, Endpoint.parse(address, f"address of {name}")))
+    password = Path(args.password_file).read_text().strip() if args.password_file else "CHANGE-ME"
+    for statement in fdw_setup(datanodes, args.user, password, dbname=args.dbname):
+        print(statement.as_string(None) + ";")
+    return 0
+
+
+def _add_coordinator(commands: argparse._SubParsersAction[Parser]) -> None:
+    coordinator = commands.add_parser("coordinator", help="set up a plain PostgreSQL coordinator")
+    sub = coordinator.add_subparsers(dest="coordinator_command", required=True)
+    fdw = sub.add_parser(
+        "fdw-sql",
+        help="print the postgres_fdw setup: a foreign server per datanode and a "
+        "hash-partitioned table over them",
+    )
+    fdw.add_argument(
+        "--datanode",
+        action="append",
+        required=True,
+        metavar="NAME=HOST:PORT",
+        help="each datanode's master (repeat, in partition order)",
+    )
+    fdw.add_argument("--user", default="xcha_app", help="the role the coordinator uses on the datanodes")
+    fdw.add_argument("--password-file", help="its password (default: the placeholder CHANGE-ME)")
+    fdw.add_argument("--dbname", default="postgres")
+    fdw.set_defaults(handler=_fdw_sql)
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="xcha", description="High availability for Postgres-XC style datanodes.")
     parser.add_argument("--version", action="version", version=f"xcha {__version__}")
@@ -211,6 +248,7 @@ def build_parser() -> Parser:
     add_ctl(commands)
     add_report_failure(commands)
     _add_tls(commands)
+    _add_coordinator(commands)
     _add_demo(commands)
     return parser
 

@@ -342,6 +342,7 @@ class Controller:
             switchover_failed=group.reason.startswith("switchover failed")
             and group.state == GroupState.SWITCHOVER,
             request=group.request,
+            takeover_port=group.takeover_port,
         )
 
     def evaluate(self, datanode: str) -> str:
@@ -550,7 +551,7 @@ class Controller:
         epoch = self.epoch
         marks = self.marks.setdefault(datanode, FailoverMarks())
         barrier = await self.router.reroute(datanode, new, marks.old_endpoint, epoch)
-        self._save_group(replace(self.groups[datanode], rerouted_epoch=epoch))
+        self._save_group(replace(self.groups[datanode], rerouted_epoch=epoch, takeover_port=0))
         details: dict[str, object] = {
             "master": master,
             "address": str(new),
@@ -608,6 +609,7 @@ class Controller:
         old = group.master
         assert old is not None
         self.marks[datanode] = FailoverMarks(old_endpoint=self._endpoint(old), switchover=True)
+        self._plan_takeover(datanode, old, target)
         fence = pb.FenceRequest(epoch=self.epoch, member=old, reason=f"switchover to {target}", clean=True)
         reply = await self._call(old, "Fence", lambda stub: stub.Fence(fence, timeout=120))
         if reply is None:

@@ -361,13 +361,20 @@ def _master_restartable(view: GroupView) -> bool:
 
 
 def _promoted(view: GroupView) -> bool:
+    """The promote operation finished and the candidate reports itself master at this epoch
+    (and, with a port takeover, on the former master's port)."""
     candidate = view.member(view.candidate)
     return (
-        candidate is not None
+        not view.busy
+        and candidate is not None
         and candidate.reachable(view.failure_timeout)
         and candidate.pg.running
         and candidate.pg.in_recovery is False
         and candidate.epoch >= view.epoch
+        and (
+            not view.takeover_port
+            or (candidate.endpoint is not None and candidate.endpoint.port == view.takeover_port)
+        )
     )
 
 

@@ -90,6 +90,7 @@ class GroupView:
     rerouted: bool = False  # the reroute barrier completed for this epoch
     switchover_failed: bool = False
     request: Request | None = None
+    takeover_port: int = 0  # router takeover: the port the new master must be on
 
     def member(self, name: str | None) -> MemberView | None:
         return next((m for m in self.members if m.name == name), None) if name else None
