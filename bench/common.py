@@ -1,0 +1,103 @@
+"""What every benchmark shares: statistics, the machine's description, and results files."""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile (p50 of [1, 2, 3, 4] is 2)."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(1, min(len(ordered), int(-(-fraction * len(ordered) // 1))))
+    return ordered[rank - 1]
+
+
+def summary(values_ms: Sequence[float]) -> dict[str, float]:
+    if not values_ms:
+        return {"n": 0}
+    return {"n": len(values_ms), "p50": round(percentile(values_ms, 0.5), 1),
+            "p95": round(percentile(values_ms, 0.95), 1), "max": round(max(values_ms), 1),
+            "mean": round(statistics.fmean(values_ms), 1)}
+
+
+def machine() -> dict[str, object]:
+    memory_kb = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory_kb = int(line.split()[1])
+    except OSError:
+        pass
+    postgres = ""
+    try:
+        from xcha.pg.runner import find_bindir
+
+        postgres = subprocess.run([str(find_bindir() / "postgres"), "--version"], capture_output=True,
+                                  text=True).stdout.strip()
+    except Exception:  # noqa: BLE001 - described as unknown
+        postgres = "unknown"
+    cpu = ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(memory_kb / 1024 / 1024, 1),
+            "kernel": platform.release(), "python": platform.python_version(), "postgres": postgres}
+
+
+@dataclass
+class Result:
+    """One benchmark run: its settings, measured figures, and a markdown rendering."""
+
+    name: str
+    settings: dict[str, object]
+    figures: dict[str, object] = field(default_factory=dict)
+    tables: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def write(self) -> Path:
+        RESULTS.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y-%m-%d")
+        data = {"benchmark": self.name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
+                "settings": self.settings, "figures": self.figures, "notes": self.notes}
+        json_path = RESULTS / f"{self.name}-{stamp}.json"
+        json_path.write_text(json.dumps(data, indent=2) + "\n")
+        md_path = RESULTS / f"{self.name}-{stamp}.md"
+        md_path.write_text(self.markdown(data))
+        return md_path
+
+    def markdown(self, data: dict[str, object]) -> str:
+        lines = [f"# Benchmark `{self.name}` ({data['date']})", ""]
+        host = data["machine"]
+        assert isinstance(host, dict)
+        lines.append(f"Machine: {host['cores']} cores ({host['cpu']}), {host['memory_gib']} GiB, "
+                     f"{host['postgres']}, Python {host['python']}, kernel {host['kernel']}.")
+        lines.append("")
+        lines.append("Settings: " + ", ".join(f"{k} = {v}" for k, v in self.settings.items()) + ".")
+        lines.append("")
+        for table in self.tables:
+            lines.extend([table, ""])
+        for note in self.notes:
+            lines.append(f"- {note}")
+        return "\n".join(lines).rstrip() + "\n"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
