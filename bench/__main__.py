@@ -16,8 +16,10 @@ BENCHMARKS = {
 
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in BENCHMARKS:
-        print("usage: ./run bench NAME [--help]\n" + "\n".join(f"  {n:<11} {d}" for n, d in BENCHMARKS.items()),
-              file=sys.stderr)
+        print(
+            "usage: ./run bench NAME [--help]\n" + "\n".join(f"  {n:<11} {d}" for n, d in BENCHMARKS.items()),
+            file=sys.stderr,
+        )
         return 2
     name = sys.argv[1]
     module = importlib.import_module(f"bench.{name}")

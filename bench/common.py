@@ -25,9 +25,13 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 def summary(values_ms: Sequence[float]) -> dict[str, float]:
     if not values_ms:
         return {"n": 0}
-    return {"n": len(values_ms), "p50": round(percentile(values_ms, 0.5), 1),
-            "p95": round(percentile(values_ms, 0.95), 1), "max": round(max(values_ms), 1),
-            "mean": round(statistics.fmean(values_ms), 1)}
+    return {
+        "n": len(values_ms),
+        "p50": round(percentile(values_ms, 0.5), 1),
+        "p95": round(percentile(values_ms, 0.95), 1),
+        "max": round(max(values_ms), 1),
+        "mean": round(statistics.fmean(values_ms), 1),
+    }
 
 
 def machine() -> dict[str, object]:
@@ -42,18 +46,28 @@ def machine() -> dict[str, object]:
     try:
         from xcha.pg.runner import find_bindir
 
-        postgres = subprocess.run([str(find_bindir() / "postgres"), "--version"], capture_output=True,
-                                  text=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - described as unknown
+        postgres = subprocess.run(
+            [str(find_bindir() / "postgres"), "--version"], capture_output=True, text=True
+        ).stdout.strip()
+    except Exception:
         postgres = "unknown"
     cpu = ""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         cpu = platform.processor()
-    return {"cores": os.cpu_count(), "cpu": cpu, "memory_gib": round(memory_kb / 1024 / 1024, 1),
-            "kernel": platform.release(), "python": platform.python_version(), "postgres": postgres}
+    return {
+        "cores": os.cpu_count(),
+        "cpu": cpu,
+        "memory_gib": round(memory_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "postgres": postgres,
+    }
 
 
 @dataclass
@@ -69,8 +83,14 @@ class Result:
     def write(self) -> Path:
         RESULTS.mkdir(exist_ok=True)
         stamp = time.strftime("%Y-%m-%d")
-        data = {"benchmark": self.name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine(),
-                "settings": self.settings, "figures": self.figures, "notes": self.notes}
+        data = {
+            "benchmark": self.name,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine(),
+            "settings": self.settings,
+            "figures": self.figures,
+            "notes": self.notes,
+        }
         json_path = RESULTS / f"{self.name}-{stamp}.json"
         json_path.write_text(json.dumps(data, indent=2) + "\n")
         md_path = RESULTS / f"{self.name}-{stamp}.md"
@@ -81,8 +101,10 @@ class Result:
         lines = [f"# Benchmark `{self.name}` ({data['date']})", ""]
         host = data["machine"]
         assert isinstance(host, dict)
-        lines.append(f"Machine: {host['cores']} cores ({host['cpu']}), {host['memory_gib']} GiB, "
-                     f"{host['postgres']}, Python {host['python']}, kernel {host['kernel']}.")
+        lines.append(
+            f"Machine: {host['cores']} cores ({host['cpu']}), {host['memory_gib']} GiB, "
+            f"{host['postgres']}, Python {host['python']}, kernel {host['kernel']}."
+        )
         lines.append("")
         lines.append("Settings: " + ", ".join(f"{k} = {v}" for k, v in self.settings.items()) + ".")
         lines.append("")

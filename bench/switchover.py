@@ -1,0 +1,83 @@
+"""`./run bench switchover`: planned switchovers back and forth under writes through the
+coordinator. Write gap = last acknowledged write before the first failure -> first
+acknowledged write after it. Target: p50 <= 300 ms, lost = 0."""
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import Result, say, summary, table
+from bench.failover import plan
+from xcha.ctl import call
+from xcha.harness import LoadedCluster
+from xcha.v1 import xcha_pb2 as pb
+from xcha.workload import Writer
+
+
+def write_gap(writer: Writer, since: float) -> float:
+    """Milliseconds without an acknowledged write around the first failure after `since`."""
+    failures = [t for t, _ in writer.failures if t >= since]
+    if not failures:
+        return 0.0
+    acks = sorted(writer.acknowledged.values())
+    before = max((t for t in acks if t < failures[0]), default=since)
+    after = min((t for t in acks if t > failures[0]), default=float("nan"))
+    return (after - before) * 1000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trials", type=int, default=10)
+    parser.add_argument("--workdir", type=Path)
+
+
+async def run(args: argparse.Namespace) -> int:
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="xcha-bench-switchover-"))
+    cluster = LoadedCluster(workdir, plan())
+    gaps, rows = [], []
+    try:
+        say(f"starting a deployment in {workdir}")
+        await cluster.start()
+        for trial in range(1, args.trials + 1):
+            await cluster.wait_protected()
+            await asyncio.sleep(1.0)
+            old = cluster.master()
+            requested = time.time()
+            call(
+                cluster.topology.target,
+                lambda stub: stub.Switchover(pb.SwitchoverRequest(datanode="dn1"), timeout=10),
+            )
+            await cluster.topology.wait_for(
+                lambda s, old=old: s.groups[0].master != old and s.groups[0].state in ("single", "protected"),
+                60,
+                "the switchover",
+            )
+            await cluster.wait_for_writes(10, "dn1")
+            gap = write_gap(cluster.writers["dn1"], requested)
+            gaps.append(gap)
+            new = cluster.master()
+            say(f"trial {trial}: {old} -> {new}: write gap {gap:.0f} ms")
+            rows.append((trial, old, new, f"{gap:.0f}"))
+        outcome = await cluster.finish()
+    finally:
+        await cluster.down()
+    stats = summary(gaps)
+    result = Result("switchover", {"trials": args.trials, "router": "fdw"})
+    result.figures = {
+        "write_gap_ms": stats,
+        "acknowledged": outcome.acknowledged,
+        "lost": len(outcome.lost),
+        "targets_met": stats.get("p50", 1e9) <= 300 and not outcome.lost,
+    }
+    result.tables.append(table(("trial", "from", "to", "write gap ms"), rows))
+    result.tables.append(
+        table(
+            ("p50 ms", "p95 ms", "max ms", "lost"),
+            [(stats.get("p50"), stats.get("p95"), stats.get("max"), len(outcome.lost))],
+        )
+    )
+    result.notes.append(f"{outcome.acknowledged} commits acknowledged, {len(outcome.lost)} lost.")
+    path = result.write()
+    say("\n" + path.read_text())
+    return 0 if not outcome.lost else 1
