@@ -92,7 +92,8 @@ class Router:
             started = time.monotonic()
             try:
                 progress.detail = await asyncio.wait_for(
-                    target.apply(barrier.datanode, barrier.new, old, barrier.epoch), self.timeout
+                    target.apply(barrier.datanode, barrier.new, old, barrier.epoch),
+                    getattr(target, "attempt_timeout", self.timeout),
                 )
             except Exception as error:
                 message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

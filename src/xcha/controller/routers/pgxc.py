@@ -33,16 +33,20 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
+import psycopg
 from psycopg import sql
 
 from xcha.controller.routers.session import CoordinatorSession, Query
 from xcha.names import Endpoint
 
 log = logging.getLogger(__name__)
+CLEAN_TIMEOUT = 60.0
 
+# Client sessions (client_port is NULL only for background processes, on every version) that
+# hold a transaction id (backend_xid: PostgreSQL 9.4 on, so XL 9.5 and 10; not XC 1.x).
 WRITERS = sql.SQL(
     "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
-    "WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+    "WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() AND client_port IS NOT NULL"
 )
 
 
@@ -92,6 +96,12 @@ class PgxcTarget:
         self.timeout = timeout
         self.terminated_total = 0
 
+    @property
+    def attempt_timeout(self) -> float:
+        """How long one attempt may take: every statement may take `timeout`, the cleanup more."""
+        statements = 4 + (2 * len(self.datanodes) if self.first and self.flavor == "xl" else 0)
+        return self.timeout * statements + (CLEAN_TIMEOUT if self.first and self.clean_command else 0.0)
+
     @classmethod
     def connect(cls, name: str, conninfo: str, **options: object) -> "PgxcTarget":
         timeout = float(options.get("timeout", 5.0))  # type: ignore[arg-type]
@@ -107,7 +117,17 @@ class PgxcTarget:
             return rows
 
         if self.terminate_writers:
-            ended = await step("terminate writers", WRITERS)
+            try:
+                ended = [row for row in await step("terminate writers", WRITERS) if row[1] is True]
+            except psycopg.errors.UndefinedColumn:
+                # Postgres-XC 1.x (PostgreSQL 9.3) has no backend_xid: go on without this step.
+                log.warning(
+                    "%s: cannot find sessions holding a transaction id (no backend_xid before "
+                    "PostgreSQL 9.4): set terminate_writers = false",
+                    self.name,
+                )
+                steps.append("terminate writers unavailable")
+                ended = []
             if ended:
                 self.terminated_total += len(ended)
                 log.warning(
@@ -147,11 +167,15 @@ class PgxcTarget:
             *self.clean_command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         try:
-            output, _ = await asyncio.wait_for(process.communicate(), max(self.timeout, 60))
-        except TimeoutError:
+            output, _ = await asyncio.wait_for(process.communicate(), CLEAN_TIMEOUT)
+        except BaseException as error:  # a timeout, or the barrier giving up: never leave it running
             process.kill()
             await process.wait()
-            raise RuntimeError(f"{self.clean_command[0]} did not finish") from None
+            if isinstance(error, TimeoutError):
+                raise RuntimeError(
+                    f"{self.clean_command[0]} did not finish in {CLEAN_TIMEOUT:.0f} s"
+                ) from None
+            raise
         text = output.decode(errors="replace").strip()
         if process.returncode != 0:
             raise RuntimeError(f"{self.clean_command[0]} exited {process.returncode}: {text[-500:]}")
