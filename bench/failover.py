@@ -80,7 +80,7 @@ async def run(args: argparse.Namespace) -> int:
         "failover",
         {
             "trials": args.trials,
-            "heartbeat_interval": 0.5,
+            "heartbeat_interval": 0.25,
             "failure_timeout": 2.0,
             "router": "fdw (one postgres_fdw coordinator)",
             "writer": "an insert every 10 ms",

@@ -83,7 +83,7 @@ async def run(args: argparse.Namespace) -> int:
         {
             "trials": args.trials,
             "failure_timeout": failure_timeout,
-            "heartbeat_interval": 0.5,
+            "heartbeat_interval": 0.25,
             "soak_seconds": args.soak_seconds,
             "stall_seconds": args.stall_seconds,
             "stall_every": args.stall_every,

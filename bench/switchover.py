@@ -13,18 +13,6 @@ from bench.failover import plan
 from xcha.ctl import call
 from xcha.harness import LoadedCluster
 from xcha.v1 import xcha_pb2 as pb
-from xcha.workload import Writer
-
-
-def write_gap(writer: Writer, since: float) -> float:
-    """Milliseconds without an acknowledged write around the first failure after `since`."""
-    failures = [t for t, _ in writer.failures if t >= since]
-    if not failures:
-        return 0.0
-    acks = sorted(writer.acknowledged.values())
-    before = max((t for t in acks if t < failures[0]), default=since)
-    after = min((t for t in acks if t > failures[0]), default=float("nan"))
-    return (after - before) * 1000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +42,7 @@ async def run(args: argparse.Namespace) -> int:
                 "the switchover",
             )
             await cluster.wait_for_writes(10, "dn1")
-            gap = write_gap(cluster.writers["dn1"], requested)
+            gap = cluster.writers["dn1"].write_gap(requested)
             gaps.append(gap)
             new = cluster.master()
             say(f"trial {trial}: {old} -> {new}: write gap {gap:.0f} ms")

@@ -6,7 +6,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -44,53 +44,66 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_target(args: argparse.Namespace) -> ControllerTarget:
+    """Command-line flags first (--controller, --workdir, --config), then the environment
+    (XCHA_CONTROLLER, XCHA_WORKDIR)."""
     env = os.environ
-    address = args.controller or env.get("XCHA_CONTROLLER")
-    workdir = args.workdir or env.get("XCHA_WORKDIR")
-    tls_files = [
-        args.ca or env.get("XCHA_CA"),
-        args.cert or env.get("XCHA_CERT"),
-        args.key or env.get("XCHA_KEY"),
-    ]
-    insecure = args.insecure or env.get("XCHA_INSECURE") == "1"
-    if address:
-        check_address(address, "controller address")
-        if insecure:
-            return ControllerTarget(address, TlsConfig(insecure=True))
-        if not all(tls_files):
-            raise InvalidInput("with --controller, give --ca, --cert and --key (or --insecure for plaintext)")
-        paths = [Path(p) for p in tls_files if p]
-        for path in paths:
-            if not path.is_file():
-                raise InvalidInput(f"{path} does not exist")
-        return ControllerTarget(address, TlsConfig(paths[0], paths[1], paths[2]))
-    if workdir:
-        topology = Path(workdir) / TOPOLOGY_FILE
-        try:
-            data = json.loads(topology.read_text())
-        except FileNotFoundError:
-            raise InvalidInput(
-                f"{workdir} holds no {TOPOLOGY_FILE}: is it a directory made by `xcha up`?"
-            ) from None
-        except ValueError as error:
-            raise InvalidInput(f"{topology} is unreadable: {error}") from None
-        operator = data["operator_tls"]
-        tls = (
-            TlsConfig(insecure=True)
-            if operator.get("insecure")
-            else TlsConfig(Path(operator["ca_file"]), Path(operator["cert_file"]), Path(operator["key_file"]))
-        )
-        return ControllerTarget(data["controller"], tls)
+    if args.controller:
+        return _by_address(args, args.controller)
+    if args.workdir:
+        return _by_workdir(Path(args.workdir))
     if args.controller_config:
         from xcha.controller.config import load_controller_config
 
         config = load_controller_config(Path(args.controller_config))
         host, port = check_address(config.listen)
         return ControllerTarget(f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", config.tls)
+    if env.get("XCHA_CONTROLLER"):
+        return _by_address(args, env["XCHA_CONTROLLER"])
+    if env.get("XCHA_WORKDIR"):
+        return _by_workdir(Path(env["XCHA_WORKDIR"]))
     raise InvalidInput(
         "which controller? give --controller HOST:PORT, --workdir DIR or --config FILE "
         "(or set XCHA_CONTROLLER)"
     )
+
+
+def _by_address(args: argparse.Namespace, address: str) -> ControllerTarget:
+    check_address(address, "controller address")
+    env = os.environ
+    flags = (args.ca, args.cert, args.key)
+    if args.insecure or (env.get("XCHA_INSECURE") == "1" and not any(flags)):
+        return ControllerTarget(address, TlsConfig(insecure=True))
+    files = [
+        flag or env.get(name) for flag, name in zip(flags, ("XCHA_CA", "XCHA_CERT", "XCHA_KEY"), strict=True)
+    ]
+    if not all(files):
+        raise InvalidInput("with --controller, give --ca, --cert and --key (or --insecure for plaintext)")
+    paths = [Path(str(p)) for p in files]
+    for path in paths:
+        if not path.is_file():
+            raise InvalidInput(f"{path} does not exist")
+    return ControllerTarget(address, TlsConfig(paths[0], paths[1], paths[2]))
+
+
+def _by_workdir(workdir: Path) -> ControllerTarget:
+    topology = workdir / TOPOLOGY_FILE
+    try:
+        data = json.loads(topology.read_text())
+        operator = data["operator_tls"]
+        tls = (
+            TlsConfig(insecure=True)
+            if operator.get("insecure")
+            else TlsConfig(Path(operator["ca_file"]), Path(operator["cert_file"]), Path(operator["key_file"]))
+        )
+        address = str(data["controller"])
+    except FileNotFoundError:
+        raise InvalidInput(
+            f"{workdir} holds no {TOPOLOGY_FILE}: is it a directory made by `xcha up`?"
+        ) from None
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InvalidInput(f"{topology} is unreadable: {type(error).__name__}: {error}") from None
+    check_address(address, "controller address")
+    return ControllerTarget(address, tls)
 
 
 def call(target: ControllerTarget, work: Callable[[pb_grpc.ControllerStub], T]) -> T:
@@ -320,49 +333,58 @@ def run_ctl(args: argparse.Namespace) -> int:
 
 
 def _events(target: ControllerTarget, args: argparse.Namespace) -> int:
+    datanode = args.datanode or ""
+    if datanode:
+        check_name(datanode, "datanode name")
+    if args.limit < 1:
+        raise InvalidInput(f"invalid --limit {args.limit}: expected a whole number of at least 1")
     after = 0
-    if not args.follow and args.limit:
-        newest = call(
+    if not args.follow:
+        reply = call(
             target,
             lambda stub: stub.ListEvents(
-                pb.EventsRequest(after_id=0, limit=100000, datanode=args.datanode or ""), timeout=10
+                pb.EventsRequest(limit=args.limit, datanode=datanode, newest=True), timeout=10
             ),
         )
-        after = max(0, (newest.events[-1].id if newest.events else 0) - args.limit)
+        _print_events(reply.events, args.json)
+        return 0
     while True:
         reply = call(
             target,
             lambda stub, after=after: stub.ListEvents(  # type: ignore[misc]
-                pb.EventsRequest(after_id=after, limit=1000, datanode=args.datanode or ""), timeout=10
+                pb.EventsRequest(after_id=after, limit=1000, datanode=datanode), timeout=10
             ),
         )
-        for event in reply.events:
-            after = event.id
-            if args.json:
-                print(
-                    json.dumps(
-                        {
-                            "id": event.id,
-                            "time": event.time,
-                            "datanode": event.datanode,
-                            "kind": event.kind,
-                            "epoch": event.epoch,
-                            "message": event.message,
-                            "details": json.loads(event.details_json or "{}"),
-                        }
-                    ),
-                    flush=True,
-                )
-            else:
-                stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.time))
-                print(
-                    f"{stamp}.{int(event.time * 1000) % 1000:03d}  {event.datanode or '-':<8} "
-                    f"{event.kind:<14} epoch {event.epoch:<4} {event.message}",
-                    flush=True,
-                )
-        if not args.follow:
-            return 0
+        _print_events(reply.events, args.json)
+        if reply.events:
+            after = reply.events[-1].id
         time.sleep(0.5)
+
+
+def _print_events(events: Sequence[pb.Event], as_json: bool) -> None:
+    for event in events:
+        if as_json:
+            print(
+                json.dumps(
+                    {
+                        "id": event.id,
+                        "time": event.time,
+                        "datanode": event.datanode,
+                        "kind": event.kind,
+                        "epoch": event.epoch,
+                        "message": event.message,
+                        "details": json.loads(event.details_json or "{}"),
+                    }
+                ),
+                flush=True,
+            )
+        else:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.time))
+            print(
+                f"{stamp}.{int(event.time * 1000) % 1000:03d}  {event.datanode or '-':<8} "
+                f"{event.kind:<14} epoch {event.epoch:<4} {event.message}",
+                flush=True,
+            )
 
 
 def add_ctl(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

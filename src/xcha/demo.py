@@ -184,18 +184,28 @@ async def _run(cluster: LoadedCluster, progress: Progress, report: Report) -> No
 
 
 async def start_topology(workdir: Path, reroute: str = "fdw") -> int:
-    """`xcha up`: the demo's deployment, left running for experiments."""
-    if (workdir / "topology.json").exists():
-        raise XchaError(f"{workdir} already holds a deployment: `xcha down --workdir {workdir}` first")
-    topology = Topology(workdir, demo_plan(reroute))
-    topology.write()
+    """`xcha up`: the demo's deployment, left running for experiments; on a directory whose
+    deployment was stopped by `xcha down`, the same deployment starts again."""
+    resumed = (workdir / "topology.json").exists()
+    if resumed:
+        topology = Topology.load(workdir)
+        running = [key for key in topology.pids if topology.alive(key)]
+        if running:
+            raise XchaError(
+                f"{workdir} holds a running deployment ({', '.join(running)}): "
+                f"`xcha down --workdir {workdir}` first"
+            )
+    else:
+        topology = Topology(workdir, demo_plan(reroute))
+        topology.write()
     topology.start()
     try:
         await topology.start_coordinators()
         status = await topology.wait_for(
             _all_protected(_showing(Progress(quiet=False))), 120, "both datanodes to be protected"
         )
-        await topology.setup_sharding()
+        if not resumed:
+            await topology.setup_sharding()
     except BaseException:
         await topology.down()
         raise

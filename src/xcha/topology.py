@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -54,7 +55,7 @@ class TopologyPlan:
     datanodes: tuple[DatanodePlan, ...] = (DatanodePlan("dn1", ("dn1a", "dn1b")),)
     router: str = "none"
     tls: bool = True
-    heartbeat_interval: float = 0.5
+    heartbeat_interval: float = 0.25
     failure_timeout: float = 2.0
     probe_timeout: float = 0.5
     startup_grace: float | None = None
@@ -282,11 +283,18 @@ class Topology:
     @classmethod
     def load(cls, workdir: Path) -> "Topology":
         try:
-            data = json.loads((workdir / TOPOLOGY_FILE).read_text())
+            return cls._load(workdir, json.loads((workdir / TOPOLOGY_FILE).read_text()))
         except FileNotFoundError:
             raise XchaError(
                 f"{workdir} holds no {TOPOLOGY_FILE}: nothing was started there by `xcha up`"
             ) from None
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise XchaError(
+                f"{workdir / TOPOLOGY_FILE} is unreadable: {type(error).__name__}: {error}"
+            ) from None
+
+    @classmethod
+    def _load(cls, workdir: Path, data: dict[str, Any]) -> "Topology":
         plan = data["plan"]
         plan["datanodes"] = tuple(
             DatanodePlan(**{**d, "members": tuple(d["members"]), "async_members": tuple(d["async_members"])})

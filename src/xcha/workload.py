@@ -148,6 +148,17 @@ class Writer:
         after = [t for t in self.acknowledged.values() if t > first_failure]
         return (min(after) - fault_at) if after else None
 
+    def write_gap(self, since: float) -> float:
+        """Milliseconds without an acknowledged write around the first failure after `since`
+        (0 when nothing failed)."""
+        failures = [t for t, _ in self.failures if t >= since]
+        if not failures:
+            return 0.0
+        acks = sorted(self.acknowledged.values())
+        before = max((t for t in acks if t < failures[0]), default=since)
+        after = min((t for t in acks if t > failures[0]), default=float("nan"))
+        return (after - before) * 1000
+
     async def verify(self, conninfos: list[str] | None = None) -> Outcome:
         """Read the table where writes go now: every acknowledged id present, nothing unsent."""
         return await verify_all([self], conninfos or self.conninfos)

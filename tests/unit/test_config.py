@@ -176,7 +176,7 @@ def test_minimal_controller_config_has_the_defaults(tmp_path: Path) -> None:
         source=path,
         listen="127.0.0.1:7000",
         state_dir=Path("/var/lib/xcha/controller"),
-        heartbeat_interval=0.5,
+        heartbeat_interval=0.25,
         failure_timeout=2.0,
         probe_timeout=0.5,
         startup_grace=2.0,

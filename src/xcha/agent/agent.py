@@ -33,7 +33,7 @@ from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HEARTBEAT_INTERVAL = 0.5
+DEFAULT_HEARTBEAT_INTERVAL = 0.25
 DEFAULT_FAILURE_TIMEOUT = 2.0
 
 

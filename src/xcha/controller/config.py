@@ -145,7 +145,7 @@ def load_controller_config(path: Path) -> ControllerConfig:
     controller = root.table("controller")
     listen = controller.address("listen", listen=True)
     state_dir = controller.path("state_dir")
-    heartbeat_interval = controller.number("heartbeat_interval", 0.5, minimum=0.05, maximum=30)
+    heartbeat_interval = controller.number("heartbeat_interval", 0.25, minimum=0.05, maximum=30)
     failure_timeout = controller.number("failure_timeout", 2.0, minimum=0.2, maximum=600)
     probe_timeout = controller.number("probe_timeout", 0.5, minimum=0.05, maximum=30)
     startup_grace = controller.number("startup_grace", failure_timeout, minimum=0, maximum=3600)

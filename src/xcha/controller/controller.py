@@ -877,10 +877,10 @@ class Controller:
             )
         return message
 
-    def events(self, after_id: int, limit: int, datanode: str) -> list[EventRecord]:
+    def events(self, after_id: int, limit: int, datanode: str, newest: bool = False) -> list[EventRecord]:
         if datanode:
             self._group(datanode)
-        return self.store.events(after_id, limit, datanode)
+        return self.store.events(after_id, limit, datanode, newest)
 
 
 def event_to_proto(event: EventRecord) -> pb.Event:

@@ -523,9 +523,15 @@ def _facts(view: GroupView) -> dict[str, object]:
     bootstrap = _bootstrap_member(view)
     adoptable = _adoptable_master(view)
     master = view.master_view
-    summary = f"{view.state}: master {view.master or 'none'}"
-    if master is not None:
-        summary += f", confirming standbys: {', '.join(confirming_standbys(view)) or 'none'}"
+    if view.state == S.NO_CANDIDATE:
+        summary = (
+            f"no_candidate: master {view.master or 'none'} lost and no standby is safe to promote: "
+            f"{choice.reason}"
+        )
+    else:
+        summary = f"{view.state}: master {view.master or 'none'}"
+        if master is not None:
+            summary += f", confirming standbys: {', '.join(confirming_standbys(view)) or 'none'}"
     return {
         "master": view.master or "none",
         "candidate": view.candidate or "none",

@@ -110,7 +110,9 @@ class ControllerService(pb_grpc.ControllerServicer):
         self, request: pb.EventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.EventsReply:
         def work() -> pb.EventsReply:
-            events = self.controller.events(request.after_id, request.limit or 100, request.datanode)
+            events = self.controller.events(
+                request.after_id, request.limit or 100, request.datanode, request.newest
+            )
             return pb.EventsReply(events=[event_to_proto(e) for e in events])
 
         return await _call(context, work)

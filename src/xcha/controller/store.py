@@ -67,7 +67,9 @@ class Store(Protocol):
     def add_event(
         self, datanode: str, kind: str, epoch: int, message: str, details: dict[str, object] | None = None
     ) -> EventRecord: ...
-    def events(self, after_id: int = 0, limit: int = 100, datanode: str = "") -> list[EventRecord]: ...
+    def events(
+        self, after_id: int = 0, limit: int = 100, datanode: str = "", newest: bool = False
+    ) -> list[EventRecord]: ...
     def close(self) -> None: ...
 
 
@@ -166,13 +168,18 @@ class SqliteStore:
         )
         return EventRecord(int(cursor.lastrowid or 0), now, datanode, kind, epoch, message, details or {})
 
-    def events(self, after_id: int = 0, limit: int = 100, datanode: str = "") -> list[EventRecord]:
+    def events(
+        self, after_id: int = 0, limit: int = 100, datanode: str = "", newest: bool = False
+    ) -> list[EventRecord]:
+        """Events after `after_id` in order, or with `newest` the last `limit` of them."""
+        order = "DESC" if newest else "ASC"
         rows = self.db.execute(
             "SELECT id, time, datanode, kind, epoch, message, details FROM events "
-            "WHERE id > ? AND (? = '' OR datanode = ?) ORDER BY id LIMIT ?",
+            f"WHERE id > ? AND (? = '' OR datanode = ?) ORDER BY id {order} LIMIT ?",
             (after_id, datanode, datanode, limit),
         )
-        return [EventRecord(i, t, d, k, e, m, json.loads(x)) for i, t, d, k, e, m, x in rows]
+        events = [EventRecord(i, t, d, k, e, m, json.loads(x)) for i, t, d, k, e, m, x in rows]
+        return events[::-1] if newest else events
 
     def close(self) -> None:
         self.db.close()

@@ -1079,19 +1079,23 @@ class EventsRequest(_message.Message):
     AFTER_ID_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     DATANODE_FIELD_NUMBER: _builtins.int
+    NEWEST_FIELD_NUMBER: _builtins.int
     after_id: _builtins.int
     limit: _builtins.int
     datanode: _builtins.str
+    newest: _builtins.bool
+    """the newest `limit` events (oldest first) instead of the first after after_id"""
     def __init__(
         self,
         *,
         after_id: _builtins.int = ...,
         limit: _builtins.int = ...,
         datanode: _builtins.str = ...,
+        newest: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "datanode", b"datanode", "limit", b"limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_id", b"after_id", "datanode", b"datanode", "limit", b"limit", "newest", b"newest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,323 @@
+"""Every fault the best-tested HA systems inject, against xcha on real processes; each
+scenario prints its recovery time and ends by checking that nothing acknowledged was lost."""
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import psycopg
+import pytest
+
+from tests.chaos.conftest import ChaosFactory, assert_nothing_lost, default_plan
+from xcha.ctl import call
+from xcha.harness import LoadedCluster
+from xcha.topology import DatanodePlan
+from xcha.v1 import xcha_pb2 as pb
+
+pytestmark = [pytest.mark.chaos, pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
+
+
+def failures_since(cluster: LoadedCluster, since: float, datanode: str = "dn1") -> list[tuple[float, str]]:
+    return [(t, e) for t, e in cluster.writers[datanode].failures if t >= since]
+
+
+async def test_kill_9_of_the_master_five_times_back_and_forth(loaded: ChaosFactory) -> None:
+    cluster = await loaded()
+    masters = [cluster.master()]
+    for trial in range(1, 6):
+        await cluster.wait_protected()
+        await asyncio.sleep(0.5)
+        fault = cluster.kill_master()
+        recovery = await cluster.recovery(fault)
+        print(
+            f"\n  kill -9 #{trial} of {fault.member}: writes through the coordinator after "
+            f"{recovery.rto_ms:.0f} ms on {recovery.new_master}"
+        )
+        assert recovery.new_master != fault.member
+        masters.append(recovery.new_master)
+    assert set(masters) == {"dn1a", "dn1b"}, "back and forth"
+    await cluster.wait_protected()
+    await assert_nothing_lost(cluster)
+
+
+async def test_kill_9_of_the_masters_agent_only_is_no_failover(loaded: ChaosFactory) -> None:
+    cluster = await loaded()
+    master = cluster.master()
+    postmaster = cluster.topology.postmaster_pid(master)
+    epoch = cluster.status().epoch
+    killed_at = time.time()
+    cluster.topology.kill_process(f"agent:{master}")
+    await asyncio.sleep(3 * cluster.topology.plan.failure_timeout)
+    assert failures_since(cluster, killed_at) == [], "writes go on uninterrupted"
+    group = cluster.group("dn1")
+    assert group.master == master and group.state == "protected" and cluster.status().epoch == epoch
+    cluster.topology.start_agent(master)
+    await cluster.topology.wait_for(
+        lambda s: next(m for m in s.groups[0].members if m.name == master).heartbeat_age < 1,
+        30,
+        "the restarted agent to re-attach",
+    )
+    assert cluster.topology.postmaster_pid(master) == postmaster, "it adopted the running postmaster"
+    assert not [e for e in cluster.events("dn1", "failover") if e.epoch > epoch]
+    print(f"\n  agent of {master} killed: 0 failed writes, no failover; it re-attached to PID {postmaster}")
+    await assert_nothing_lost(cluster)
+
+
+async def test_hung_master_host_fails_over_and_comes_back_as_a_standby(loaded: ChaosFactory) -> None:
+    cluster = await loaded()
+    fault = cluster.hang_master()
+    try:
+        recovery = await cluster.recovery(fault)
+    finally:
+        cluster.resume(fault.member)
+    print(
+        f"\n  SIGSTOP of {fault.member}'s host: writes through the coordinator after "
+        f"{recovery.rto_ms:.0f} ms "
+        f"(detected +{recovery.detect_ms or 0:.0f} ms)"
+    )
+    # Resumed, the old master must not acknowledge a write.
+    try:
+        async with await asyncio.wait_for(
+            psycopg.AsyncConnection.connect(cluster.topology.app_conninfo(fault.member), autocommit=True), 2
+        ) as conn:
+            await asyncio.wait_for(conn.execute("INSERT INTO xcha_writes VALUES (-1, now())"), 3)
+        acknowledged = True
+    except (psycopg.Error, TimeoutError, OSError):
+        acknowledged = False
+    assert not acknowledged, f"{fault.member} acknowledged a write after SIGCONT"
+    status = await cluster.topology.wait_for(
+        lambda s: s.groups[0].state == "protected" and s.groups[0].master == recovery.new_master,
+        60,
+        "the old master to rejoin",
+    )
+    former = next(m for m in status.groups[0].members if m.name == fault.member)
+    assert former.status.postgres_status.role == pb.ROLE_STANDBY and former.sync_state == "sync"
+    await assert_nothing_lost(cluster)
+
+
+async def test_controller_killed_in_steady_state_is_no_failover(loaded: ChaosFactory) -> None:
+    cluster = await loaded()
+    master = cluster.master()
+    killed_at = time.time()
+    cluster.topology.kill_process("controller")
+    await asyncio.sleep(2 * cluster.topology.plan.failure_timeout)
+    assert failures_since(cluster, killed_at) == [], "writes do not need the controller"
+    cluster.topology.start_controller()
+    await cluster.topology.wait_for(
+        lambda s: s.groups[0].state == "protected", 30, "the controller to be back"
+    )
+    await asyncio.sleep(2 * cluster.topology.plan.failure_timeout)
+    assert cluster.master() == master
+    assert not cluster.events("dn1", "failover")
+    print(f"\n  controller killed and restarted: 0 failed writes, {master} still the master")
+    await assert_nothing_lost(cluster)
+
+
+async def test_controller_killed_right_after_it_sent_promote_finishes_safely(loaded: ChaosFactory) -> None:
+    cluster = await loaded()
+    topology = cluster.topology
+    fault = cluster.kill_master()
+    deadline = time.monotonic() + 30
+    while not any("promoting" in e.message for e in cluster.events("dn1", "failover")):
+        assert time.monotonic() < deadline, "no promotion decided"
+        await asyncio.sleep(0.002)
+    topology.kill_process("controller")
+    killed_at = time.time()
+    topology.start_controller()
+    recovery = await cluster.recovery(fault)
+    status = await topology.wait_for(
+        lambda s: (
+            s.groups[0].state == "protected" and all(m.status.epoch == s.epoch for m in s.groups[0].members)
+        ),
+        60,
+        "one master, the same epoch everywhere",
+    )
+    masters = [m.name for m in status.groups[0].members if m.status.postgres_status.role == pb.ROLE_MASTER]
+    assert masters == [recovery.new_master], f"exactly one master: {masters}"
+    print(
+        f"\n  controller killed {(killed_at - fault.at) * 1000:.0f} ms after the kill of {fault.member} "
+        f"(right after deciding the promotion); writes after {recovery.rto_ms:.0f} ms; "
+        f"epoch {status.epoch} everywhere"
+    )
+    await assert_nothing_lost(cluster)
+
+
+@pytest.mark.parametrize("policy", ["available", "strict"])
+async def test_sync_standby_killed(loaded: ChaosFactory, policy: str) -> None:
+    cluster = await loaded(
+        default_plan(datanodes=(DatanodePlan("dn1", ("dn1a", "dn1b"), sync_policy=policy),))
+    )
+    topology = cluster.topology
+    standby = next(m.name for m in cluster.group("dn1").members if m.name != cluster.master())
+    topology.kill_process(f"agent:{standby}")
+    await topology.instance(standby).kill()
+    killed_at = time.time()
+    writer = cluster.writers["dn1"]
+    if policy == "available":
+        await topology.wait_for(lambda s: s.groups[0].state == "unprotected", 30, "unprotected")
+        await cluster.wait_for_writes(50, "dn1")
+        resumed = min(t for t in writer.acknowledged.values() if t > killed_at + 0.05)
+        print(
+            f"\n  available: writes acknowledged again {(resumed - killed_at) * 1000:.0f} ms "
+            "after the standby died"
+        )
+    else:
+        await topology.wait_for(lambda s: s.groups[0].state == "degraded", 30, "degraded")
+        await asyncio.sleep(1.0)
+        blocked_from = time.time()
+        await asyncio.sleep(3.0)
+        assert not [t for t in writer.acknowledged.values() if t > blocked_from], (
+            "strict: no commit without it"
+        )
+        print("\n  strict: no write acknowledged while the synchronous standby is down")
+    topology.start_agent(standby)
+    restored = time.time()
+    status = await cluster.wait_protected()
+    assert next(m for m in status.groups[0].members if m.name == standby).sync_state == "sync"
+    print(f"  {standby} back and synchronous {time.time() - restored:.1f} s after its agent restarted")
+    await cluster.wait_for_writes(20, "dn1")
+    await assert_nothing_lost(cluster)
+
+
+async def test_lagging_async_standby_is_never_promoted_and_a_lost_pair_waits(loaded: ChaosFactory) -> None:
+    plan = default_plan(datanodes=(DatanodePlan("dn1", ("dn1a", "dn1b", "dn1c"), async_members=("dn1c",)),))
+    cluster = await loaded(plan)
+    topology = cluster.topology
+    master = cluster.master()
+    sync_standby = next(m.name for m in cluster.group("dn1").members if m.sync_state == "sync")
+    assert sync_standby != "dn1c"
+    receiver = next(pid for pid in topology.postgres_pids("dn1c") if "walreceiver" in _cmdline(pid))
+    os.kill(receiver, signal.SIGSTOP)  # dn1c stops receiving WAL: it lags
+    try:
+        await cluster.wait_for_writes(50, "dn1")
+        for member in (master, sync_standby):  # both hosts lost together
+            topology.kill_process(f"agent:{member}")
+            await topology.instance(member).kill()
+        status = await topology.wait_for(lambda s: s.groups[0].state == "no_candidate", 30, "no candidate")
+        reason = status.groups[0].reason
+        print(f"\n  {master} and {sync_standby} lost together: {reason}")
+        assert f"no synchronous standby ({sync_standby})" in reason
+        await asyncio.sleep(3 * plan.failure_timeout)
+        group = cluster.group("dn1")
+        assert group.master == master and group.state == "no_candidate"
+        dn1c = next(m for m in group.members if m.name == "dn1c")
+        assert dn1c.status.postgres_status.role == pb.ROLE_STANDBY, (
+            "the lagging async standby is not promoted"
+        )
+        for member in (master, sync_standby):  # the hosts come back: the master restarts in place
+            topology.start_agent(member)
+        await topology.wait_for(
+            lambda s: (
+                s.groups[0].master == master and s.groups[0].state in ("single", "protected", "unprotected")
+            ),
+            60,
+            f"{master} to serve again",
+        )
+    finally:
+        os.kill(receiver, signal.SIGCONT)
+    await cluster.wait_protected()
+    await cluster.wait_for_writes(20, "dn1")
+    await assert_nothing_lost(cluster)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+async def test_a_coordinator_unreachable_during_reroute_holds_the_barrier_until_it_is_back(
+    loaded: ChaosFactory,
+) -> None:
+    cluster = await loaded(
+        default_plan(
+            coordinators=("coord1", "coord2"), router_settings={"retry_initial": 0.1, "retry_max": 0.5}
+        )
+    )
+    topology = cluster.topology
+    await topology.coordinator("coord2").kill()
+    fault = cluster.kill_master()
+    recovery = await asyncio.wait_for(_barrier_waits(cluster, fault.member), 30)
+    down_for = time.time()
+    await topology.coordinator("coord2").start()
+    status = await topology.wait_for(
+        lambda s: s.groups[0].state in ("single", "protected"), 30, "the barrier"
+    )
+    print(
+        f"\n  coord2 down during the failover: coord1 carried writes, the barrier completed "
+        f"{(time.time() - down_for) * 1000:.0f} ms after coord2 came back"
+    )
+    async with await topology.coordinator("coord2").connect() as conn:
+        row = await (
+            await conn.execute("SELECT srvoptions FROM pg_foreign_server WHERE srvname = 'dn1'")
+        ).fetchone()
+    assert row is not None and f"port={topology.members[recovery].port}" in row[0]  # type: ignore[operator]
+    rerouted = next(e for e in cluster.events("dn1", "rerouted") if e.epoch > fault.epoch)
+    assert json.loads(rerouted.details_json)["coordinators"]["coord2"] > 1
+    assert status.groups[0].master == recovery
+    await cluster.wait_protected()
+    await assert_nothing_lost(cluster)
+
+
+async def _barrier_waits(cluster: LoadedCluster, old: str) -> str:
+    while True:
+        group = cluster.group("dn1")
+        if (
+            group.state == "rerouting"
+            and any("coord2" in p for p in group.reroute_pending)
+            and group.master != old
+        ):
+            return group.master
+        await asyncio.sleep(0.05)
+
+
+async def test_a_stall_shorter_than_failure_timeout_is_no_failover(loaded: ChaosFactory) -> None:
+    cluster = await loaded()
+    master = cluster.master()
+    epoch = cluster.status().epoch
+    stall = 0.8 * cluster.topology.plan.failure_timeout
+    cluster.topology.host_signal(master, signal.SIGSTOP)
+    await asyncio.sleep(stall)
+    cluster.topology.host_signal(master, signal.SIGCONT)
+    resumed = time.time()
+    await asyncio.sleep(2 * cluster.topology.plan.failure_timeout)
+    assert cluster.master() == master and cluster.status().epoch == epoch
+    assert not cluster.events("dn1", "failover")
+    writer = cluster.writers["dn1"]
+    first = min(t for t in writer.acknowledged.values() if t > resumed - 0.05)
+    print(
+        f"\n  {stall:.1f} s stall of {master}'s host: no failover; writes again "
+        f"{(first - resumed) * 1000:.0f} ms "
+        "after SIGCONT"
+    )
+    await assert_nothing_lost(cluster)
+
+
+async def test_repeated_planned_switchovers_under_writes(loaded: ChaosFactory) -> None:
+    cluster = await loaded()
+    topology = cluster.topology
+    for trial in range(1, 6):
+        await cluster.wait_protected()
+        await asyncio.sleep(0.3)
+        old = cluster.master()
+        requested = time.time()
+        call(topology.target, lambda stub: stub.Switchover(pb.SwitchoverRequest(datanode="dn1"), timeout=10))
+        await topology.wait_for(
+            lambda s, old=old: (
+                s.groups[0].master != old  # type: ignore[misc]
+                and s.groups[0].state in ("single", "protected")
+            ),
+            60,
+            "the switchover",
+        )
+        await cluster.wait_for_writes(10, "dn1")
+        print(
+            f"\n  switchover #{trial} from {old}: "
+            f"write gap {cluster.writers['dn1'].write_gap(requested):.0f} ms"
+        )
+    await cluster.wait_protected()
+    await assert_nothing_lost(cluster)
