@@ -2,6 +2,7 @@
 messages for another member, persist a newer epoch before acting on it."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,20 @@ async def test_an_epoch_that_could_not_be_saved_is_not_taken_as_seen(
     monkeypatch.setattr(agent.state_file, "save", real_save)
     agent.accept_epoch(6, "dn1a")  # the controller retries: this time it must be written
     assert StateFile(agent.state_file.path).load().epoch == 6
+
+
+async def test_a_current_epoch_message_is_refused_after_losing_contact_with_the_controller(
+    tmp_path: Path,
+) -> None:
+    """After a stall (SIGSTOP of the host) a queued message may be stale: the agent hears the
+    controller first. A newer epoch is taken at once: it comes from whoever acts now."""
+    agent = build_agent(tmp_path, AgentState(epoch=5))
+    agent.failure_timeout = 2.0
+    agent.controller_ok_at = time.monotonic() - 1.0
+    agent.accept_epoch(5, "dn1a")
+    agent.controller_ok_at = time.monotonic() - 2.5
+    agent._started = time.monotonic() - 10
+    with pytest.raises(StaleEpoch, match="out of contact with the controller"):
+        agent.accept_epoch(5, "dn1a")
+    agent.accept_epoch(6, "dn1a")
+    assert agent.state.epoch == 6

@@ -89,11 +89,21 @@ class Agent:
 
     def accept_epoch(self, epoch: int, member: str) -> None:
         """Refuse messages for another member or from an older epoch; persist a newer epoch
-        before acting on it."""
+        before acting on it. A message of the current epoch is refused too while this agent
+        has been out of contact with the controller for failure_timeout: it may have waited in
+        a socket while the agent (or its host) was stopped, and a newer epoch may exist that
+        the next heartbeat reply will bring."""
         if member != self.config.member:
             raise InvalidInput(f"this is the agent of {self.config.member}, not of {member!r}")
         if epoch < self.state.epoch:
             raise StaleEpoch(f"epoch {epoch} is older than epoch {self.state.epoch} already seen")
+        if epoch == self.state.epoch:
+            silent = time.monotonic() - max(self.controller_ok_at or 0.0, self._started)
+            if silent > self.failure_timeout:
+                raise StaleEpoch(
+                    f"out of contact with the controller for {silent:.1f} s: "
+                    f"epoch {epoch} may be stale until the next heartbeat"
+                )
         if epoch > self.state.epoch:
             self._save(epoch=epoch)
 

@@ -29,7 +29,14 @@ def sync_to_proto(sync: SyncStandbys) -> pb.SyncStandbys:
 
 
 async def _call(context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
-    """Domain errors become gRPC status codes with the operator-readable message."""
+    """Domain errors become gRPC status codes with the operator-readable message. A message
+    whose deadline has passed is not carried out: it may have waited in a socket while this
+    agent was stopped, and the controller that sent it has moved on."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        await context.abort(
+            grpc.StatusCode.DEADLINE_EXCEEDED, "the message expired before it could be carried out"
+        )
     try:
         return await work()
     except StaleEpoch as error:

@@ -292,6 +292,10 @@ class Controller:
         group = self.groups[datanode]
         config = self.config.datanode(datanode)
         assert config is not None
+        # How long a standby has been missing from the master's reports, in the master's report
+        # time: when the master stops reporting (it may hang), nothing is "missing" for longer.
+        master_observation = self.observations.get(group.master) if group.master else None
+        master_reported_at = master_observation.received_at if master_observation else -NEVER
         members = []
         for record in self.members_of(datanode):
             observation = self.observations[record.name]
@@ -315,7 +319,7 @@ class Controller:
                     probe_age=now - observation.probe_at,
                     busy=observation.busy,
                     follow_backoff=now - observation.follow_failed_at < FOLLOW_BACKOFF,
-                    streaming_missing_for=now - observation.streaming_seen_at,
+                    streaming_missing_for=master_reported_at - observation.streaming_seen_at,
                     removed=record.removed,
                 )
             )
@@ -599,7 +603,7 @@ class Controller:
             epoch=self.epoch, member=member, synchronous_standbys=sync_to_proto(step.sync)
         )
         await self._call(
-            member, "SetSynchronousStandbys", lambda stub: stub.SetSynchronousStandbys(request, timeout=15)
+            member, "SetSynchronousStandbys", lambda stub: stub.SetSynchronousStandbys(request, timeout=5)
         )
 
     async def _switchover(self, datanode: str, target: str) -> None:
