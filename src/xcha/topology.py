@@ -62,6 +62,9 @@ class TopologyPlan:
     coordinators: tuple[str, ...] = ()  # plain PostgreSQL coordinators with postgres_fdw
     metrics: bool = False
     router_settings: dict[str, object] = field(default_factory=dict)  # e.g. command = [...]
+    # Where each process runs: name ("controller" or a member) -> (address, network namespace).
+    # By default everything runs on 127.0.0.1 in this namespace.
+    hosts: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def free_port() -> int:
@@ -130,6 +133,18 @@ class Topology:
         self._runner: Runner | None = None
         self._version = 0
 
+    # ---- hosts ------------------------------------------------------------------------------
+
+    def address(self, name: str) -> str:
+        return self.plan.hosts.get(name, ("127.0.0.1", ""))[0]
+
+    def netns(self, name: str) -> str:
+        return self.plan.hosts.get(name, ("127.0.0.1", ""))[1]
+
+    def _issue(self, name: str) -> None:
+        hosts = ("127.0.0.1", "::1", "localhost", self.address(name))
+        issue(self.workdir / "tls", name, tuple(dict.fromkeys(hosts)))
+
     # ---- files ------------------------------------------------------------------------------
 
     @property
@@ -159,7 +174,7 @@ class Topology:
 
     @property
     def target(self) -> ControllerTarget:
-        return ControllerTarget(f"127.0.0.1:{self.controller_port}", self.operator_tls)
+        return ControllerTarget(f"{self.address('controller')}:{self.controller_port}", self.operator_tls)
 
     def write(self) -> None:
         """Allocate ports and write certificates, secrets and every configuration file."""
@@ -177,7 +192,7 @@ class Topology:
         if self.plan.tls and not (self.workdir / "tls" / "ca.pem").exists():
             create_ca(self.workdir / "tls")
             for name in ("controller", "operator"):
-                issue(self.workdir / "tls", name)
+                self._issue(name)
         self.controller_port = free_port()
         for name in self.plan.coordinators:
             check_name(name, "coordinator name")
@@ -199,7 +214,7 @@ class Topology:
         directory.mkdir(parents=True, exist_ok=True)
         directory.chmod(0o755)
         if self.plan.tls and not (self.workdir / "tls" / f"{member}.pem").exists():
-            issue(self.workdir / "tls", member)
+            self._issue(member)
         info = MemberInfo(
             member, datanode, port or free_port(), free_port(), str(directory), str(directory / "agent.toml")
         )
@@ -208,18 +223,25 @@ class Topology:
         agent: dict[str, object] = {
             "datanode": datanode,
             "member": member,
-            "listen": f"127.0.0.1:{info.agent_port}",
-            "controller": f"127.0.0.1:{self.controller_port}",
+            "listen": f"{self.address(member)}:{info.agent_port}",
+            "controller": f"{self.address('controller')}:{self.controller_port}",
             "state_dir": directory,
             "probe_timeout": self.plan.probe_timeout,
         }
         if member in self.metrics_ports:
-            agent["metrics_listen"] = f"127.0.0.1:{self.metrics_ports[member]}"
-        postgres = {
+            agent["metrics_listen"] = f"{self.address(member)}:{self.metrics_ports[member]}"
+        postgres: dict[str, object] = {
             "port": info.port,
             "archive_dir": self.workdir / datanode / "archive",
             "replication_password_file": self.secrets / "replication.password",
         }
+        if member in self.plan.hosts:
+            address = self.address(member)
+            postgres.update(
+                host=address,
+                listen_addresses=address,
+                allowed_networks=[address.rpartition(".")[0] + ".0/24"],
+            )
         Path(info.config).write_text(
             toml_document([("[agent]", agent), ("[postgres]", postgres), ("[tls]", self._tls(member))])
         )
@@ -229,7 +251,7 @@ class Topology:
     def _write_controller_config(self) -> None:
         plan = self.plan
         controller: dict[str, object] = {
-            "listen": f"127.0.0.1:{self.controller_port}",
+            "listen": f"{self.address('controller')}:{self.controller_port}",
             "state_dir": self.controller_config.parent / "state",
             "heartbeat_interval": plan.heartbeat_interval,
             "failure_timeout": plan.failure_timeout,
@@ -267,7 +289,7 @@ class Topology:
 
     def save(self) -> None:
         data = {
-            "controller": f"127.0.0.1:{self.controller_port}",
+            "controller": f"{self.address('controller')}:{self.controller_port}",
             "controller_config": str(self.controller_config),
             "operator_tls": {
                 k: str(v) if isinstance(v, Path) else v for k, v in self._tls("operator").items()
@@ -301,6 +323,7 @@ class Topology:
             for d in plan["datanodes"]
         )
         plan["coordinators"] = tuple(plan["coordinators"])
+        plan["hosts"] = {name: tuple(host) for name, host in plan.get("hosts", {}).items()}
         topology = cls(workdir, TopologyPlan(**plan))
         topology.controller_port = int(data["controller"].rpartition(":")[2])
         topology.members = {name: MemberInfo(**info) for name, info in data["members"].items()}
@@ -357,7 +380,9 @@ class Topology:
 
     # ---- processes ------------------------------------------------------------------------------
 
-    def _spawn(self, key: str, argv: list[str], log_name: str) -> int:
+    def _spawn(self, key: str, argv: list[str], log_name: str, netns: str = "") -> int:
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]  # it execs argv: the PID stays the same
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
         with open(logs / log_name, "ab") as log:
@@ -379,6 +404,7 @@ class Topology:
             "controller",
             [sys.executable, "-m", "xcha", "controller", "--config", str(self.controller_config)],
             "controller.log",
+            self.netns("controller"),
         )
 
     def start_agent(self, member: str) -> int:
@@ -386,6 +412,7 @@ class Topology:
             f"agent:{member}",
             [sys.executable, "-m", "xcha", "agent", "--config", self.members[member].config],
             f"agent-{member}.log",
+            self.netns(member),
         )
 
     def start(self) -> None:
@@ -511,12 +538,12 @@ class Topology:
         return next(g.master for g in self.status().groups if g.name == datanode)
 
     def app_conninfo(self, member: str) -> str:
-        return self._app_conninfo(self.members[member].port)
+        return self._app_conninfo(self.members[member].port, self.address(member))
 
-    def _app_conninfo(self, port: int) -> str:
+    def _app_conninfo(self, port: int, host: str = "127.0.0.1") -> str:
         return make_conninfo(
             "",
-            host="127.0.0.1",
+            host=host,
             port=port,
             user=APP_USER,
             password=self.app_password,
@@ -567,7 +594,8 @@ class Topology:
                 await self._app_role(conn)
                 await self._run(conn, datanode_setup(APP_USER))
         endpoints = [
-            (d.name, Endpoint("127.0.0.1", self.members[masters[d.name]].port)) for d in self.plan.datanodes
+            (d.name, Endpoint(self.address(masters[d.name]), self.members[masters[d.name]].port))
+            for d in self.plan.datanodes
         ]
         for name in self.plan.coordinators:
             async with await self.coordinator(name).connect() as conn:

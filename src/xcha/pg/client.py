@@ -2,11 +2,13 @@
 
 A hung server (SIGSTOP, lost host) accepts TCP and then says nothing. Cancelling a psycopg
 query makes psycopg send a cancel request and wait for it (up to 10 s); past a deadline
-xcha drops the connection instead, which a hung server cannot delay.
+xcha shuts the connection's socket down instead, which a hung server cannot delay.
 """
 
 import asyncio
 import contextlib
+import os
+import socket
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -17,14 +19,21 @@ Conn = psycopg.AsyncConnection[tuple[object, ...]]
 
 
 async def bounded(conn: Conn, operation: Awaitable[T], timeout: float) -> T:
-    """Await operation on conn; past timeout, close conn without a cancel request and raise
-    TimeoutError (conn is unusable afterwards)."""
+    """Await operation on conn; past timeout, shut the connection's socket down and raise
+    TimeoutError (conn is unusable afterwards; close it).
+
+    The socket is shut down rather than the libpq connection finished: the suspended query
+    still holds libpq's connection, and freeing it under the query corrupts memory. With its
+    socket shut down, libpq fails the query by itself, without a cancel request."""
     task = asyncio.ensure_future(operation)
     done, _ = await asyncio.wait({task}, timeout=timeout)
     if task in done:
         return task.result()
-    conn.pgconn.finish()
-    task.cancel()
+    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.pgconn.socket)) as duplicate:
+        duplicate.shutdown(socket.SHUT_RDWR)
+    finished, _ = await asyncio.wait({task}, timeout=1.0)
+    if not finished:
+        task.cancel()
     with contextlib.suppress(BaseException):
         await task
     raise TimeoutError(f"no answer within {timeout:.2f} s")
