@@ -22,12 +22,13 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import psycopg
 from psycopg import sql
 
-from bench.anchors import Anchor, AnchorUnavailable
+from bench.anchors import Anchor, AnchorUnavailable, is_primary
 from bench.anchors.patroni import TIGHT_TIMINGS, Patroni
 from bench.anchors.pg_auto_failover import PgAutoFailover
 from bench.common import Result, percentile, say, summary, table
@@ -43,6 +44,11 @@ TABLE = "bench_writes"
 PROBE_TABLE = "bench_probe"  # writes tried on a resumed old primary: split-brain commits, if any
 HOLD = 1.0  # s the hung host stays stopped after writes resumed elsewhere
 WATCH = 60.0  # s a resumed old primary is watched for, at most
+STATE_QUERY = (
+    "SELECT pg_is_in_recovery(), current_setting('synchronous_standby_names'), "
+    "coalesce((SELECT string_agg(coalesce(application_name, '?') || ' ' || coalesce(state, '?') || ' ' "
+    "|| coalesce(sync_state, '?'), ', ') FROM pg_stat_replication), '')"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="failover,hang or one of them")
     parser.add_argument("--timeout", type=float, default=120.0, help="per trial and per wait for health, s")
-    parser.add_argument("--keep", action="store_true", help="keep the anchors' directories (logs)")
+    parser.add_argument("--keep", action="store_true", help="keep every system's directory (logs)")
 
 
 def xcha_plan() -> TopologyPlan:
@@ -137,6 +143,11 @@ class Watch:
     probe_commits: int = 0
     probe_blocked: int = 0
     answers: Counter[str] = field(default_factory=Counter)
+    evidence: list[str] = field(default_factory=list)  # what the old primary said around a probe commit
+
+
+def collect_notice(into: list[str], notice: psycopg.errors.Diagnostic) -> None:
+    into.append(str(notice.message_primary))
 
 
 async def watch_old_primary(conninfo: str, resumed_at: float, stop: asyncio.Event) -> Watch:
@@ -150,19 +161,25 @@ async def watch_old_primary(conninfo: str, resumed_at: float, stop: asyncio.Even
         except (psycopg.Error, OSError, TimeoutError):
             conn = None
         if conn is not None:
+            notices: list[str] = []
+            conn.add_notice_handler(partial(collect_notice, notices))
             try:
-                cursor = await bounded(conn, conn.execute("SELECT pg_is_in_recovery()"), 0.5)
+                cursor = await bounded(conn, conn.execute(STATE_QUERY), 0.5)
                 row = await cursor.fetchone()
                 if row is not None and row[0]:
                     answer = "standby"
                     watch.standby_s = time.time() - resumed_at
-                else:
+                elif row is not None:
                     answer = "read-write"
                     watch.writable_s = time.time() - resumed_at
                     insert = sql.SQL("INSERT INTO {} DEFAULT VALUES").format(sql.Identifier(PROBE_TABLE))
                     try:
                         await bounded(conn, conn.execute(insert), 0.5)
                         watch.probe_commits += 1
+                        watch.evidence.append(
+                            f"probe commit at +{watch.writable_s:.2f} s: synchronous_standby_names "
+                            f"'{row[1]}', pg_stat_replication [{row[2]}], notices {notices}"
+                        )
                     except TimeoutError:
                         watch.probe_blocked += 1
             except (psycopg.Error, OSError, TimeoutError):
@@ -188,6 +205,7 @@ def describe_watch(watch: Watch) -> str:
         parts.append(f"in recovery at +{watch.standby_s:.1f} s")
     if watch.probe_commits or watch.probe_blocked:
         parts.append(f"probe inserts: {watch.probe_commits} acknowledged, {watch.probe_blocked} blocked")
+    parts.extend(watch.evidence)
     return ", ".join(parts)
 
 
@@ -266,7 +284,8 @@ async def run_xcha(args: argparse.Namespace, scenarios: list[str], trials: list[
     finally:
         stopped = await cluster.down()
         say(f"xcha: stopped {len(stopped)} processes by PID")
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
     return settings
 
 
@@ -454,7 +473,7 @@ async def anchor_trial(anchor: Anchor, writer: Writer, trial: Trial, timeout: fl
     roles = {}
     with contextlib.suppress(Exception):
         roles = await anchor.roles()
-    primary_now = next((n for n, r in roles.items() if r.startswith("primary")), "?")
+    primary_now = next((n for n, r in roles.items() if is_primary(r)), "?")
     rejoined = "standby" in roles.get(old, "")
     in_place = trial.new_primary == old and primary_now == old
     trial.fate = fate_category(in_place, rejoined)

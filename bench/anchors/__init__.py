@@ -221,6 +221,12 @@ def pg_env(bindir: Path, home: Path) -> dict[str, str]:
     }
 
 
+def is_primary(role: str) -> bool:
+    """A role from `Anchor.roles` that takes writes: "primary", or "primary (...)" without a standby
+    (not a transition such as "primary -> demoted")."""
+    return role == "primary" or role.startswith("primary (")
+
+
 class Anchor(abc.ABC):
     """A two-node deployment of another HA manager under test."""
 
@@ -297,7 +303,7 @@ class Anchor(abc.ABC):
 
     async def primary(self) -> str | None:
         roles = await self.roles()
-        primaries = [n for n, r in roles.items() if r.startswith("primary")]
+        primaries = [n for n, r in roles.items() if is_primary(r)]
         return primaries[0] if len(primaries) == 1 else None
 
     def postmaster_pid(self, node: str) -> int | None:

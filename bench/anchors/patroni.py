@@ -22,7 +22,7 @@ from . import CACHE, Anchor, AnchorUnavailable
 
 VENV = CACHE / "patroni-venv"
 PACKAGES = ("patroni[raft]", "psycopg[binary]")
-DEFAULT_TIMINGS = {"ttl": 30, "loop_wait": 10, "retry_timeout": 10}  # Patroni's documented defaults
+TIMINGS = ("ttl", "loop_wait", "retry_timeout")
 TIGHT_TIMINGS = {"ttl": 20, "loop_wait": 1, "retry_timeout": 3}  # the validator's minimums
 TOO_TIGHT = ({"ttl": 19}, {"loop_wait": 0}, {"retry_timeout": 2})
 
@@ -32,6 +32,22 @@ def _system_python() -> str:
         if Path(candidate).exists():
             return candidate
     raise AnchorUnavailable("no Python to build Patroni's virtual environment with")
+
+
+def builtin_timings() -> dict[str, object]:
+    """The installed Patroni's own defaults, used when bootstrap.dcs sets none."""
+    code = (
+        "import json; from patroni.config import Config; d = Config._Config__DEFAULT_CONFIG; "
+        f"print(json.dumps({{k: d[k] for k in {TIMINGS!r}}}))"
+    )
+    result = subprocess.run(
+        [str(VENV / "bin" / "python"), "-c", code], capture_output=True, text=True, timeout=60
+    )
+    try:
+        found = json.loads(result.stdout)
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
 
 
 def _version() -> str | None:
@@ -219,9 +235,10 @@ class Patroni(Anchor):
         with contextlib.suppress(Exception):
             config = await asyncio.to_thread(self._get, self.nodes[0], "/config")
             assert isinstance(config, dict)
-            self.reported = {
-                k: config.get(k) for k in ("ttl", "loop_wait", "retry_timeout", "synchronous_mode")
-            }
+            self.reported = {k: config.get(k) for k in (*TIMINGS, "synchronous_mode")}
+        if self.timings is None:  # nothing in the DCS: Patroni runs with its built-in values
+            defaults = await asyncio.to_thread(builtin_timings)
+            self.reported.update({k: f"{defaults.get(k)} (built-in)" for k in TIMINGS})
 
     async def _wait(self, done: Callable[[dict[str, str]], bool], timeout: float, what: str) -> None:
         loop = asyncio.get_running_loop()

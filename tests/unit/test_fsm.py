@@ -339,7 +339,8 @@ CASES: dict[int, Case] = {
         promote(), ("dn1b is the most advanced standby; up to 4096 bytes may be lost",), **PROMOTED,
     ),
     26: Case(
-        "master_restartable", None, lambda: group(S.NO_CANDIDATE, (stopped(master()), gone(standby()))),
+        "master_restartable", None,
+        lambda: group(S.NO_CANDIDATE, (stopped(master()), gone(standby())), master_failed_for=TIMEOUT),
         S.NO_CANDIDATE, (Step(Action.START_MASTER, "dn1a"),),
         ("no synchronous standby (dn1b) is running and reachable", "restarting dn1a"),
     ),
@@ -455,11 +456,24 @@ def test_strict_promotes_with_the_sync_mode_members_as_synchronous_standbys() ->
 
 
 def test_a_crashed_master_is_restarted_when_no_synchronous_standby_is_reachable() -> None:
-    decision = decide(group(members=(stopped(master()), gone(standby()))))
+    decision = decide(group(members=(stopped(master()), gone(standby())), master_failed_for=TIMEOUT))
     assert (decision.row, decision.steps) == (
         row("master_failed", "master_restartable"),
         (Step(Action.START_MASTER, "dn1a"),),
     )
+
+
+def test_a_synchronous_standby_not_heard_since_a_controller_restart_is_asked_before_any_conclusion() -> None:
+    """Right after a controller restart a standby's agent may still be reconnecting: the
+    controller asks it directly instead of restarting the master in place without it."""
+    view = group(members=(stopped(master()), gone(standby())), master_failed_for=0.3)
+    decision = decide(view)
+    assert (decision.row, decision.steps) == (
+        row("master_failed", "reports_stale"),
+        (Step(Action.REFRESH, "dn1b"),),
+    )
+    later = decide(replace(view, master_failed_for=TIMEOUT))
+    assert later.steps == (Step(Action.START_MASTER, "dn1a"),), "after failure_timeout it is taken as lost"
 
 
 def test_a_crashed_master_fails_over_to_its_synchronous_standby() -> None:

@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_INTERVAL = 0.25
 DEFAULT_FAILURE_TIMEOUT = 2.0
+# The local server answers in milliseconds; a loaded machine can take much longer, and a
+# snapshot given up too early leaves the controller with a stale picture.
+LOCAL_STATUS_TIMEOUT = 2.0
 
 
 class StaleEpoch(XchaError):
@@ -163,7 +166,7 @@ class Agent:
             status = PgStatus(running=False, port=self.instance.port)
         else:
             try:
-                status = await self.instance.status(timeout=max(self.config.probe_timeout, 0.2))
+                status = await self.instance.status(timeout=LOCAL_STATUS_TIMEOUT)
             except (TimeoutError, OSError, XchaError, Exception) as error:
                 self.last_error = f"status query failed: {str(error).strip() or type(error).__name__}"
                 status = replace(self.pg, running=True, postmaster_pid=pid, port=self.instance.port)

@@ -560,7 +560,14 @@ class Controller:
             "master": master,
             "address": str(new),
             "router": self.router.kind,
-            "coordinators": {n: p.attempts for n, p in barrier.targets.items()},
+            "coordinators": {
+                name: {
+                    "attempts": p.attempts,
+                    "acknowledged_after_ms": round(p.seconds * 1000, 1),
+                    "detail": p.detail,
+                }
+                for name, p in barrier.targets.items()
+            },
             "rerouted_at": time.time(),
             "promoted_at": marks.promoted_at,
             "promote_seconds": marks.promote_seconds,

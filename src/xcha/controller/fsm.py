@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
-from xcha.controller.views import GroupState, GroupView, MemberView, SyncFailurePolicy
+from xcha.controller.views import NEVER, GroupState, GroupView, MemberView, SyncFailurePolicy
 from xcha.pg.syncrep import SyncStandbys
 
 S = GroupState
@@ -134,6 +134,19 @@ def _usable(view: GroupView, member: MemberView) -> bool:
         and not member.removed
         and not member.busy
     )
+
+
+def unheard_sync_standbys(view: GroupView) -> list[MemberView]:
+    """Synchronous standbys the controller has not heard from since it started (an agent in
+    reconnect backoff after a controller restart): asked directly before any conclusion,
+    for up to failure_timeout after the failure."""
+    return [
+        m
+        for m in view.standbys
+        if m.name in view.sync_set
+        and m.heartbeat_age == NEVER
+        and view.master_failed_for < view.failure_timeout
+    ]
 
 
 def choose_candidate(
@@ -396,7 +409,10 @@ CONDITIONS: dict[str, Callable[[GroupView], bool]] = {
     "bootstrap_ready": lambda v: _bootstrap_member(v) is not None and not v.busy,
     "master_failed": lambda v: master_failure(v).failed and not v.busy,
     "candidate_ready": lambda v: (c := choose_candidate(v)).member is not None and c.fresh,
-    "reports_stale": lambda v: (c := choose_candidate(v)).member is not None and not c.fresh,
+    "reports_stale": lambda v: (
+        ((c := choose_candidate(v)).member is not None and not c.fresh)
+        or (c.member is None and bool(unheard_sync_standbys(v)))
+    ),
     "data_loss_candidate": lambda v: (
         v.allow_data_loss and (c := choose_candidate(v, True)).member is not None and c.fresh
     ),
@@ -621,8 +637,11 @@ def _plan(row: Transition, view: GroupView) -> Decision:
                 clear_request=row.event == "switchover_requested",
             )
         case Action.REFRESH:
+            unheard = unheard_sync_standbys(view)
             steps = tuple(
-                Step(Action.REFRESH, m.name) for m in view.standbys if m.reachable(view.failure_timeout)
+                Step(Action.REFRESH, m.name)
+                for m in view.standbys
+                if m.reachable(view.failure_timeout) or m in unheard
             )
         case Action.REROUTE:
             new_master = view.candidate if view.state in (S.FAILOVER, S.SWITCHOVER) else view.master

@@ -72,8 +72,15 @@ class Router:
         self.on_event: EventSink = lambda datanode, kind, message, details: None
 
     def pending(self, datanode: str) -> list[str]:
+        """Coordinators that have not acknowledged yet, each with its attempts and last error."""
         barrier = self.barriers.get(datanode)
-        return barrier.pending if barrier else []
+        if barrier is None:
+            return []
+        return [
+            f"{name} (attempt {p.attempts}: {p.last_error or 'in progress'})"
+            for name, p in barrier.targets.items()
+            if not p.acknowledged
+        ]
 
     async def reroute(self, datanode: str, new: Endpoint, old: Endpoint | None, epoch: int) -> Barrier:
         """Returns when every target acknowledged new for datanode (cancel it to give up)."""

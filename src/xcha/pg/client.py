@@ -24,11 +24,22 @@ async def bounded(conn: Conn, operation: Awaitable[T], timeout: float) -> T:
 
     The socket is shut down rather than the libpq connection finished: the suspended query
     still holds libpq's connection, and freeing it under the query corrupts memory. With its
-    socket shut down, libpq fails the query by itself, without a cancel request."""
+    socket shut down, libpq fails the query by itself, without a cancel request. The same
+    happens when the caller is cancelled."""
     task = asyncio.ensure_future(operation)
-    done, _ = await asyncio.wait({task}, timeout=timeout)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        await _abandon(conn, task)
+        raise
     if task in done:
         return task.result()
+    await _abandon(conn, task)
+    raise TimeoutError(f"no answer within {timeout:.2f} s")
+
+
+async def _abandon(conn: Conn, task: "asyncio.Future[T]") -> None:
+    """End a query that must not be waited for, and wait until it has let go of libpq."""
     with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.pgconn.socket)) as duplicate:
         duplicate.shutdown(socket.SHUT_RDWR)
     finished, _ = await asyncio.wait({task}, timeout=1.0)
@@ -36,7 +47,6 @@ async def bounded(conn: Conn, operation: Awaitable[T], timeout: float) -> T:
         task.cancel()
     with contextlib.suppress(BaseException):
         await task
-    raise TimeoutError(f"no answer within {timeout:.2f} s")
 
 
 async def connect(conninfo: str, timeout: float, **options: object) -> Conn:

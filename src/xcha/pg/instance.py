@@ -28,6 +28,7 @@ from psycopg.conninfo import make_conninfo
 
 from xcha.errors import InvalidInput, PostgresError
 from xcha.names import Endpoint, check_host, check_name, check_port
+from xcha.pg.client import bounded
 from xcha.pg.lsn import parse_lsn
 from xcha.pg.render import (
     INCLUDE_LINE,
@@ -459,52 +460,55 @@ class PostgresInstance:
         pid = self.postmaster_pid()
         if pid is None:
             return PgStatus(running=False, port=self.port)
-        async with asyncio.timeout(timeout), self.session(timeout) as conn:
+        async with self.session(timeout) as conn:
+            return await bounded(conn, self._snapshot(conn, pid), timeout)
+
+    async def _snapshot(self, conn: psycopg.AsyncConnection[tuple[object, ...]], pid: int) -> PgStatus:
+        cur = await conn.execute(
+            """SELECT pg_is_in_recovery(),
+                      (SELECT system_identifier FROM pg_control_system()),
+                      CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn()::text END,
+                      CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_flush_lsn()::text END,
+                      pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text,
+                      CASE WHEN pg_is_in_recovery()
+                           THEN (SELECT timeline_id FROM pg_control_checkpoint())
+                           ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
+                      END,
+                      current_setting('synchronous_standby_names')"""
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        in_recovery, sysid, current, flushed, received, replayed, timeline, sync_names = row
+        receiver = None
+        if in_recovery:
+            written = "written_lsn" if self.version >= 130000 else "received_lsn"
             cur = await conn.execute(
-                """SELECT pg_is_in_recovery(),
-                          (SELECT system_identifier FROM pg_control_system()),
-                          CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn()::text END,
-                          CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_flush_lsn()::text END,
-                          pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text,
-                          CASE WHEN pg_is_in_recovery()
-                               THEN (SELECT timeline_id FROM pg_control_checkpoint())
-                               ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
-                          END,
-                          current_setting('synchronous_standby_names')"""
-            )
-            row = await cur.fetchone()
-            assert row is not None
-            in_recovery, sysid, current, flushed, received, replayed, timeline, sync_names = row
-            receiver = None
-            if in_recovery:
-                written = "written_lsn" if self.version >= 130000 else "received_lsn"
-                cur = await conn.execute(
-                    sql.SQL("""SELECT status, sender_host, sender_port,
-                                      extract(epoch FROM clock_timestamp() - last_msg_receipt_time)::float8,
-                                      {}::text, received_tli FROM pg_stat_wal_receiver""").format(
-                        sql.Identifier(written)
-                    )
+                sql.SQL("""SELECT status, sender_host, sender_port,
+                                  extract(epoch FROM clock_timestamp() - last_msg_receipt_time)::float8,
+                                  {}::text, received_tli FROM pg_stat_wal_receiver""").format(
+                    sql.Identifier(written)
                 )
-                wal_row = await cur.fetchone()
-                if wal_row is not None:
-                    status, host, port, age, written_lsn, received_tli = wal_row
-                    receiver = WalReceiver(str(status), host, port, age)  # type: ignore[arg-type]
-                    timeline = received_tli or timeline
-                    received_text = written_lsn or received
-                else:
-                    received_text = received
+            )
+            wal_row = await cur.fetchone()
+            if wal_row is not None:
+                status, host, port, age, written_lsn, received_tli = wal_row
+                receiver = WalReceiver(str(status), host, port, age)  # type: ignore[arg-type]
+                timeline = received_tli or timeline
+                received_text = written_lsn or received
             else:
-                received_text = None
-            cur = await conn.execute(
-                """SELECT application_name, state, sync_state, flush_lsn::text, replay_lsn::text,
-                          host(client_addr),
-                          extract(epoch FROM clock_timestamp() - reply_time)::float8
-                   FROM pg_stat_replication ORDER BY application_name"""
-            )
-            downstreams = tuple(
-                Downstream(str(name), str(state), str(sync_state), _lsn(flush), _lsn(replay), addr, age)  # type: ignore[arg-type]
-                for name, state, sync_state, flush, replay, addr, age in await cur.fetchall()
-            )
+                received_text = received
+        else:
+            received_text = None
+        cur = await conn.execute(
+            """SELECT application_name, state, sync_state, flush_lsn::text, replay_lsn::text,
+                      host(client_addr),
+                      extract(epoch FROM clock_timestamp() - reply_time)::float8
+               FROM pg_stat_replication ORDER BY application_name"""
+        )
+        downstreams = tuple(
+            Downstream(str(name), str(state), str(sync_state), _lsn(flush), _lsn(replay), addr, age)  # type: ignore[arg-type]
+            for name, state, sync_state, flush, replay, addr, age in await cur.fetchall()
+        )
         return PgStatus(
             running=True,
             postmaster_pid=pid,
