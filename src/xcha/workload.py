@@ -40,7 +40,7 @@ class Writer:
     table: str = "xcha_writes"
     interval: float = 0.01
     attempt_timeout: float = 0.3
-    statement_timeout: float = 1.0
+    statement_timeout: float = 0.5  # a client that gives up on a statement after 0.5 s
     sent: set[int] = field(default_factory=set)
     acknowledged: dict[int, float] = field(default_factory=dict)
     failures: list[tuple[float, str]] = field(default_factory=list)
