@@ -11,3 +11,15 @@ class InvalidInput(XchaError):
 
 class PostgresError(XchaError):
     """A PostgreSQL program or server did not do what was asked."""
+
+
+class NotFound(XchaError):
+    """An unknown datanode or member."""
+
+
+class Refused(XchaError):
+    """Not now: the cluster's state does not allow it (a precondition failed)."""
+
+
+class StaleEpoch(Refused):
+    """A role message from an older epoch than the agent has seen: a deposed controller."""

@@ -1,10 +1,14 @@
 """gRPC plumbing shared by the controller and the agents: servers with the standard health
 service and mTLS, client channels with keepalive, and the status message conversions."""
 
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from xcha.config import TlsConfig
+from xcha.errors import InvalidInput, NotFound, Refused, XchaError
 from xcha.names import Endpoint
 from xcha.pg.status import Downstream, PgStatus, WalReceiver
 from xcha.v1 import xcha_pb2 as pb
@@ -27,6 +31,27 @@ SERVER_OPTIONS = [
     ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
     ("grpc.http2.max_ping_strikes", 0),
 ]
+
+
+T = TypeVar("T")
+STATUS_CODES: tuple[tuple[type[XchaError], grpc.StatusCode], ...] = (
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (Refused, grpc.StatusCode.FAILED_PRECONDITION),
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (XchaError, grpc.StatusCode.ABORTED),
+)
+
+
+async def answer(context: grpc.aio.ServicerContext, work: Callable[[], T | Awaitable[T]]) -> T:
+    """Run a servicer's work; an xcha error becomes the matching gRPC status code with the
+    operator-readable message (both servers map errors the same way)."""
+    try:
+        result = work()
+        return await result if isinstance(result, Awaitable) else result
+    except XchaError as error:
+        code = next(code for kind, code in STATUS_CODES if isinstance(error, kind))
+        await context.abort(code, str(error))
+    raise AssertionError("unreachable")
 
 
 def create_server(address: str, tls: TlsConfig) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:

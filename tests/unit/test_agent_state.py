@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from xcha.agent.agent import Agent, StaleEpoch
+from xcha.agent.agent import Agent
 from xcha.agent.config import load_agent_config
 from xcha.agent.state import AgentState, StateFile
-from xcha.errors import InvalidInput, XchaError
+from xcha.errors import InvalidInput, StaleEpoch, XchaError
 from xcha.pg.instance import PostgresInstance
 from xcha.pg.runner import OsUser, Runner
 

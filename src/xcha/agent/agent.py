@@ -21,7 +21,7 @@ import grpc
 from xcha import __version__
 from xcha.agent.config import AgentConfig
 from xcha.agent.state import StateFile
-from xcha.errors import InvalidInput, PostgresError, XchaError
+from xcha.errors import InvalidInput, PostgresError, StaleEpoch, XchaError
 from xcha.names import Endpoint
 from xcha.pg.instance import PostgresInstance, Timings
 from xcha.pg.probe import ping
@@ -38,10 +38,6 @@ DEFAULT_FAILURE_TIMEOUT = 2.0
 # The local server answers in milliseconds; a loaded machine can take much longer, and a
 # snapshot given up too early leaves the controller with a stale picture.
 LOCAL_STATUS_TIMEOUT = 2.0
-
-
-class StaleEpoch(XchaError):
-    """A role message from an older epoch than the agent has seen: a deposed controller."""
 
 
 def _proc_state(pid: int | None) -> str:

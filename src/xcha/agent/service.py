@@ -6,11 +6,11 @@ from typing import TypeVar
 
 import grpc
 
-from xcha.agent.agent import Agent, StaleEpoch
-from xcha.errors import InvalidInput, XchaError
+from xcha.agent.agent import Agent
+from xcha.errors import InvalidInput
 from xcha.names import Endpoint
 from xcha.pg.syncrep import SyncPolicy, SyncStandbys
-from xcha.rpc import endpoint_from_proto
+from xcha.rpc import answer, endpoint_from_proto
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
@@ -29,23 +29,14 @@ def sync_to_proto(sync: SyncStandbys) -> pb.SyncStandbys:
 
 
 async def _call(context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
-    """Domain errors become gRPC status codes with the operator-readable message. A message
-    whose deadline has passed is not carried out: it may have waited in a socket while this
-    agent was stopped, and the controller that sent it has moved on."""
+    """A message whose deadline has passed is not carried out: it may have waited in a socket
+    while this agent was stopped, and the controller that sent it has moved on."""
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         await context.abort(
             grpc.StatusCode.DEADLINE_EXCEEDED, "the message expired before it could be carried out"
         )
-    try:
-        return await work()
-    except StaleEpoch as error:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-    except InvalidInput as error:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-    except XchaError as error:
-        await context.abort(grpc.StatusCode.ABORTED, str(error))
-    raise AssertionError("unreachable")
+    return await answer(context, work)
 
 
 class AgentService(pb_grpc.AgentServicer):

@@ -32,7 +32,7 @@ from xcha.controller.fsm import (
 from xcha.controller.routing import Router
 from xcha.controller.store import EventRecord, GroupRecord, MemberRecord, Store
 from xcha.controller.views import NEVER, GroupState, GroupView, MemberView, Request
-from xcha.errors import InvalidInput, XchaError
+from xcha.errors import InvalidInput, NotFound, Refused, XchaError
 from xcha.names import Endpoint, check_name
 from xcha.pg.probe import ping
 from xcha.pg.status import PgStatus
@@ -44,14 +44,6 @@ log = logging.getLogger(__name__)
 
 FOLLOW_BACKOFF = 5.0
 RUNNING = (GroupState.SINGLE, GroupState.PROTECTED, GroupState.UNPROTECTED, GroupState.DEGRADED)
-
-
-class NotFound(XchaError):
-    pass
-
-
-class Refused(XchaError):
-    pass
 
 
 @dataclass

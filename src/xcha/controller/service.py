@@ -1,31 +1,15 @@
 """The controller's gRPC service: thin, it converts messages and delegates to `Controller`."""
 
-from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
 
-from xcha.controller.controller import Controller, NotFound, Refused, event_to_proto
-from xcha.errors import InvalidInput, XchaError
+from xcha.controller.controller import Controller, event_to_proto
+from xcha.rpc import answer
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
-
-
-async def _call(context: grpc.aio.ServicerContext, work: Callable[[], T | Awaitable[T]]) -> T:
-    try:
-        result = work()
-        return await result if isinstance(result, Awaitable) else result
-    except NotFound as error:
-        await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
-    except Refused as error:
-        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
-    except InvalidInput as error:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-    except XchaError as error:
-        await context.abort(grpc.StatusCode.ABORTED, str(error))
-    raise AssertionError("unreachable")
 
 
 class ControllerService(pb_grpc.ControllerServicer):
@@ -35,7 +19,7 @@ class ControllerService(pb_grpc.ControllerServicer):
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatReply:
-        return await _call(context, lambda: self.controller.heartbeat(request))
+        return await answer(context, lambda: self.controller.heartbeat(request))
 
     async def ReportNodeFailure(
         self, request: pb.NodeFailureReport, context: grpc.aio.ServicerContext
@@ -46,12 +30,12 @@ class ControllerService(pb_grpc.ControllerServicer):
             )
             return pb.NodeFailureAck(verdict=verdict)
 
-        return await _call(context, work)
+        return await answer(context, work)
 
     async def GetClusterStatus(
         self, request: pb.ClusterStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterStatus:
-        return await _call(context, self.controller.cluster_status)
+        return await answer(context, self.controller.cluster_status)
 
     def _reply(self, detail: str) -> pb.OperationReply:
         return pb.OperationReply(detail=detail, epoch=self.controller.epoch)
@@ -59,7 +43,7 @@ class ControllerService(pb_grpc.ControllerServicer):
     async def Switchover(
         self, request: pb.SwitchoverRequest, context: grpc.aio.ServicerContext
     ) -> pb.OperationReply:
-        return await _call(
+        return await answer(
             context,
             lambda: self._reply(self.controller.request_switchover(request.datanode, request.to_member)),
         )
@@ -67,7 +51,7 @@ class ControllerService(pb_grpc.ControllerServicer):
     async def Failover(
         self, request: pb.FailoverRequest, context: grpc.aio.ServicerContext
     ) -> pb.OperationReply:
-        return await _call(
+        return await answer(
             context,
             lambda: self._reply(
                 self.controller.request_failover(request.datanode, request.to_member, request.allow_data_loss)
@@ -77,14 +61,14 @@ class ControllerService(pb_grpc.ControllerServicer):
     async def SetPaused(
         self, request: pb.PauseRequest, context: grpc.aio.ServicerContext
     ) -> pb.OperationReply:
-        return await _call(
+        return await answer(
             context, lambda: self._reply(self.controller.set_paused(request.datanode, request.paused))
         )
 
     async def AddStandby(
         self, request: pb.AddStandbyRequest, context: grpc.aio.ServicerContext
     ) -> pb.OperationReply:
-        return await _call(
+        return await answer(
             context,
             lambda: self._reply(
                 self.controller.add_standby(request.datanode, request.member, request.mode or "sync")
@@ -94,14 +78,14 @@ class ControllerService(pb_grpc.ControllerServicer):
     async def RemoveStandby(
         self, request: pb.RemoveStandbyRequest, context: grpc.aio.ServicerContext
     ) -> pb.OperationReply:
-        return await _call(
+        return await answer(
             context, lambda: self._reply(self.controller.remove_standby(request.datanode, request.member))
         )
 
     async def SetStandbyMode(
         self, request: pb.StandbyModeRequest, context: grpc.aio.ServicerContext
     ) -> pb.OperationReply:
-        return await _call(
+        return await answer(
             context,
             lambda: self._reply(self.controller.set_mode(request.datanode, request.member, request.mode)),
         )
@@ -115,4 +99,4 @@ class ControllerService(pb_grpc.ControllerServicer):
             )
             return pb.EventsReply(events=[event_to_proto(e) for e in events])
 
-        return await _call(context, work)
+        return await answer(context, work)
