@@ -13,6 +13,7 @@ standby. Everything is torn down by PID at the end, also on Ctrl-C or error.
 
 import asyncio
 import json
+import re
 import shutil
 import signal
 import tempfile
@@ -52,6 +53,11 @@ class Report:
     epoch: int = 0
     failed_over: bool = False
     dn2_failed_writes: int = 0
+    # PostgreSQL operations as the agents measured them (ms)
+    initdb_ms: float | None = None
+    clone_ms: float | None = None
+    promote_writable_ms: float | None = None
+    rewind_ms: float | None = None
     router: str = "fdw"
 
     def as_json(self) -> str:
@@ -164,6 +170,7 @@ async def _run(cluster: LoadedCluster, progress: Progress, report: Report) -> No
     report.acknowledged, report.lost = outcome.acknowledged, len(outcome.lost)
     report.unexpected = len(outcome.unexpected)
     report.dn2_failed_writes = len([t for t, _ in writers["dn2"].failures if t >= fault.at])
+    _operation_timings(cluster, fault.epoch, report)
     if not progress.quiet:
         print("\n" + status_table(after))
         print(f"timeline after kill -9 of {fault.member} (dn1's master):")
@@ -175,12 +182,40 @@ async def _run(cluster: LoadedCluster, progress: Progress, report: Report) -> No
         ):
             print(f"  {label:<38} +{value:7.0f} ms" if value is not None else f"  {label:<38}  (unknown)")
         print(f"  dn2 writes that failed meanwhile:      {report.dn2_failed_writes}")
+        print("PostgreSQL operations, as the agents timed them:")
+        for label, value in (
+            ("initdb (dn1a)", report.initdb_ms),
+            ("pg_basebackup clone (dn1b)", report.clone_ms),
+            ("promote until writable", report.promote_writable_ms),
+            ("pg_rewind of the old master", report.rewind_ms),
+        ):
+            print(f"  {label:<38} {value:7.0f} ms" if value is not None else f"  {label:<38}  (not seen)")
         print(
             f"commits acknowledged: {outcome.acknowledged}, present on the masters: {outcome.present}, "
             f"lost: {len(outcome.lost)}, present but never sent: {len(outcome.unexpected)}"
         )
         rejoined = "yes" if report.old_master_rejoined else "no"
         print(f"old master {fault.member} rejoined as standby: {rejoined}; epoch {report.epoch}")
+
+
+def _operation_timings(cluster: LoadedCluster, fault_epoch: int, report: Report) -> None:
+    """The agents report each operation's steps ("initdb 712 ms, start 55 ms") in their replies,
+    which the controller keeps in its events."""
+
+    def step(message: str, name: str) -> float | None:
+        found = re.search(rf"\b{name} (\d+) ms", message)
+        return float(found.group(1)) if found else None
+
+    for event in cluster.events("dn1"):
+        if event.kind == "start_master" and report.initdb_ms is None:
+            report.initdb_ms = step(event.message, "initdb")
+        elif event.kind == "follow" and event.epoch <= fault_epoch and report.clone_ms is None:
+            report.clone_ms = step(event.message, "clone")
+        elif event.kind == "follow" and event.epoch > fault_epoch and report.rewind_ms is None:
+            report.rewind_ms = step(event.message, "rewind")
+        elif event.kind == "rerouted" and event.epoch > fault_epoch and report.promote_writable_ms is None:
+            seconds = json.loads(event.details_json).get("promote_seconds")
+            report.promote_writable_ms = seconds * 1000 if isinstance(seconds, float) and seconds else None
 
 
 async def start_topology(workdir: Path, reroute: str = "fdw") -> int:
