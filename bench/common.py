@@ -6,7 +6,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,7 +97,7 @@ class Result:
         md_path.write_text(self.markdown(data))
         return md_path
 
-    def markdown(self, data: dict[str, object]) -> str:
+    def markdown(self, data: Mapping[str, object]) -> str:
         lines = [f"# Benchmark `{self.name}` ({data['date']})", ""]
         host = data["machine"]
         assert isinstance(host, dict)

@@ -676,10 +676,12 @@ async def run(args: argparse.Namespace) -> int:
     orphans = Counter[str]()
 
     def quiet(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
-        """xcha.pg.client.bounded leaves its inner query task behind when it is itself cancelled
-        (as Writer._connect does to the slower attempts): counted, not printed."""
+        """Writer._connect cancels its slower attempts, and xcha.pg.client.bounded then leaves its
+        inner query task behind (or an attempt fails as it is cancelled): counted, not printed."""
         error = context.get("exception")
-        if isinstance(error, psycopg.Error) and "never retrieved" in str(context.get("message")):
+        if isinstance(error, psycopg.Error | ConnectionError) and "never retrieved" in str(
+            context.get("message")
+        ):
             orphans[str(error).strip() or type(error).__name__] += 1
             return
         loop.default_exception_handler(context)
@@ -714,8 +716,9 @@ async def run(args: argparse.Namespace) -> int:
     result = build_result(args, systems, scenarios, trials, settings, unavailable, elapsed)
     if orphans:
         result.notes.append(
-            f"{sum(orphans.values())} psycopg query tasks were left unawaited by xcha.pg.client.bounded "
-            f"when cancelled ({', '.join(f'{k}: {v}' for k, v in orphans.items())})."
+            f"{sum(orphans.values())} client tasks failed unawaited after Writer._connect cancelled them "
+            f"(xcha.pg.client.bounded leaves its inner task behind): "
+            f"{', '.join(f'{k}: {v}' for k, v in orphans.items())}."
         )
     path = result.write()
     say("\n" + path.read_text())

@@ -33,7 +33,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 async def run(args: argparse.Namespace) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="xcha-bench-failover-"))
     cluster = LoadedCluster(workdir, plan())
-    rows, rto, detect, promote, reroute = [], [], [], [], []
+    rows: list[tuple[object, ...]] = []
+    rto: list[float] = []
+    detect: list[float] = []
+    promote: list[float] = []
+    reroute: list[float] = []
     try:
         say(f"starting a deployment in {workdir}")
         await cluster.start()

@@ -124,6 +124,26 @@ class VictimAgent(pb_grpc.AgentServicer):
         self.member.running = False
         return pb.RoleReply(status=self.member.status(self.upstream_port, self.standby), detail="fenced")
 
+    async def _not_simulated(self, context: grpc.aio.ServicerContext) -> pb.RoleReply:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not simulated")
+        raise AssertionError("unreachable")
+
+    async def Follow(self, request: pb.FollowRequest, context: grpc.aio.ServicerContext) -> pb.RoleReply:
+        return await self._not_simulated(context)
+
+    async def SetSynchronousStandbys(
+        self, request: pb.SetSynchronousStandbysRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RoleReply:
+        return await self._not_simulated(context)
+
+    async def Checkpoint(
+        self, request: pb.CheckpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RoleReply:
+        return await self._not_simulated(context)
+
+    async def Remove(self, request: pb.RemoveRequest, context: grpc.aio.ServicerContext) -> pb.RoleReply:
+        return await self._not_simulated(context)
+
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
     insecure = TlsConfig(insecure=True)

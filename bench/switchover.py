@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import Result, say, summary, table
@@ -13,6 +14,10 @@ from bench.failover import plan
 from xcha.ctl import call
 from xcha.harness import LoadedCluster
 from xcha.v1 import xcha_pb2 as pb
+
+
+def switched_from(old: str) -> Callable[[pb.ClusterStatus], bool]:
+    return lambda s: s.groups[0].master != old and s.groups[0].state in ("single", "protected")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,11 +41,7 @@ async def run(args: argparse.Namespace) -> int:
                 cluster.topology.target,
                 lambda stub: stub.Switchover(pb.SwitchoverRequest(datanode="dn1"), timeout=10),
             )
-            await cluster.topology.wait_for(
-                lambda s, old=old: s.groups[0].master != old and s.groups[0].state in ("single", "protected"),
-                60,
-                "the switchover",
-            )
+            await cluster.topology.wait_for(switched_from(old), 60, "the switchover")
             await cluster.wait_for_writes(10, "dn1")
             gap = cluster.writers["dn1"].write_gap(requested)
             gaps.append(gap)

@@ -7,6 +7,7 @@ tests/unit/test_design_doc.py fails when the document differs from what this pro
 
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from xcha.controller.fsm import mermaid, table_markdown
@@ -18,12 +19,16 @@ def generated_sections() -> dict[str, str]:
     return {"fsm-diagram": f"```mermaid\n{mermaid()}```\n", "fsm-table": table_markdown()}
 
 
+def _replacement(content: str) -> Callable[[re.Match[str]], str]:
+    return lambda match: match.group(1) + content + match.group(2)
+
+
 def render(text: str) -> str:
     for name, content in generated_sections().items():
         pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.DOTALL)
         if not pattern.search(text):
             raise SystemExit(f"docs/design.md has no <!-- {name}:begin --> ... <!-- {name}:end --> section")
-        text = pattern.sub(lambda m, content=content: m.group(1) + content + m.group(2), text)
+        text = pattern.sub(_replacement(content), text)
     return text
 
 

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize(
     "command",
     [
-        ["ruff", "check", "src", "tests", "scripts"],
-        ["ruff", "format", "--check", "src", "tests", "scripts"],
+        ["ruff", "check", "src", "tests", "scripts", "bench"],
+        ["ruff", "format", "--check", "src", "tests", "scripts", "bench"],
         ["mypy"],
     ],
     ids=["ruff-check", "ruff-format", "mypy"],

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import psycopg
 from psycopg import sql
 
-from xcha.pg.client import bounded, connect
+from xcha.pg.client import bounded, close, connect
 
 
 @dataclass
@@ -56,7 +56,7 @@ class Writer:
             if row is not None and not row[0]:
                 return conn
         except BaseException:
-            await conn.close()
+            await close(conn)
             raise
         await conn.close()
         raise ConnectionError("read-only")
@@ -65,6 +65,8 @@ class Writer:
         """The first server that accepts writes. All are tried at once, each attempt bounded:
         a hung server must not delay finding the one that answers."""
         attempts = [asyncio.ensure_future(self._writable(c)) for c in self.conninfos]
+        for attempt in attempts:  # a cancelled attempt's own error is of no interest
+            attempt.add_done_callback(lambda done: done.cancelled() or done.exception())
         errors = []
         winner = None
         try:
@@ -112,7 +114,7 @@ class Writer:
             )
             if self._conn is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._conn.close(), 1)
+                    await close(self._conn)
             self._conn = None
             return False
         self.acknowledged[ident] = time.time()
@@ -135,7 +137,7 @@ class Writer:
     async def close(self) -> None:
         if self._conn is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._conn.close(), 2)
+                await close(self._conn)
             self._conn = None
 
     def recovery_seconds(self, fault_at: float) -> float | None:

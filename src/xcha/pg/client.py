@@ -38,10 +38,31 @@ async def bounded(conn: Conn, operation: Awaitable[T], timeout: float) -> T:
     raise TimeoutError(f"no answer within {timeout:.2f} s")
 
 
+def _shut_down(conn: Conn) -> None:
+    """End the connection at the socket: whatever waits on it fails at once."""
+    with (
+        contextlib.suppress(OSError, psycopg.Error),
+        socket.socket(fileno=os.dup(conn.pgconn.socket)) as duplicate,
+    ):
+        duplicate.shutdown(socket.SHUT_RDWR)
+
+
+async def close(conn: Conn, timeout: float = 2.0) -> None:
+    """Close conn, also while another task's query is suspended on it (psycopg's close frees
+    libpq's connection under such a query): shut the socket down so that query ends, wait
+    until it lets go of the connection, then close. A query that never lets go keeps the
+    connection (leaked rather than freed under it)."""
+    if conn.closed:
+        return
+    _shut_down(conn)
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout), conn.lock:
+            await conn.close()
+
+
 async def _abandon(conn: Conn, task: "asyncio.Future[T]") -> None:
     """End a query that must not be waited for, and wait until it has let go of libpq."""
-    with contextlib.suppress(OSError), socket.socket(fileno=os.dup(conn.pgconn.socket)) as duplicate:
-        duplicate.shutdown(socket.SHUT_RDWR)
+    _shut_down(conn)
     finished, _ = await asyncio.wait({task}, timeout=1.0)
     if not finished:
         task.cancel()

@@ -28,7 +28,7 @@ from psycopg.conninfo import make_conninfo
 
 from xcha.errors import InvalidInput, PostgresError
 from xcha.names import Endpoint, check_host, check_name, check_port
-from xcha.pg.client import bounded
+from xcha.pg.client import bounded, close
 from xcha.pg.lsn import parse_lsn
 from xcha.pg.render import (
     INCLUDE_LINE,
@@ -423,10 +423,10 @@ class PostgresInstance:
             raise
 
     async def _close_session(self) -> None:
+        """Drop the kept session, also while the watch loop's status query is on it."""
         if self._session is not None:
             session, self._session = self._session, None
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(session.close(), 1)
+            await close(session)
 
     async def control_data(self) -> dict[str, str]:
         """pg_controldata of the (stopped) instance, as a dict of its lines."""

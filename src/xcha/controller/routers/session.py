@@ -8,10 +8,9 @@ must not hold the barrier's other coordinators or the controller (see xcha.pg.cl
 import logging
 from collections.abc import Sequence
 
-import psycopg
 from psycopg import sql
 
-from xcha.pg.client import Conn, bounded, connect
+from xcha.pg.client import Conn, bounded, close, connect
 
 log = logging.getLogger(__name__)
 Query = str | sql.Composable
@@ -48,7 +47,4 @@ class CoordinatorSession:
     async def close(self) -> None:
         if self._conn is not None:
             conn, self._conn = self._conn, None
-            try:
-                await conn.close()
-            except psycopg.Error as error:
-                log.debug("closing the session to %s: %s", self.name, error)
+            await close(conn)
