@@ -34,6 +34,7 @@ from xcha.controller.store import EventRecord, GroupRecord, MemberRecord, Store
 from xcha.controller.views import NEVER, GroupState, GroupView, MemberView, Request
 from xcha.errors import InvalidInput, NotFound, Refused, XchaError
 from xcha.names import Endpoint, check_name
+from xcha.pg.lsn import format_lsn
 from xcha.pg.probe import ping
 from xcha.pg.status import PgStatus
 from xcha.rpc import channel, endpoint_from_proto, endpoint_to_proto, status_from_proto
@@ -606,34 +607,55 @@ class Controller:
         )
 
     async def _switchover(self, datanode: str, target: str) -> None:
-        """Stop the master cleanly (every WAL record reaches the streaming standbys), wait
-        until the target has flushed past the shutdown checkpoint, then promote it."""
+        """Wait until the target has caught up with the master (stopping the master earlier
+        can recycle WAL the target still needs); stop the master cleanly (every WAL record
+        reaches the streaming standbys); wait until the target has flushed past the shutdown
+        checkpoint; then promote it."""
         group = self.groups[datanode]
         old = group.master
         assert old is not None
         self.marks[datanode] = FailoverMarks(old_endpoint=self._endpoint(old), switchover=True)
         self._plan_takeover(datanode, old, target)
+        try:
+            master = await self._client(old).stub.GetStatus(pb.GetStatusRequest(), timeout=2)
+        except (grpc.aio.AioRpcError, XchaError) as error:
+            self._switchover_failed(datanode, f"cannot read {old}'s position: {error}")
+            return
+        if not await self._reaches(target, master.postgres_status.current_lsn, 10):
+            self._switchover_failed(datanode, f"{target} did not catch up with {old} within 10 s")
+            return
         fence = pb.FenceRequest(epoch=self.epoch, member=old, reason=f"switchover to {target}", clean=True)
         reply = await self._call(old, "Fence", lambda stub: stub.Fence(fence, timeout=120))
         if reply is None:
             self._switchover_failed(datanode, f"could not stop {old} cleanly")
             return
-        deadline = self.clock() + 30
-        while self.clock() < deadline:
-            with contextlib.suppress(grpc.aio.AioRpcError):
-                status = await self._client(target).stub.GetStatus(pb.GetStatusRequest(), timeout=2)
-                self.observe(target, status, "switchover")
-                if status.postgres_status.flush_lsn > reply.final_lsn:
-                    break
-            await asyncio.sleep(0.01)
-        else:
-            self._switchover_failed(datanode, f"{target} did not receive WAL up to {reply.final_lsn}")
+        if not await self._reaches(target, reply.final_lsn + 1, 30):
+            position = self.observations[target].pg.position
+            self._switchover_failed(
+                datanode,
+                f"{target} did not receive WAL past {format_lsn(reply.final_lsn)} "
+                f"(it has {format_lsn(position)})",
+            )
             return
         await self._promote(datanode, target, None, failover=True)
         if not self.observations[target].pg.running or self.observations[target].pg.in_recovery:
             self._switchover_failed(datanode, f"{target} did not become master")
 
+    async def _reaches(self, member: str, position: int, timeout: float) -> bool:
+        """Whether member reports (flushed or replayed) WAL up to position within timeout."""
+        deadline = self.clock() + timeout
+        while self.clock() < deadline:
+            with contextlib.suppress(grpc.aio.AioRpcError, XchaError):
+                status = await self._client(member).stub.GetStatus(pb.GetStatusRequest(), timeout=2)
+                self.observe(member, status, "switchover")
+                if self.observations[member].pg.position >= position:
+                    return True
+            await asyncio.sleep(0.01)
+        return False
+
     def _switchover_failed(self, datanode: str, why: str) -> None:
+        """The state machine's switchover_failed row starts the old master again (a no-op when
+        it was never stopped) and returns the group to service."""
         message = f"switchover failed: {why}"
         self._save_group(replace(self.groups[datanode], reason=message))
         self.event(datanode, "error", message)

@@ -170,6 +170,10 @@ def _conf(spec: ReplicationSpec) -> str:
         )
     )
     lines.append(_setting("max_wal_senders", "10"))
+    if version >= 130000:
+        lines.append(_setting("wal_keep_size", "'256MB'", "a standby catching up finds its WAL"))
+    else:
+        lines.append(_setting("wal_keep_segments", "16", "a standby catching up finds its WAL"))
     if version >= 90400:
         lines.append(_setting("wal_log_hints", "on", "pg_rewind needs it"))
     else:
