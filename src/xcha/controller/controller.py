@@ -252,7 +252,11 @@ class Controller:
         )
         if record.removed:
             reply.goal = pb.GOAL_REMOVED
-        elif group.master == record.name:
+        elif group.master == record.name or (
+            group.state in (GroupState.SWITCHOVER, GroupState.FAILOVER) and group.candidate == record.name
+        ):
+            # A switchover's target is the master from its promotion on, before the group
+            # record names it: told "standby" meanwhile, its agent would fence it.
             reply.goal = pb.GOAL_MASTER
         elif group.master is None or (upstream := self._endpoint(group.master)) is None:
             reply.goal = pb.GOAL_WAIT
