@@ -133,7 +133,10 @@ async def measure(
         for simulator in simulators:
             simulator.send_signal(signal.SIGTERM)
             output, _ = simulator.communicate(timeout=60)
-            reports.append(json.loads(output.decode().strip().splitlines()[-1]))
+            lines = output.decode().strip().splitlines()
+            if simulator.returncode != 0 or not lines:
+                raise RuntimeError(f"a simulator failed (exit {simulator.returncode})")
+            reports.append(json.loads(lines[-1]))
     finally:
         for process in [*simulators, controller]:
             if process.poll() is None:

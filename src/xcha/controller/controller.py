@@ -233,7 +233,9 @@ class Controller:
                 agent_address=status.agent_address,
             )
             self.store.save_member(self.records[name])
-        if self.groups[record.datanode].master == name:
+        # The master's report says who streams; with no master recorded yet, the report of a
+        # master about to be adopted counts too (else its healthy standbys look missing).
+        if self.groups[record.datanode].master in (name, None):
             for downstream in status.postgres_status.downstreams:
                 if downstream.state == "streaming" and downstream.name in self.observations:
                     self.observations[downstream.name].streaming_seen_at = now
