@@ -25,6 +25,7 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groups", type=int, default=1000)
+    parser.add_argument("--also", type=int, default=100, help="a smaller size measured too (0: none)")
     parser.add_argument("--processes", type=int, default=4, help="simulator processes")
     parser.add_argument(
         "--interval", type=float, default=0.25, help="heartbeat interval (controller default)"
@@ -158,11 +159,15 @@ async def measure(
 
 async def run(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="xcha-bench-scale-"))
-    say(f"one group first (the detection baseline), then {args.groups} groups; files in {workdir}")
-    single = await measure(1, 1, args.interval, 5.0, 5.0, workdir)
-    say(f"1 group: {single}")
-    many = await measure(args.groups, args.processes, args.interval, args.warmup, args.measure, workdir)
-    say(f"{args.groups} groups: {many}")
+    sizes = [1, *([args.also] if 0 < args.also < args.groups else []), args.groups]
+    say(f"controller with {', '.join(map(str, sizes))} groups in turn; files in {workdir}")
+    runs = []
+    for groups in sizes:
+        processes = 1 if groups == 1 else args.processes
+        warmup, window = (5.0, 5.0) if groups == 1 else (args.warmup, args.measure)
+        runs.append(await measure(groups, processes, args.interval, warmup, window, workdir))
+        say(f"{groups} groups: {runs[-1]}")
+    many = runs[-1]
     result = Result(
         "scale",
         {
@@ -183,7 +188,7 @@ async def run(args: argparse.Namespace) -> int:
             r["detect_to_promote_ms"] and round(float(str(r["detect_to_promote_ms"])), 1),
             r["errors"],
         )
-        for r in (single, many)
+        for r in runs
     ]
     result.tables.append(
         table(
@@ -202,8 +207,7 @@ async def run(args: argparse.Namespace) -> int:
     cpu_ok = float(str(many["controller_cpu_pct"])) < 50
     p99 = many["handling_p99_ms"]
     result.figures = {
-        "single": single,
-        "many": many,
+        "runs": runs,
         "targets": {
             "cpu_under_50pct": cpu_ok,
             "handling_p99_under_20ms": p99 is not None and float(str(p99)) < 20,

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import grpc
 
@@ -44,6 +44,8 @@ from xcha.v1 import xcha_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 FOLLOW_BACKOFF = 5.0
+SWEEP_INTERVAL = 1.0
+AT_REST = (GroupState.PROTECTED, GroupState.SINGLE, GroupState.UNPROTECTED, GroupState.DEGRADED)
 RUNNING = (GroupState.SINGLE, GroupState.PROTECTED, GroupState.UNPROTECTED, GroupState.DEGRADED)
 
 
@@ -52,7 +54,6 @@ class Observation:
     """What the controller knows of one member, from its agent and its own probes."""
 
     status: pb.MemberStatus | None = None
-    pg: PgStatus = field(default_factory=lambda: PgStatus(running=False))
     received_at: float = -NEVER
     probe_ok: bool | None = None
     probe_detail: str = "not probed"
@@ -62,6 +63,17 @@ class Observation:
     follow_failed_at: float = -NEVER
     streaming_seen_at: float = -NEVER
     fingerprint: tuple[object, ...] = ()
+    _pg: PgStatus | None = None
+
+    @property
+    def pg(self) -> PgStatus:
+        """The status as a PgStatus, converted when first needed (most heartbeats of a large
+        cluster are never looked at: converting each one would cost the controller)."""
+        if self._pg is None:
+            self._pg = (
+                status_from_proto(self.status.postgres_status) if self.status else PgStatus(running=False)
+            )
+        return self._pg
 
 
 @dataclass
@@ -125,6 +137,7 @@ class Controller:
                     mode = "async" if name in datanode.async_members else "sync"
                     self.records[name] = MemberRecord(datanode.name, name, mode)
                     store.save_member(self.records[name])
+        self._index_members()
         self.groups = store.groups()
         for datanode in config.datanodes:
             self.groups.setdefault(datanode.name, GroupRecord(datanode.name))
@@ -139,6 +152,7 @@ class Controller:
         self._evaluation_scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = asyncio.Event()
+        self._last_sweep = -NEVER
         self.on_event: Callable[[EventRecord], None] = lambda event: None
         self.heartbeat_observer: Callable[[float], None] | None = None
         router.on_event = lambda dn, kind, message, details: self.event(dn, kind, message, details)
@@ -151,7 +165,13 @@ class Controller:
         self.on_event(record)
 
     def members_of(self, datanode: str) -> list[MemberRecord]:
-        return [r for r in self.records.values() if r.datanode == datanode]
+        return [self.records[name] for name in self._group_members.get(datanode, ())]
+
+    def _index_members(self) -> None:
+        """Member names per group, in the order they were configured or added."""
+        self._group_members: dict[str, list[str]] = {}
+        for record in self.records.values():
+            self._group_members.setdefault(record.datanode, []).append(record.name)
 
     def _save_group(self, group: GroupRecord) -> None:
         self.groups[group.name] = group
@@ -218,7 +238,7 @@ class Controller:
         ):
             return  # an older report that arrived late
         observation.status = status
-        observation.pg = status_from_proto(status.postgres_status)
+        observation._pg = None
         observation.received_at = now
         record = self.records[name]
         if (status.postgres.host, status.postgres.port, status.agent_address) != (
@@ -685,9 +705,15 @@ class Controller:
         self.mark_dirty(self.records[member].datanode)
 
     def tick(self) -> None:
-        """Timers: probe a master whose heartbeats are late, and re-evaluate every group."""
+        """Timers. Heartbeats that change something and probe results evaluate their group at
+        once; a tick probes a master whose heartbeats are late and evaluates only the groups
+        where time alone can change a decision (a member is late, the group is not at rest),
+        plus every group once a second (grace, back-off and the like)."""
         now = self.clock()
         late = 1.5 * self.config.heartbeat_interval
+        sweep = now - self._last_sweep >= SWEEP_INTERVAL
+        if sweep:
+            self._last_sweep = now
         for datanode, group in self.groups.items():
             master = group.master
             if master is not None:
@@ -698,7 +724,12 @@ class Controller:
                     and now - observation.probe_at >= self.config.heartbeat_interval
                 ):
                     self._spawn(self._probe(master))
-            self.evaluate(datanode)
+            if (
+                sweep
+                or group.state not in AT_REST
+                or any(now - self.observations[r.name].received_at > late for r in self.members_of(datanode))
+            ):
+                self.evaluate(datanode)
 
     async def run(self) -> None:
         while not self._stopping.is_set():
@@ -794,6 +825,7 @@ class Controller:
         record = MemberRecord(datanode, member, mode)
         self.records[member] = record
         self.observations.setdefault(member, Observation())
+        self._index_members()
         self.store.save_member(record)
         self.event(
             datanode, "add_standby", f"{member} added as {mode} standby", {"member": member, "mode": mode}
