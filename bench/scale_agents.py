@@ -7,6 +7,7 @@ Run by bench/scale.py as `python -m bench.scale_agents ...`; prints one JSON lin
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import signal
@@ -177,6 +178,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     round_trips: list[float] = []
     errors = 0
     stopping = asyncio.Event()
+    started_at = time.monotonic()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
     channels = [grpc.aio.insecure_channel(args.controller) for _ in range(args.channels)]
     stubs = [pb_grpc.ControllerStub(c) for c in channels]
@@ -225,7 +227,8 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         except TimeoutError:
             result["detect_to_promote_ms"] = None
     measured_from = len(round_trips)
-    await stopping.wait()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stopping.wait(), max(0.0, args.run_for - (time.monotonic() - started_at)))
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -256,4 +259,5 @@ if __name__ == "__main__":
     parser.add_argument("--crash-after", type=float, default=10.0)
     parser.add_argument("--dummy-agent", default="127.0.0.1:9")
     parser.add_argument("--channels", type=int, default=4)
+    parser.add_argument("--run-for", type=float, default=60.0, help="stop after this many seconds")
     print(json.dumps(asyncio.run(main(parser.parse_args()))), flush=True)
