@@ -24,7 +24,7 @@ from pathlib import Path
 
 from xcha.ctl import status_table
 from xcha.errors import XchaError
-from xcha.harness import LoadedCluster
+from xcha.harness import LoadedCluster, settled
 from xcha.topology import DatanodePlan, Topology, TopologyPlan
 from xcha.v1 import xcha_pb2 as pb
 
@@ -126,7 +126,7 @@ def _showing(progress: Progress) -> Callable[[pb.ClusterStatus], None]:
 def _all_protected(show: Callable[[pb.ClusterStatus], None]) -> Callable[[pb.ClusterStatus], bool]:
     def check(status: pb.ClusterStatus) -> bool:
         show(status)
-        return all(g.state == "protected" for g in status.groups)
+        return settled(status)
 
     return check
 

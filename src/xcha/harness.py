@@ -46,6 +46,14 @@ class Recovery:
     reroute_ms: float | None
 
 
+def settled(status: pb.ClusterStatus) -> bool:
+    """Every group protected and every agent done with what it was doing (a standby can be
+    confirming commits while its agent still finishes the Follow that started it)."""
+    return all(
+        g.state == "protected" and all(m.status.activity == "idle" for m in g.members) for g in status.groups
+    )
+
+
 class LoadedCluster:
     def __init__(self, workdir: Path, plan: TopologyPlan) -> None:
         if not plan.coordinators:
@@ -70,7 +78,7 @@ class LoadedCluster:
         def protected(status: pb.ClusterStatus) -> bool:
             if on_status is not None:
                 on_status(status)
-            return all(g.state == "protected" for g in status.groups)
+            return settled(status)
 
         status = await topology.wait_for(protected, timeout, "every datanode to be protected")
         await topology.setup_sharding()
