@@ -65,6 +65,16 @@ def processes_under(base: Path) -> list[tuple[int, str]]:
     return found
 
 
+def _interrupt_on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A plain `kill` of pytest would end it without teardown and leave PostgreSQL, agents and
+    # controllers running; as an interrupt, fixtures are torn down and the sweep below runs.
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     left = processes_under(SESSION_BASE)
     for pid, _ in left:
