@@ -1,16 +1,52 @@
 """What every benchmark shares: statistics, the machine's description, and results files."""
 
+import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import subprocess
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xcha.harness import LoadedCluster
+from xcha.topology import DatanodePlan, TopologyPlan
+
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def one_pair_plan() -> TopologyPlan:
+    """dn1 as a master/standby pair behind one postgres_fdw coordinator, default timings."""
+    return TopologyPlan(
+        datanodes=(DatanodePlan("dn1", ("dn1a", "dn1b")),),
+        router="fdw",
+        coordinators=("coord1",),
+        startup_grace=0.5,
+    )
+
+
+def add_workdir_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workdir", type=Path, help="keep the deployment here (default: a temporary directory)"
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_deployment(name: str, workdir: Path | None) -> AsyncIterator[LoadedCluster]:
+    """The one-pair deployment, protected and under writes; stopped by PID however the
+    benchmark ends."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix=f"xcha-bench-{name}-"))
+    cluster = LoadedCluster(workdir, one_pair_plan())
+    try:
+        say(f"starting a deployment in {workdir}")
+        await cluster.start()
+        yield cluster
+    finally:
+        await cluster.down()
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

@@ -6,41 +6,22 @@ p50 <= 300 ms, max <= 1 s, lost = 0."""
 
 import argparse
 import asyncio
-import tempfile
-from pathlib import Path
 
-from bench.common import Result, say, summary, table
-from xcha.harness import LoadedCluster
-from xcha.topology import DatanodePlan, TopologyPlan
-
-
-def plan() -> TopologyPlan:
-    return TopologyPlan(
-        datanodes=(DatanodePlan("dn1", ("dn1a", "dn1b")),),
-        router="fdw",
-        coordinators=("coord1",),
-        startup_grace=0.5,
-    )
+from bench.common import Result, add_workdir_argument, running_deployment, say, summary, table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument(
-        "--workdir", type=Path, help="keep the deployment here (default: a temporary directory)"
-    )
+    add_workdir_argument(parser)
 
 
 async def run(args: argparse.Namespace) -> int:
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="xcha-bench-failover-"))
-    cluster = LoadedCluster(workdir, plan())
     rows: list[tuple[object, ...]] = []
     rto: list[float] = []
     detect: list[float] = []
     promote: list[float] = []
     reroute: list[float] = []
-    try:
-        say(f"starting a deployment in {workdir}")
-        await cluster.start()
+    async with running_deployment("failover", args.workdir) as cluster:
         for trial in range(1, args.trials + 1):
             await cluster.wait_protected()
             await asyncio.sleep(1.0)
@@ -78,8 +59,6 @@ async def run(args: argparse.Namespace) -> int:
                     values.append(value)
         await cluster.wait_protected()
         outcome = await cluster.finish()
-    finally:
-        await cluster.down()
     result = Result(
         "failover",
         {

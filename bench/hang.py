@@ -5,13 +5,9 @@ must cause no failover. Target: RTO <= failure_timeout + 0.5 s; zero failovers i
 import argparse
 import asyncio
 import signal
-import tempfile
 import time
-from pathlib import Path
 
-from bench.common import Result, say, summary, table
-from bench.failover import plan
-from xcha.harness import LoadedCluster
+from bench.common import Result, add_workdir_argument, one_pair_plan, running_deployment, say, summary, table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,18 +15,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--soak-seconds", type=float, default=300.0)
     parser.add_argument("--stall-seconds", type=float, default=1.0)
     parser.add_argument("--stall-every", type=float, default=20.0)
-    parser.add_argument("--workdir", type=Path)
+    add_workdir_argument(parser)
 
 
 async def run(args: argparse.Namespace) -> int:
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="xcha-bench-hang-"))
-    cluster = LoadedCluster(workdir, plan())
-    failure_timeout = cluster.topology.plan.failure_timeout
+    failure_timeout = one_pair_plan().failure_timeout
     rows, rto = [], []
     stalls = soak_failovers = 0
-    try:
-        say(f"starting a deployment in {workdir}")
-        await cluster.start()
+    async with running_deployment("hang", args.workdir) as cluster:
         for trial in range(1, args.trials + 1):
             await cluster.wait_protected()
             await asyncio.sleep(1.0)
@@ -74,8 +66,6 @@ async def run(args: argparse.Namespace) -> int:
         epoch_after = cluster.status().epoch
         say(f"soak: {stalls} stalls, {soak_failovers} failovers, epoch {epoch_before} -> {epoch_after}")
         outcome = await cluster.finish()
-    finally:
-        await cluster.down()
     stats = summary(rto)
     target = failure_timeout * 1000 + 500
     result = Result(

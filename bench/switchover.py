@@ -4,15 +4,11 @@ acknowledged write after it. Target: p50 <= 300 ms, lost = 0."""
 
 import argparse
 import asyncio
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from bench.common import Result, say, summary, table
-from bench.failover import plan
+from bench.common import Result, add_workdir_argument, running_deployment, say, summary, table
 from xcha.ctl import call
-from xcha.harness import LoadedCluster
 from xcha.v1 import xcha_pb2 as pb
 
 
@@ -22,16 +18,12 @@ def switched_from(old: str) -> Callable[[pb.ClusterStatus], bool]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--workdir", type=Path)
+    add_workdir_argument(parser)
 
 
 async def run(args: argparse.Namespace) -> int:
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="xcha-bench-switchover-"))
-    cluster = LoadedCluster(workdir, plan())
     gaps, rows = [], []
-    try:
-        say(f"starting a deployment in {workdir}")
-        await cluster.start()
+    async with running_deployment("switchover", args.workdir) as cluster:
         for trial in range(1, args.trials + 1):
             await cluster.wait_protected()
             await asyncio.sleep(1.0)
@@ -49,8 +41,6 @@ async def run(args: argparse.Namespace) -> int:
             say(f"trial {trial}: {old} -> {new}: write gap {gap:.0f} ms")
             rows.append((trial, old, new, f"{gap:.0f}"))
         outcome = await cluster.finish()
-    finally:
-        await cluster.down()
     stats = summary(gaps)
     result = Result("switchover", {"trials": args.trials, "router": "fdw"})
     result.figures = {
