@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -20,26 +19,10 @@ import pytest
 
 from xcha.pg.instance import InstanceSpec, PostgresInstance
 from xcha.pg.runner import OsUser, Runner, find_bindir, server_version
+from xcha.topology import free_port
 
 SESSION_BASE = Path(tempfile.mkdtemp(prefix="xcha-test-"))
 SESSION_BASE.chmod(0o755)
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on, never handed out twice in a session."""
-    for _ in range(1000):
-        port = random.randint(20000, 39999)
-        if port in _handed_out:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError("no free loopback port found")
 
 
 def processes_under(base: Path) -> list[tuple[int, str]]:

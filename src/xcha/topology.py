@@ -67,24 +67,42 @@ class TopologyPlan:
     hosts: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
-def free_port() -> int:
+_handed_out: set[int] = set()
+
+
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+def free_port(count: int = 1) -> int:
+    """First of `count` consecutive loopback ports that are free now and were never handed out
+    by this process. They lie outside the kernel's ephemeral range: a port taken from there can
+    become some client connection's local port before its server binds it."""
+    ephemeral = _ephemeral_ports()
+    if ephemeral.start > 25000:
+        low, high = 20000, ephemeral.start - count
+    else:
+        low, high = ephemeral.stop, 65535 - count
+    for _ in range(1000):
+        start = low + secrets.randbelow(high - low + 1)
+        block = range(start, start + count)
+        if _handed_out.isdisjoint(block) and all(map(_bindable, block)):
+            _handed_out.update(block)
+            return block.start
+    raise XchaError(f"no {count} free consecutive loopback port(s) found in {low}-{high}")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def free_port_pair() -> int:
-    """p such that p and p + 1 are free on loopback (the seed's 5432/5433 pair, elsewhere)."""
-    for _ in range(200):
-        port = free_port()
-        with socket.socket() as second:
-            try:
-                second.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise XchaError("no pair of adjacent free ports found")
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def toml_value(value: object) -> str:
@@ -201,7 +219,7 @@ class Topology:
             self.metrics_ports["controller"] = free_port()
         for datanode in self.plan.datanodes:
             check_name(datanode.name, "datanode name")
-            base = free_port_pair()
+            base = free_port(2)  # the seed's 5432/5433 pair, elsewhere
             for index, member in enumerate(datanode.members):
                 self.add_member(datanode.name, member, base + index if index < 2 else None)
         self._write_controller_config()

@@ -23,11 +23,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import xcha
-from tests.conftest import free_port, processes_under
+from tests.conftest import processes_under
 from tests.integration.conftest import Cluster, ClusterFactory
 from xcha.ctl import call
 from xcha.logs import JsonFormatter
-from xcha.topology import DatanodePlan, Topology, TopologyPlan
+from xcha.topology import DatanodePlan, Topology, TopologyPlan, free_port
 from xcha.v1 import xcha_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]

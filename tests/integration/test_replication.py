@@ -8,11 +8,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.conftest import InstanceFactory, free_port
+from tests.conftest import InstanceFactory
 from xcha.errors import InvalidInput
 from xcha.names import Endpoint
 from xcha.pg.instance import PostgresInstance
 from xcha.pg.syncrep import SyncPolicy, SyncStandbys
+from xcha.topology import free_port
 
 pytestmark = pytest.mark.integration
 
