@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -18,6 +19,11 @@ from xcha.topology import DatanodePlan, TopologyPlan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# Each trial (failover, hang, switchover, compare) first waits until the group is protected
+# again, then lets it run this long under writes before the fault or switchover, so that every
+# trial starts from steady writes, not from the catch-up right after the previous one. Deliberate.
+QUIET_BEFORE_TRIAL = 1.0  # s
+
 
 def one_pair_plan() -> TopologyPlan:
     """dn1 as a master/standby pair behind one postgres_fdw coordinator, default timings."""
@@ -25,7 +31,6 @@ def one_pair_plan() -> TopologyPlan:
         datanodes=(DatanodePlan("dn1", ("dn1a", "dn1b")),),
         router="fdw",
         coordinators=("coord1",),
-        startup_grace=0.5,
     )
 
 
@@ -36,17 +41,27 @@ def add_workdir_argument(parser: argparse.ArgumentParser) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_deployment(name: str, workdir: Path | None) -> AsyncIterator[LoadedCluster]:
-    """The one-pair deployment, protected and under writes; stopped by PID however the
-    benchmark ends."""
+async def running_deployment(
+    name: str, workdir: Path | None, *, timeout: float | None = None, keep: bool = True
+) -> AsyncIterator[LoadedCluster]:
+    """The one-pair deployment, protected and under writes (within `timeout` s, the harness's
+    default when None); stopped by PID however the benchmark ends. Without `keep`, the
+    temporary directory made here is removed afterwards (a given `workdir` always stays)."""
+    temporary = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix=f"xcha-bench-{name}-"))
     cluster = LoadedCluster(workdir, one_pair_plan())
     try:
         say(f"starting a deployment in {workdir}")
-        await cluster.start()
+        if timeout is None:
+            await cluster.start()
+        else:
+            await cluster.start(timeout=timeout)
         yield cluster
     finally:
-        await cluster.down()
+        stopped = await cluster.down()
+        say(f"stopped {len(stopped)} processes by PID")
+        if temporary and not keep:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:
@@ -149,6 +164,11 @@ class Result:
         for note in self.notes:
             lines.append(f"- {note}")
         return "\n".join(lines).rstrip() + "\n"
+
+
+def optional_ms(value: float | None, prefix: str = "") -> str:
+    """Whole milliseconds, or "-" for a mark that was not seen."""
+    return "-" if value is None else f"{prefix}{value:.0f}"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -1,4 +1,4 @@
-"""`./run bench compare`: xcha against the anchors of BRIEF section 4 on this machine.
+"""`./run bench compare`: xcha against Patroni and pg_auto_failover on this machine.
 
 Two scenarios under a client inserting every 10 ms:
   failover  kill -9 of the primary's postmaster;
@@ -15,15 +15,12 @@ import argparse
 import asyncio
 import contextlib
 import itertools
-import shutil
 import signal
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
-from pathlib import Path
 
 import psycopg
 from psycopg import sql
@@ -31,11 +28,19 @@ from psycopg import sql
 from bench.anchors import Anchor, AnchorUnavailable, is_primary
 from bench.anchors.patroni import TIGHT_TIMINGS, Patroni
 from bench.anchors.pg_auto_failover import PgAutoFailover
-from bench.common import Result, percentile, say, summary, table
+from bench.common import (
+    QUIET_BEFORE_TRIAL,
+    Result,
+    one_pair_plan,
+    percentile,
+    running_deployment,
+    say,
+    summary,
+    table,
+)
 from xcha.errors import XchaError
 from xcha.harness import COORDINATOR, LoadedCluster
 from xcha.pg.client import bounded, connect
-from xcha.topology import DatanodePlan, TopologyPlan
 from xcha.workload import Writer
 
 SYSTEMS = ("xcha", "patroni-default", "patroni-tight", "pg_auto_failover")
@@ -61,15 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="failover,hang or one of them")
     parser.add_argument("--timeout", type=float, default=120.0, help="per trial and per wait for health, s")
     parser.add_argument("--keep", action="store_true", help="keep every system's directory (logs)")
-
-
-def xcha_plan() -> TopologyPlan:
-    return TopologyPlan(
-        datanodes=(DatanodePlan("dn1", ("dn1a", "dn1b")),),
-        router="fdw",
-        coordinators=(COORDINATOR,),
-        startup_grace=0.5,
-    )
 
 
 @dataclass
@@ -142,7 +138,6 @@ class Watch:
     standby_s: float | None = None
     probe_commits: int = 0
     probe_blocked: int = 0
-    answers: Counter[str] = field(default_factory=Counter)
     evidence: list[str] = field(default_factory=list)  # what the old primary said around a probe commit
 
 
@@ -187,7 +182,6 @@ async def watch_old_primary(conninfo: str, resumed_at: float, stop: asyncio.Even
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(conn.close(), 1)
-        watch.answers[answer] += 1
         if answer == "standby":
             break
         with contextlib.suppress(TimeoutError):
@@ -239,9 +233,7 @@ async def with_watch(
 
 
 async def run_xcha(args: argparse.Namespace, scenarios: list[str], trials: list[Trial]) -> dict[str, object]:
-    plan = xcha_plan()
-    workdir = Path(tempfile.mkdtemp(prefix="xcha-bench-compare-"))
-    cluster = LoadedCluster(workdir, plan)
+    plan = one_pair_plan()
     settings: dict[str, object] = {
         "router": plan.router,
         "heartbeat_interval_s": plan.heartbeat_interval,
@@ -252,10 +244,9 @@ async def run_xcha(args: argparse.Namespace, scenarios: list[str], trials: list[
         "sync_policy": plan.datanodes[0].sync_policy,
         "client": "writes through the coordinator (postgres_fdw)",
     }
-    try:
-        say(f"xcha: starting a coordinator and dn1 (dn1a, dn1b) in {workdir}")
-        started = time.monotonic()
-        await cluster.start(timeout=args.timeout)
+    say("xcha: a coordinator and dn1 (dn1a, dn1b)")
+    started = time.monotonic()
+    async with running_deployment("compare", None, timeout=args.timeout, keep=args.keep) as cluster:
         say(f"xcha: protected after {time.monotonic() - started:.1f} s; master {cluster.master()}")
         writer = cluster.writers["dn1"]
         coordinator = [cluster.topology.coordinator_app_conninfo(COORDINATOR)]
@@ -281,11 +272,6 @@ async def run_xcha(args: argparse.Namespace, scenarios: list[str], trials: list[
                     report(trial)
         outcome = await cluster.finish()
         settings["final_check"] = {"acknowledged": outcome.acknowledged, "lost": len(outcome.lost)}
-    finally:
-        stopped = await cluster.down()
-        say(f"xcha: stopped {len(stopped)} processes by PID")
-        if not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
     return settings
 
 
@@ -294,7 +280,7 @@ async def xcha_trial(
 ) -> None:
     await cluster.wait_protected(timeout)
     await wait_writes(writer, 20, 30)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(QUIET_BEFORE_TRIAL)
     failures_before = len(writer.failures)
     fault = cluster.kill_master() if trial.scenario == "failover" else cluster.hang_master()
     trial.old_primary = fault.member
@@ -430,7 +416,7 @@ async def run_anchor(
 async def anchor_trial(anchor: Anchor, writer: Writer, trial: Trial, timeout: float) -> None:
     await anchor.wait_healthy(timeout)
     await wait_writes(writer, 20, 30)
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(QUIET_BEFORE_TRIAL)
     old = await anchor.primary()
     if old is None:
         raise AnchorUnavailable("no primary before the fault")

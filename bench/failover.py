@@ -7,7 +7,17 @@ p50 <= 300 ms, max <= 1 s, lost = 0."""
 import argparse
 import asyncio
 
-from bench.common import Result, add_workdir_argument, running_deployment, say, summary, table
+from bench.common import (
+    QUIET_BEFORE_TRIAL,
+    Result,
+    add_workdir_argument,
+    one_pair_plan,
+    optional_ms,
+    running_deployment,
+    say,
+    summary,
+    table,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,14 +34,14 @@ async def run(args: argparse.Namespace) -> int:
     async with running_deployment("failover", args.workdir) as cluster:
         for trial in range(1, args.trials + 1):
             await cluster.wait_protected()
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(QUIET_BEFORE_TRIAL)
             fault = cluster.kill_master()
             recovery = await cluster.recovery(fault)
             say(
                 f"trial {trial}: kill -9 of {fault.member}: writes through the coordinator after "
-                f"{recovery.rto_ms:.0f} ms (detected +{recovery.detect_ms or 0:.0f}, promoted "
-                f"+{recovery.promote_ms or 0:.0f}, re-pointed +{recovery.reroute_ms or 0:.0f}), new master "
-                f"{recovery.new_master}"
+                f"{optional_ms(recovery.rto_ms)} ms (detected {optional_ms(recovery.detect_ms, '+')}, "
+                f"promoted {optional_ms(recovery.promote_ms, '+')}, re-pointed "
+                f"{optional_ms(recovery.reroute_ms, '+')}), new master {recovery.new_master}"
             )
             rows.append(
                 (
@@ -39,7 +49,7 @@ async def run(args: argparse.Namespace) -> int:
                     fault.member,
                     recovery.new_master,
                     *(
-                        f"{v:.0f}" if v is not None else "-"
+                        optional_ms(v)
                         for v in (
                             recovery.detect_ms,
                             recovery.promote_ms,
@@ -59,12 +69,13 @@ async def run(args: argparse.Namespace) -> int:
                     values.append(value)
         await cluster.wait_protected()
         outcome = await cluster.finish()
+    plan = one_pair_plan()
     result = Result(
         "failover",
         {
             "trials": args.trials,
-            "heartbeat_interval": 0.25,
-            "failure_timeout": 2.0,
+            "heartbeat_interval": plan.heartbeat_interval,
+            "failure_timeout": plan.failure_timeout,
             "router": "fdw (one postgres_fdw coordinator)",
             "writer": "an insert every 10 ms",
         },

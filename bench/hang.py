@@ -7,7 +7,17 @@ import asyncio
 import signal
 import time
 
-from bench.common import Result, add_workdir_argument, one_pair_plan, running_deployment, say, summary, table
+from bench.common import (
+    QUIET_BEFORE_TRIAL,
+    Result,
+    add_workdir_argument,
+    one_pair_plan,
+    optional_ms,
+    running_deployment,
+    say,
+    summary,
+    table,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,13 +29,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
-    failure_timeout = one_pair_plan().failure_timeout
+    plan = one_pair_plan()
+    failure_timeout = plan.failure_timeout
     rows, rto = [], []
     stalls = soak_failovers = 0
     async with running_deployment("hang", args.workdir) as cluster:
         for trial in range(1, args.trials + 1):
             await cluster.wait_protected()
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(QUIET_BEFORE_TRIAL)
             fault = cluster.hang_master()
             try:
                 recovery = await cluster.recovery(fault)
@@ -33,15 +44,15 @@ async def run(args: argparse.Namespace) -> int:
                 cluster.resume(fault.member)
             say(
                 f"trial {trial}: SIGSTOP of {fault.member}'s host: writes through the coordinator after "
-                f"{recovery.rto_ms:.0f} ms (detected +{recovery.detect_ms or 0:.0f})"
+                f"{optional_ms(recovery.rto_ms)} ms (detected {optional_ms(recovery.detect_ms, '+')})"
             )
             rows.append(
                 (
                     trial,
                     fault.member,
                     recovery.new_master,
-                    f"{recovery.detect_ms or 0:.0f}",
-                    f"{recovery.rto_ms:.0f}",
+                    optional_ms(recovery.detect_ms),
+                    optional_ms(recovery.rto_ms),
                 )
             )
             if recovery.rto_ms is not None:
@@ -73,7 +84,7 @@ async def run(args: argparse.Namespace) -> int:
         {
             "trials": args.trials,
             "failure_timeout": failure_timeout,
-            "heartbeat_interval": 0.25,
+            "heartbeat_interval": plan.heartbeat_interval,
             "soak_seconds": args.soak_seconds,
             "stall_seconds": args.stall_seconds,
             "stall_every": args.stall_every,

@@ -7,7 +7,15 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from bench.common import Result, add_workdir_argument, running_deployment, say, summary, table
+from bench.common import (
+    QUIET_BEFORE_TRIAL,
+    Result,
+    add_workdir_argument,
+    running_deployment,
+    say,
+    summary,
+    table,
+)
 from xcha.ctl import call
 from xcha.v1 import xcha_pb2 as pb
 
@@ -26,7 +34,7 @@ async def run(args: argparse.Namespace) -> int:
     async with running_deployment("switchover", args.workdir) as cluster:
         for trial in range(1, args.trials + 1):
             await cluster.wait_protected()
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(QUIET_BEFORE_TRIAL)
             old = cluster.master()
             requested = time.time()
             call(

@@ -1,5 +1,6 @@
 """Regenerate the parts of docs/design.md that come from code: the state machine's table
-and its Mermaid diagram (from xcha.controller.fsm.TRANSITIONS).
+and its Mermaid diagram (from xcha.controller.fsm.TRANSITIONS), and the authorization table
+(from xcha.authz.TABLE).
 
     .venv/bin/python scripts/update_design_doc.py          # rewrite docs/design.md
 tests/unit/test_design_doc.py fails when the document differs from what this produces.
@@ -10,13 +11,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from xcha.authz import markdown as authorization_markdown
 from xcha.controller.fsm import mermaid, table_markdown
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "design.md"
 
 
 def generated_sections() -> dict[str, str]:
-    return {"fsm-diagram": f"```mermaid\n{mermaid()}```\n", "fsm-table": table_markdown()}
+    return {
+        "fsm-diagram": f"```mermaid\n{mermaid()}```\n",
+        "fsm-table": table_markdown(),
+        "authz-table": authorization_markdown(),
+    }
 
 
 def _replacement(content: str) -> Callable[[re.Match[str]], str]:

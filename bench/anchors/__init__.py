@@ -1,4 +1,4 @@
-"""The systems xcha is compared with (BRIEF section 4), run on this machine as real processes.
+"""The systems xcha is compared with (Patroni and pg_auto_failover), run on this machine as real processes.
 
 An `Anchor` is a two-node PostgreSQL HA deployment managed by another tool. Everything runs
 as the unprivileged PostgreSQL OS user in a fresh directory; every process started is
@@ -258,9 +258,10 @@ class Anchor(abc.ABC):
         """The manager's view: node -> "primary" (or "primary (...)" when it has no standby),
         "sync standby", or what else it reports."""
 
-    @abc.abstractmethod
     async def healthy(self) -> bool:
         """A primary and a synchronous standby that streams from it, both as the manager says."""
+        roles = await self.roles()
+        return sorted(roles.values()) == ["primary", "sync standby"] and len(roles) == len(self.nodes)
 
     @abc.abstractmethod
     def data_dir(self, node: str) -> Path: ...

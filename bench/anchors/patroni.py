@@ -12,13 +12,11 @@ import os
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 from xcha.topology import free_port
 
-from . import CACHE, Anchor, AnchorUnavailable
+from . import CACHE, Anchor, AnchorUnavailable, is_primary
 
 VENV = CACHE / "patroni-venv"
 PACKAGES = ("patroni[raft]", "psycopg[binary]")
@@ -82,10 +80,6 @@ def ensure_installed() -> str:
     if not version:
         raise AnchorUnavailable(f"Patroni was installed into {VENV} but `patroni --version` fails")
     return version
-
-
-def _is_primary(node: str, roles: dict[str, str]) -> bool:
-    return roles.get(node) == "primary"
 
 
 class Patroni(Anchor):
@@ -230,7 +224,7 @@ class Patroni(Anchor):
                 f"patroni:{node}", [str(VENV / "bin" / "patroni"), str(path)], self.base / f"{node}.log"
             )
             if index == 0:  # the first one bootstraps (initdb); the second clones it
-                await self._wait(partial(_is_primary, node), timeout, f"{node} to bootstrap")
+                await self._wait_primary(node, timeout, f"{node} to bootstrap")
         await self.wait_healthy(timeout)
         with contextlib.suppress(Exception):
             config = await asyncio.to_thread(self._get, self.nodes[0], "/config")
@@ -240,12 +234,12 @@ class Patroni(Anchor):
             defaults = await asyncio.to_thread(builtin_timings)
             self.reported.update({k: f"{defaults.get(k)} (built-in)" for k in TIMINGS})
 
-    async def _wait(self, done: Callable[[dict[str, str]], bool], timeout: float, what: str) -> None:
+    async def _wait_primary(self, node: str, timeout: float, what: str) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
             with contextlib.suppress(Exception):
-                if done(await self.roles()):
+                if is_primary((await self.roles()).get(node, "")):
                     return
             if self.procs.exited():
                 raise AnchorUnavailable(f"{', '.join(self.procs.exited())} exited (logs in {self.base})")
@@ -283,7 +277,3 @@ class Patroni(Anchor):
             else:
                 roles[str(member["name"])] = f"{role} ({state})"
         return roles
-
-    async def healthy(self) -> bool:
-        roles = await self.roles()
-        return sorted(roles.values()) == ["primary", "sync standby"] and len(roles) == len(self.nodes)

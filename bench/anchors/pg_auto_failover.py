@@ -213,7 +213,3 @@ class PgAutoFailover(Anchor):
             else:
                 roles[node] = reported if reported == goal else f"{reported} -> {goal}"
         return roles
-
-    async def healthy(self) -> bool:
-        roles = await self.roles()
-        return sorted(roles.values()) == ["primary", "sync standby"] and len(roles) == len(self.nodes)

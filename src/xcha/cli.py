@@ -7,20 +7,36 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from xcha import __version__
 from xcha.config import ConfigError
 from xcha.ctl import add_ctl, add_report_failure
 from xcha.errors import InvalidInput, XchaError
 from xcha.logs import setup_logging
+from xcha.pg.flavor import FLAVORS, PgxcSettings
 from xcha.pg.render import ReplicationSpec, render
 from xcha.pg.syncrep import SyncPolicy, SyncStandbys
 from xcha.pg.version import parse_version
+from xcha.tls import DEFAULT_HOSTS, ROLES, Identity, create_ca, describe, issue
 
 Handler = Callable[[argparse.Namespace], int]
+PG_VERSION_OF = {"xl": "10", "xc": "9.3"}  # what `pg render --flavor` renders by default
+REROUTES = ("fdw", "takeover")  # what `xcha demo` and `xcha up` offer
+
+
+class DaemonConfig(Protocol):
+    """What the agent's and the controller's configurations share here."""
+
+    @property
+    def log_format(self) -> str: ...
+
+
+Config = TypeVar("Config", bound=DaemonConfig)
 
 
 class Parser(argparse.ArgumentParser):
@@ -35,8 +51,21 @@ def _pg_render(args: argparse.Namespace) -> int:
     if args.sync_standbys:
         names = tuple(n.strip() for n in args.sync_standbys.split(",") if n.strip())
         sync = SyncStandbys(SyncPolicy.parse(args.sync), names)
+    pgxc = None
+    if args.flavor != "postgresql":
+        pgxc = PgxcSettings(
+            flavor=args.flavor,
+            node_name=args.node_name,
+            pooler_port=args.pooler_port or (6667 if args.role == "master" else 6668),
+            gtm_host=args.gtm_host,
+            gtm_port=args.gtm_port,
+            coordinator_networks=tuple(args.coordinator_network),
+        )
+    pg_version = args.pg_version or PG_VERSION_OF.get(args.flavor)
+    if pg_version is None:
+        raise InvalidInput("--pg-version is required for plain PostgreSQL (e.g. 15)")
     spec = ReplicationSpec(
-        version=parse_version(args.pg_version),
+        version=parse_version(pg_version),
         role=args.role,
         name=args.name,
         port=args.port if args.port is not None else (5432 if args.role == "master" else 5433),
@@ -48,6 +77,7 @@ def _pg_render(args: argparse.Namespace) -> int:
         passfile=args.passfile,
         auth=args.auth,
         sync=sync,
+        pgxc=pgxc,
     )
     rendering = render(spec)
     for warning in rendering.warnings:
@@ -67,7 +97,17 @@ def _add_pg(commands: argparse._SubParsersAction[Parser]) -> None:
         "render", help="print the files xcha would write for one instance, touching nothing"
     )
     r.add_argument("--role", choices=("master", "standby"), required=True)
-    r.add_argument("--pg-version", required=True, help="target version: 9.1 ... 9.6, 10, 11, 12, ...")
+    r.add_argument(
+        "--flavor",
+        choices=FLAVORS,
+        default="postgresql",
+        help="plain PostgreSQL (default), a Postgres-XL 10 (xl) or Postgres-XC 1.2 (xc) datanode",
+    )
+    r.add_argument(
+        "--pg-version",
+        help="target version: 9.1 ... 9.6, 10, 11, 12, ...; required for postgresql, "
+        "10 for xl and 9.3 for xc by default",
+    )
     r.add_argument("--name", default="dn1", help="member name (application_name); default dn1")
     r.add_argument("--port", type=int, help="default 5432 for a master, 5433 for a standby (as in the seed)")
     r.add_argument("--primary-host", default="127.0.0.1")
@@ -79,6 +119,20 @@ def _add_pg(commands: argparse._SubParsersAction[Parser]) -> None:
     r.add_argument("--auth", choices=("scram-sha-256", "trust"), default="scram-sha-256")
     r.add_argument("--sync", default="FIRST 1", help="synchronous policy, FIRST k or ANY k")
     r.add_argument("--sync-standbys", default="", help="comma-separated standby names (master only)")
+    xc = r.add_argument_group("xl and xc datanodes")
+    xc.add_argument(
+        "--node-name", default="dn1", help="the datanode's node name (initdb --nodename); default dn1"
+    )
+    xc.add_argument("--pooler-port", type=int, help="default 6667 for a master, 6668 for a standby")
+    xc.add_argument("--gtm-host", default="127.0.0.1", help="the GTM or GTM proxy; default 127.0.0.1")
+    xc.add_argument("--gtm-port", type=int, default=6666, help="default 6666")
+    xc.add_argument(
+        "--coordinator-network",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="trusted for the coordinators' poolers, which log in without a password (repeat)",
+    )
     r.set_defaults(handler=_pg_render)
 
 
@@ -95,7 +149,13 @@ def _demo(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from xcha.demo import start_topology
 
-    return asyncio.run(start_topology(Path(args.workdir), args.reroute))
+    return asyncio.run(start_topology(Path(args.workdir).absolute(), args.reroute))
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    from xcha.supervisor import supervise
+
+    return supervise(Path(args.workdir))
 
 
 def _down(args: argparse.Namespace) -> int:
@@ -112,24 +172,35 @@ def _add_demo(commands: argparse._SubParsersAction[Parser]) -> None:
     d.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     d.add_argument(
         "--reroute",
-        choices=("fdw", "takeover"),
+        choices=REROUTES,
         default="fdw",
         help="re-point the coordinator (fdw, default) or take over the old master's port",
     )
     d.set_defaults(handler=_demo)
-    up = commands.add_parser("up", help="start the demo topology and leave it running")
+    up = commands.add_parser(
+        "up", help="start the demo topology (or what of it is not running) and leave it running, supervised"
+    )
     up.add_argument("--workdir", required=True)
-    up.add_argument("--reroute", choices=("fdw", "takeover"), default="fdw")
+    up.add_argument(
+        "--reroute",
+        choices=REROUTES,
+        help="as for demo (default fdw); a stopped deployment starts again with its own",
+    )
     up.set_defaults(handler=_up)
     down = commands.add_parser("down", help="stop every process `xcha up` started there, by PID")
     down.add_argument("--workdir", required=True)
     down.set_defaults(handler=_down)
+    supervise = commands.add_parser(
+        "supervise", help="what `xcha up` runs: keep the controller and the agents running, as systemd does"
+    )
+    supervise.add_argument("--workdir", required=True)
+    supervise.set_defaults(handler=_supervise)
 
 
 def _check_or_serve(
     args: argparse.Namespace,
-    load: Callable[[Path], object],
-    serve: Callable[[object], Coroutine[object, object, None]],
+    load: Callable[[Path], Config],
+    serve: Callable[[Config], Coroutine[Any, Any, None]],
     name: str,
 ) -> int:
     try:
@@ -141,7 +212,7 @@ def _check_or_serve(
     if args.check_config:
         print(f"{args.config}: ok")
         return 0
-    setup_logging(getattr(config, "log_format", "text"), name)
+    setup_logging(config.log_format, name)
     asyncio.run(serve(config))
     return 0
 
@@ -150,14 +221,14 @@ def _agent(args: argparse.Namespace) -> int:
     from xcha.agent.config import load_agent_config
     from xcha.agent.main import serve_agent
 
-    return _check_or_serve(args, load_agent_config, serve_agent, "agent")  # type: ignore[arg-type]
+    return _check_or_serve(args, load_agent_config, serve_agent, "agent")
 
 
 def _controller(args: argparse.Namespace) -> int:
     from xcha.controller.config import load_controller_config
     from xcha.controller.main import serve_controller
 
-    return _check_or_serve(args, load_controller_config, serve_controller, "controller")  # type: ignore[arg-type]
+    return _check_or_serve(args, load_controller_config, serve_controller, "controller")
 
 
 def _add_daemons(commands: argparse._SubParsersAction[Parser]) -> None:
@@ -175,31 +246,90 @@ def _add_daemons(commands: argparse._SubParsersAction[Parser]) -> None:
         parser.set_defaults(handler=handler)
 
 
-def _tls_init(args: argparse.Namespace) -> int:
-    from xcha.tls import create_ca, issue
+def _tls_identity(text: str) -> Identity:
+    """controller, ROLE/NAME or agent/DATANODE/MEMBER; a role alone is named after itself."""
+    text = text.strip()
+    if text in ROLES and text != "agent":
+        return Identity(text, text)
+    return Identity.parse(text)
 
+
+def _tls_init(args: argparse.Namespace) -> int:
     directory = Path(args.directory)
+    identities = [_tls_identity(item) for item in args.identities.split(",") if item.strip()]
+    hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip())
     if (directory / "ca.pem").exists():
         print(f"using the CA in {directory}")
     else:
         create_ca(directory)
-    hosts = tuple(h.strip() for h in args.hosts.split(",") if h.strip())
-    for name in args.names.split(","):
-        cert, key = issue(directory, name.strip(), hosts)
-        print(f"{cert} {key}")
+    for identity in identities:
+        cert, key = issue(directory, identity, hosts)
+        print(f"{identity}: {cert} {key}")
+    return 0
+
+
+def _tls_issue(args: argparse.Namespace) -> int:
+    name = args.name.split("/") if args.role == "agent" else [args.name]
+    if args.role == "agent" and len(name) != 2:
+        raise InvalidInput(f"an agent's --name is DATANODE/MEMBER (e.g. dn1/dn1a), not {args.name!r}")
+    identity = Identity(args.role, name[-1], name[0] if args.role == "agent" else "")
+    if not 1 <= args.days <= 3650:
+        raise InvalidInput(f"invalid --days {args.days}: from 1 to 3650")
+    directory = Path(args.directory)
+    existing = [
+        p for p in (directory / f"{identity.name}.pem", directory / f"{identity.name}.key") if p.exists()
+    ]
+    if existing and not args.force:
+        raise InvalidInput(f"{existing[0]} exists: give --force to replace it (renewing a certificate)")
+    hosts = tuple(args.host) if args.host else DEFAULT_HOSTS
+    cert, key = issue(directory, identity, hosts, datetime.timedelta(days=args.days))
+    print(f"{identity}: {cert} {key}")
+    return 0
+
+
+def _tls_show(args: argparse.Namespace) -> int:
+    print("\n".join(describe(Path(path)) for path in args.files), end="")
     return 0
 
 
 def _add_tls(commands: argparse._SubParsersAction[Parser]) -> None:
-    tls = commands.add_parser("tls", help="certificates for mTLS between controller and agents")
-    sub = tls.add_subparsers(dest="tls_command", required=True)
-    init = sub.add_parser("init", help="create a CA (once) and a certificate per name")
-    init.add_argument("directory")
-    init.add_argument("--names", required=True, help="comma-separated: controller,dn1a,dn1b,operator")
-    init.add_argument(
-        "--hosts", default="127.0.0.1,::1,localhost", help="addresses the certificates are valid for"
+    tls = commands.add_parser(
+        "tls",
+        help="certificates for mTLS: each names who holds it (xcha://ROLE/NAME), which the servers authorize",
     )
-    init.set_defaults(handler=_tls_init)
+    sub = tls.add_subparsers(dest="tls_command", required=True)
+    init_parser = sub.add_parser("init", help="create a CA (once) and a certificate per identity")
+    init_parser.add_argument("directory")
+    init_parser.add_argument(
+        "--identities",
+        required=True,
+        help="comma-separated ROLE/NAME (a role alone: named after itself) or agent/DATANODE/MEMBER, "
+        "e.g. controller,operator,agent/dn1/dn1a,agent/dn1/dn1b; roles: agent, controller, operator, "
+        "coordinator, monitor",
+    )
+    init_parser.add_argument(
+        "--hosts", default=",".join(DEFAULT_HOSTS), help="addresses the certificates are valid for"
+    )
+    init_parser.set_defaults(handler=_tls_init)
+    issue_parser = sub.add_parser(
+        "issue", help="one more certificate from the CA in DIRECTORY (a new agent, an operator)"
+    )
+    issue_parser.add_argument(
+        "directory", help="holds ca.pem and ca.key; NAME.pem and NAME.key are written there"
+    )
+    issue_parser.add_argument("--role", required=True, choices=ROLES)
+    issue_parser.add_argument("--name", required=True, help="NAME, or DATANODE/MEMBER for an agent")
+    issue_parser.add_argument(
+        "--host",
+        action="append",
+        help="a host name or address it serves on (repeat; default 127.0.0.1, ::1, localhost)",
+    )
+    issue_parser.add_argument("--days", type=int, default=825, help="validity (default 825)")
+    issue_parser.add_argument("--force", action="store_true", help="replace existing files (renewal)")
+    issue_parser.set_defaults(handler=_tls_issue)
+    show_parser = sub.add_parser("show", help="a certificate's identity, role, name, hosts and expiry")
+    show_parser.add_argument("files", nargs="+", metavar="FILE")
+    show_parser.set_defaults(handler=_tls_show)
 
 
 def _fdw_sql(args: argparse.Namespace) -> int:

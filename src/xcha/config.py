@@ -14,6 +14,7 @@ from xcha.errors import InvalidInput, XchaError
 from xcha.names import check_address, check_name
 
 _MISSING = object()
+LOG_FORMATS = ("text", "json")
 
 
 class ConfigError(XchaError):
@@ -75,23 +76,30 @@ class Section:
     ) -> str:
         value = self._get(name, (str,), default, "a string")
         if check is not None and isinstance(value, str):
-            try:
-                check(value)
-            except InvalidInput as error:
-                self.problems.add(self.key(name), str(error))
+            self._check(name, value, check)
         return cast(str, value)
+
+    def _check(self, name: str, value: str, check: Callable[[str], object]) -> None:
+        try:
+            check(value)
+        except InvalidInput as error:
+            self.problems.add(self.key(name), str(error))
 
     def name(self, name: str, default: object = _MISSING) -> str:
         return self.text(name, default, check_name)
 
     def address(self, name: str, default: object = _MISSING, listen: bool = False) -> str:
         """HOST:PORT; a listening address may use port 0 (any free port)."""
+        return self.text(name, default, _address_check(listen))
 
-        def check(value: str) -> object:
-            any_port = listen and value.endswith(":0")
-            return check_address(value.removesuffix(":0") + ":1" if any_port else value)
-
-        return self.text(name, default, check)
+    def optional_address(self, name: str) -> str | None:
+        """HOST:PORT, or None when the key is absent or empty: an empty string switches off
+        what the address is for, as leaving the key out does."""
+        value = self.text(name, "")
+        if not value:
+            return None
+        self._check(name, value, _address_check(listen=False))
+        return value
 
     def _bounded(self, name: str, value: object, minimum: float | None, maximum: float | None) -> None:
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -164,6 +172,14 @@ class Section:
         """Unknown keys are problems: a typo must not silently fall back to a default."""
         for unknown in sorted(set(self.data) - self.used):
             self.problems.add(self.key(unknown), "unknown setting")
+
+
+def _address_check(listen: bool) -> Callable[[str], object]:
+    def check(value: str) -> object:
+        any_port = listen and value.endswith(":0")
+        return check_address(value.removesuffix(":0") + ":1" if any_port else value)
+
+    return check
 
 
 def read_toml(path: Path) -> dict[str, object]:

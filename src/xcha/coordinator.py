@@ -66,25 +66,37 @@ def fdw_setup(
     return statements
 
 
+def shard_table(table: str = SHARDED_TABLE) -> sql.Composed:
+    """The table writes land in on a datanode: the coordinator's partition points at it, and a
+    client writing to a datanode directly (the writer of the HA tests) relies on its default."""
+    check_name(table, "table name")
+    return sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} "
+        "(id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    ).format(sql.Identifier(table))
+
+
 def datanode_setup(user: str, table: str = SHARDED_TABLE) -> list[sql.Composed]:
     """Run once on each datanode's master: the shard the coordinator's partition points at."""
-    check_name(table, "table name")
     return [
-        sql.SQL("CREATE TABLE IF NOT EXISTS {} (id bigint PRIMARY KEY, at timestamptz NOT NULL)").format(
-            sql.Identifier(table)
-        ),
+        shard_table(table),
         sql.SQL("GRANT SELECT, INSERT ON {} TO {}").format(sql.Identifier(table), sql.Identifier(user)),
     ]
 
 
-def partition_ids(datanode_index: int, datanodes: int, start: int = 1) -> sql.Composed:
-    """A query for ids that the coordinator routes to one datanode (hash partition routing)."""
+ID_CHUNK = 200_000
+
+
+def partition_ids(datanode_index: int, datanodes: int, start: int = 1, count: int = ID_CHUNK) -> sql.Composed:
+    """A query for the ids in start .. start + count - 1 that the coordinator routes to one
+    datanode (hash partition routing); the next chunk starts at start + count."""
     return sql.SQL(
-        "SELECT id FROM generate_series({}::bigint, {}::bigint + 200000) AS id "
+        "SELECT id FROM generate_series({}::bigint, {}::bigint + {} - 1) AS id "
         "WHERE satisfies_hash_partition({}::regclass, {}, {}, id) ORDER BY id"
     ).format(
         sql.Literal(start),
         sql.Literal(start),
+        sql.Literal(count),
         sql.Literal(SHARDED_TABLE),
         sql.Literal(datanodes),
         sql.Literal(datanode_index),

@@ -2,12 +2,13 @@
 controller. Every failure is one line and a non-zero exit."""
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,18 +19,18 @@ from xcha.errors import InvalidInput, XchaError
 from xcha.names import check_address, check_name
 from xcha.pg.lsn import format_lsn
 from xcha.rpc import blocking_channel
+from xcha.supervisor import SupervisorStatus, read_status
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
-TOPOLOGY_FILE = "topology.json"
-RUNNING_STATES = ("single", "protected", "unprotected", "degraded")
 
 
 @dataclass(frozen=True)
 class ControllerTarget:
     address: str
     tls: TlsConfig
+    workdir: Path | None = None  # found through a deployment directory: its supervisor's status
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,30 +87,37 @@ def _by_address(args: argparse.Namespace, address: str) -> ControllerTarget:
 
 
 def _by_workdir(workdir: Path) -> ControllerTarget:
-    topology = workdir / TOPOLOGY_FILE
+    """The controller and the operator's certificate of a deployment `xcha up` made (topology.json)."""
+    from xcha.topology import Topology  # PostgreSQL and TLS code: only when asked for by workdir
+
     try:
-        data = json.loads(topology.read_text())
-        operator = data["operator_tls"]
-        tls = (
-            TlsConfig(insecure=True)
-            if operator.get("insecure")
-            else TlsConfig(Path(operator["ca_file"]), Path(operator["cert_file"]), Path(operator["key_file"]))
-        )
-        address = str(data["controller"])
-    except FileNotFoundError:
-        raise InvalidInput(
-            f"{workdir} holds no {TOPOLOGY_FILE}: is it a directory made by `xcha up`?"
-        ) from None
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise InvalidInput(f"{topology} is unreadable: {type(error).__name__}: {error}") from None
-    check_address(address, "controller address")
-    return ControllerTarget(address, tls)
+        target = Topology.load(workdir).target
+    except XchaError as error:
+        raise InvalidInput(str(error)) from None
+    check_address(target.address, "controller address")
+    return replace(target, workdir=workdir)
 
 
-def call(target: ControllerTarget, work: Callable[[pb_grpc.ControllerStub], T]) -> T:
-    with blocking_channel(target.address, target.tls) as channel:
+@contextlib.contextmanager
+def open_channel(target: ControllerTarget, channel: grpc.Channel | None = None) -> Iterator[grpc.Channel]:
+    """The given channel, or one opened for the block (certificates read, TLS handshake on use)."""
+    if channel is not None:
+        yield channel
+        return
+    with blocking_channel(target.address, target.tls) as opened:
+        yield opened
+
+
+def call(
+    target: ControllerTarget,
+    work: Callable[[pb_grpc.ControllerStub], T],
+    channel: grpc.Channel | None = None,
+) -> T:
+    """One RPC to the controller, over `channel` when given (callers that poll keep one), else
+    over a channel of its own; a gRPC failure becomes one operator-readable XchaError."""
+    with open_channel(target, channel) as opened:
         try:
-            return work(pb_grpc.ControllerStub(channel))
+            return work(pb_grpc.ControllerStub(opened))
         except grpc.RpcError as error:
             code = error.code()
             details = error.details()
@@ -182,11 +190,49 @@ def status_table(status: pb.ClusterStatus) -> str:
             f"{group.name}: {group.state}{flags}, master {group.master or '-'}, {group.synchronous} "
             f"{group.sync_policy}: {group.reason}{pending}"
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = [
+    return "\n".join([*_aligned(rows), "", *notes, f"epoch {status.epoch}"]) + "\n"
+
+
+def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
-    return "\n".join([*lines, "", *notes, f"epoch {status.epoch}"]) + "\n"
+
+
+def supervision_table(supervisor: SupervisorStatus) -> str:
+    """What `xcha up`'s supervisor runs: PID, restarts, how each last ended, when restarted."""
+    now = time.time()
+    if supervisor.running():
+        state = "running"
+    elif supervisor.stopped:
+        state = "stopped"
+    else:
+        state = "not running: `xcha up` starts one"
+    rows = [("PROCESS", "PID", "RESTARTS", "LAST EXIT", "LAST RESTART")]
+    for key, process in supervisor.processes.items():
+        pid = str(process.pid) if process.pid else "-"
+        if not process.pid and process.restart_at is not None:
+            pid = f"- (restart in {max(0.0, process.restart_at - now):.1f}s)"
+        rows.append(
+            (
+                key,
+                pid,
+                str(process.restarts),
+                process.last_exit.describe() if process.last_exit else "-",
+                f"{now - process.last_restart:.1f}s ago" if process.last_restart else "-",
+            )
+        )
+    title = f"supervised processes (supervisor PID {supervisor.pid}, {state}):"
+    return "\n".join([title, *_aligned(rows)]) + "\n"
+
+
+def supervision_json(supervisor: SupervisorStatus) -> dict[str, object]:
+    return {
+        "pid": supervisor.pid,
+        "running": supervisor.running(),
+        "processes": {key: asdict(process) for key, process in supervisor.processes.items()},
+    }
 
 
 def status_json(status: pb.ClusterStatus) -> dict[str, object]:
@@ -232,49 +278,80 @@ def status_json(status: pb.ClusterStatus) -> dict[str, object]:
     return {"epoch": status.epoch, "paused": status.paused, "groups": groups}
 
 
-def get_status(target: ControllerTarget) -> pb.ClusterStatus:
+def get_status(target: ControllerTarget, channel: grpc.Channel | None = None) -> pb.ClusterStatus:
     status: pb.ClusterStatus = call(
-        target, lambda stub: stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=5)
+        target, lambda stub: stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=5), channel
     )
     return status
 
 
-def wait_for_new_master(target: ControllerTarget, datanode: str, old_master: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        group = next(g for g in get_status(target).groups if g.name == datanode)
-        if group.master != old_master and group.state in RUNNING_STATES:
-            return group.master
-        time.sleep(0.1)
-    raise XchaError(f"{datanode} has no new master after {timeout:.0f} s: see `xcha ctl status`")
-
-
-def _group(target: ControllerTarget, datanode: str) -> pb.GroupView:
-    check_name(datanode, "datanode name")
-    for group in get_status(target).groups:
+def find_group(status: pb.ClusterStatus, datanode: str) -> pb.GroupView:
+    for group in status.groups:
         if group.name == datanode:
             return group
     raise XchaError(f"unknown datanode {datanode!r}")
 
 
+def new_master(status: pb.ClusterStatus, datanode: str, old_master: str) -> str | None:
+    """The datanode's master once it is not `old_master` and the group runs again, else None."""
+    from xcha.controller.fsm import RUNNING_STATES  # the controller's own list (imported on use)
+
+    group = find_group(status, datanode)
+    return group.master if group.master != old_master and group.state in RUNNING_STATES else None
+
+
+def wait_for_new_master(
+    target: ControllerTarget,
+    datanode: str,
+    old_master: str,
+    timeout: float,
+    channel: grpc.Channel | None = None,
+) -> str:
+    deadline = time.monotonic() + timeout
+    with open_channel(target, channel) as opened:
+        while time.monotonic() < deadline:
+            master = new_master(get_status(target, opened), datanode, old_master)
+            if master is not None:
+                return master
+            time.sleep(0.1)
+    raise XchaError(f"{datanode} has no new master after {timeout:.0f} s: see `xcha ctl status`")
+
+
+def _group(target: ControllerTarget, datanode: str, channel: grpc.Channel | None = None) -> pb.GroupView:
+    check_name(datanode, "datanode name")
+    return find_group(get_status(target, channel), datanode)
+
+
 def run_ctl(args: argparse.Namespace) -> int:
     target = resolve_target(args)
+    with open_channel(target) as channel:  # one channel (one TLS handshake) for the whole command
+        return _run_ctl(args, target, channel)
+
+
+def _run_ctl(args: argparse.Namespace, target: ControllerTarget, channel: grpc.Channel) -> int:
     command = args.ctl_command
     if command == "status":
-        status = get_status(target)
+        status = get_status(target, channel)
+        supervisor = read_status(target.workdir) if target.workdir else None
         if args.json:
-            print(json.dumps(status_json(status), indent=2))
+            data = status_json(status)
+            if supervisor is not None:
+                data["supervisor"] = supervision_json(supervisor)
+            print(json.dumps(data, indent=2))
         else:
             sys.stdout.write(status_table(status))
+            if supervisor is not None:
+                sys.stdout.write("\n" + supervision_table(supervisor))
         return 0
     if command in ("switchover", "failover"):
-        old_master = _group(target, args.datanode).master
+        old_master = _group(target, args.datanode, channel).master
         if command == "switchover":
             reply = call(
                 target,
                 lambda stub: stub.Switchover(
                     pb.SwitchoverRequest(datanode=args.datanode, to_member=args.to or ""), timeout=10
                 ),
+                channel,
             )
         else:
             reply = call(
@@ -285,11 +362,12 @@ def run_ctl(args: argparse.Namespace) -> int:
                     ),
                     timeout=10,
                 ),
+                channel,
             )
         print(reply.detail)
         if not args.no_wait:
-            new_master = wait_for_new_master(target, args.datanode, old_master, args.timeout)
-            print(f"{args.datanode}: {new_master} is the master")
+            master = wait_for_new_master(target, args.datanode, old_master, args.timeout, channel)
+            print(f"{args.datanode}: {master} is the master")
         return 0
     if command in ("pause", "resume"):
         datanode = args.datanode or ""
@@ -300,6 +378,7 @@ def run_ctl(args: argparse.Namespace) -> int:
             lambda stub: stub.SetPaused(
                 pb.PauseRequest(datanode=datanode, paused=command == "pause"), timeout=10
             ),
+            channel,
         )
         print(reply.detail)
         return 0
@@ -309,6 +388,7 @@ def run_ctl(args: argparse.Namespace) -> int:
             lambda stub: stub.AddStandby(
                 pb.AddStandbyRequest(datanode=args.datanode, member=args.member, mode=args.mode), timeout=10
             ),
+            channel,
         )
     elif command == "remove-standby":
         reply = call(
@@ -316,6 +396,7 @@ def run_ctl(args: argparse.Namespace) -> int:
             lambda stub: stub.RemoveStandby(
                 pb.RemoveStandbyRequest(datanode=args.datanode, member=args.member), timeout=10
             ),
+            channel,
         )
     elif command == "set-mode":
         reply = call(
@@ -323,16 +404,17 @@ def run_ctl(args: argparse.Namespace) -> int:
             lambda stub: stub.SetStandbyMode(
                 pb.StandbyModeRequest(datanode=args.datanode, member=args.member, mode=args.mode), timeout=10
             ),
+            channel,
         )
     elif command == "events":
-        return _events(target, args)
+        return _events(target, args, channel)
     else:
         raise InvalidInput(f"unknown command {command}")
     print(reply.detail)
     return 0
 
 
-def _events(target: ControllerTarget, args: argparse.Namespace) -> int:
+def _events(target: ControllerTarget, args: argparse.Namespace, channel: grpc.Channel) -> int:
     datanode = args.datanode or ""
     if datanode:
         check_name(datanode, "datanode name")
@@ -345,6 +427,7 @@ def _events(target: ControllerTarget, args: argparse.Namespace) -> int:
             lambda stub: stub.ListEvents(
                 pb.EventsRequest(limit=args.limit, datanode=datanode, newest=True), timeout=10
             ),
+            channel,
         )
         _print_events(reply.events, args.json)
         return 0
@@ -354,6 +437,7 @@ def _events(target: ControllerTarget, args: argparse.Namespace) -> int:
             lambda stub, after=after: stub.ListEvents(  # type: ignore[misc]
                 pb.EventsRequest(after_id=after, limit=1000, datanode=datanode), timeout=10
             ),
+            channel,
         )
         _print_events(reply.events, args.json)
         if reply.events:

@@ -23,12 +23,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xcha.ctl import status_table
-from xcha.errors import XchaError
-from xcha.harness import LoadedCluster, settled
-from xcha.topology import DatanodePlan, Topology, TopologyPlan
+from xcha.errors import InvalidInput, XchaError
+from xcha.harness import LoadedCluster
+from xcha.topology import TOPOLOGY_FILE, DatanodePlan, Topology, TopologyPlan, settling
 from xcha.v1 import xcha_pb2 as pb
 
-REROUTES = ("fdw", "takeover")
+
+def pgxc_plan(flavor: str) -> TopologyPlan:
+    """A Postgres-XL / XC cluster: a GTM, two coordinators, two datanodes each a master with a
+    synchronous standby under agents, the `pgxc` router re-pointing both coordinators."""
+    return TopologyPlan(
+        datanodes=(DatanodePlan("dn1", ("dn1a", "dn1b")), DatanodePlan("dn2", ("dn2a", "dn2b"))),
+        router="pgxc",
+        coordinators=("coord1", "coord2"),
+        flavor=flavor,
+    )
 
 
 def demo_plan(reroute: str = "fdw") -> TopologyPlan:
@@ -36,7 +45,6 @@ def demo_plan(reroute: str = "fdw") -> TopologyPlan:
         datanodes=(DatanodePlan("dn1", ("dn1a", "dn1b")), DatanodePlan("dn2", ("dn2a", "dn2b"))),
         router=reroute,
         coordinators=("coord1",),
-        startup_grace=0.5,
     )
 
 
@@ -59,6 +67,7 @@ class Report:
     promote_writable_ms: float | None = None
     rewind_ms: float | None = None
     router: str = "fdw"
+    error: str | None = None  # what stopped the demo before it could finish
 
     def as_json(self) -> str:
         return json.dumps(
@@ -80,8 +89,8 @@ class Progress:
 
 
 async def run_demo(workdir: Path | None = None, as_json: bool = False, reroute: str = "fdw") -> int:
-    if reroute not in REROUTES:
-        raise XchaError(f"invalid --reroute {reroute!r}: expected one of {', '.join(REROUTES)}")
+    """The demo; 0 when the failover completed and nothing was lost. With as_json, one JSON object
+    is the last line of the output whatever happened (`error` says what stopped it)."""
     progress = Progress(quiet=as_json)
     base = Path(tempfile.mkdtemp(prefix="xcha-demo-")) if workdir is None else workdir
     cluster = LoadedCluster(base, demo_plan(reroute))
@@ -92,6 +101,8 @@ async def run_demo(workdir: Path | None = None, as_json: bool = False, reroute: 
         loop.add_signal_handler(signal.SIGTERM, main.cancel)
     try:
         await _run(cluster, progress, report)
+    except Exception as error:  # reported below, after the teardown; an interrupt goes on
+        report.error = str(error) if isinstance(error, XchaError) else f"{type(error).__name__}: {error}"
     finally:
         progress.say("tearing down: stopping every process by PID")
         stopped = await cluster.down()
@@ -99,9 +110,11 @@ async def run_demo(workdir: Path | None = None, as_json: bool = False, reroute: 
         if workdir is None:
             shutil.rmtree(base, ignore_errors=True)
         loop.remove_signal_handler(signal.SIGTERM)
-    ok = report.failed_over and report.lost == 0 and report.unexpected == 0
+    ok = report.error is None and report.failed_over and report.lost == 0 and report.unexpected == 0
     if as_json:
         print(report.as_json())
+    elif report.error is not None:
+        print(f"\nFAILED: {report.error}")
     else:
         verdict = "nothing lost" if report.lost == 0 else f"{report.lost} LOST"
         resumed = f"; writes to dn1 resumed {report.rto_ms:.0f} ms after the kill" if report.rto_ms else ""
@@ -121,14 +134,6 @@ def _showing(progress: Progress) -> Callable[[pb.ClusterStatus], None]:
                 progress.say(f"  {group.name} {line}")
 
     return show
-
-
-def _all_protected(show: Callable[[pb.ClusterStatus], None]) -> Callable[[pb.ClusterStatus], bool]:
-    def check(status: pb.ClusterStatus) -> bool:
-        show(status)
-        return settled(status)
-
-    return check
 
 
 async def _run(cluster: LoadedCluster, progress: Progress, report: Report) -> None:
@@ -159,7 +164,7 @@ async def _run(cluster: LoadedCluster, progress: Progress, report: Report) -> No
     report.promote_ms, report.reroute_ms = recovery.promote_ms, recovery.reroute_ms
     progress.say("waiting for the old master to rejoin (pg_rewind) as the new synchronous standby:")
     try:
-        after = await topology.wait_for(_all_protected(show), 60, "the old master to rejoin")
+        after = await topology.wait_for(settling(show), 60, "the old master to rejoin")
         report.old_master_rejoined = True
     except XchaError as error:
         progress.say(f"  {error}")
@@ -218,32 +223,36 @@ def _operation_timings(cluster: LoadedCluster, fault_epoch: int, report: Report)
             report.promote_writable_ms = seconds * 1000 if isinstance(seconds, float) and seconds else None
 
 
-async def start_topology(workdir: Path, reroute: str = "fdw") -> int:
-    """`xcha up`: the demo's deployment, left running for experiments; on a directory whose
-    deployment was stopped by `xcha down`, the same deployment starts again."""
-    resumed = (workdir / "topology.json").exists()
+async def start_topology(workdir: Path, reroute: str | None) -> int:
+    """`xcha up`: the demo's deployment (router `reroute`, default fdw), left running under a
+    supervisor. On a directory that holds one, whatever of it is not running starts again, with
+    the router it was made with."""
+    show = _showing(Progress(quiet=False))
+    resumed = (workdir / TOPOLOGY_FILE).exists()
     if resumed:
-        topology = Topology.load(workdir)
-        running = [key for key in topology.pids if topology.alive(key)]
-        if running:
-            raise XchaError(
-                f"{workdir} holds a running deployment ({', '.join(running)}): "
-                f"`xcha down --workdir {workdir}` first"
+        topology = Topology.load(workdir, supervise=True)
+        if reroute is not None and reroute != topology.plan.router:
+            raise InvalidInput(
+                f"{workdir} holds a deployment made with --reroute {topology.plan.router}: "
+                f"leave out --reroute {reroute} to start it again, or use another --workdir"
             )
     else:
-        topology = Topology(workdir, demo_plan(reroute))
-        topology.write()
-    topology.start()
-    try:
-        await topology.start_coordinators()
+        topology = Topology(workdir, demo_plan(reroute or "fdw"), supervise=True)
+    if resumed and (any(topology.alive(key) for key in topology.pids) or topology.supervised()):
+        started, running = await topology.start_missing()
+        if not started:
+            print(f"everything is already running: {', '.join(running)}")
+            return 0
+        print(f"started: {', '.join(started)}")
+        print(f"already running: {', '.join(running) or 'nothing'}")
+        check = settling(show)
         status = await topology.wait_for(
-            _all_protected(_showing(Progress(quiet=False))), 120, "both datanodes to be protected"
+            lambda s: check(s) and all(0 <= m.heartbeat_age < 1 for g in s.groups for m in g.members),
+            120,
+            "every datanode to be protected and every agent to report",
         )
-        if not resumed:
-            await topology.setup_sharding()
-    except BaseException:
-        await topology.down()
-        raise
+    else:
+        status = await topology.up(show, fresh=not resumed)
     print("\n" + status_table(status))
     conninfo = topology.coordinator_app_conninfo("coord1").replace(topology.app_password, "***")
     print(f"coordinator coord1: {conninfo} (password in {topology.secrets / 'app.password'})")

@@ -23,3 +23,7 @@ class Refused(XchaError):
 
 class StaleEpoch(Refused):
     """A role message from an older epoch than the agent has seen: a deposed controller."""
+
+
+class AgentFailed(XchaError):
+    """One of the agent's loops ended unexpectedly: the agent stops so that it is restarted."""

@@ -11,19 +11,18 @@ import json
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from xcha.coordinator import partition_ids
-from xcha.ctl import call
+from xcha.coordinator import ID_CHUNK, partition_ids
+from xcha.ctl import find_group
 from xcha.errors import XchaError
-from xcha.topology import Topology, TopologyPlan
+from xcha.topology import StatusCallback, Topology, TopologyPlan
 from xcha.v1 import xcha_pb2 as pb
 from xcha.workload import Outcome, Writer, verify_all
 
 COORDINATOR = "coord1"
-RUNNING = ("single", "protected", "unprotected", "degraded")
 
 
 @dataclass(frozen=True)
@@ -46,14 +45,6 @@ class Recovery:
     reroute_ms: float | None
 
 
-def settled(status: pb.ClusterStatus) -> bool:
-    """Every group protected and every agent done with what it was doing (a standby can be
-    confirming commits while its agent still finishes the Follow that started it)."""
-    return all(
-        g.state == "protected" and all(m.status.activity == "idle" for m in g.members) for g in status.groups
-    )
-
-
 class LoadedCluster:
     def __init__(self, workdir: Path, plan: TopologyPlan) -> None:
         if not plan.coordinators:
@@ -66,79 +57,73 @@ class LoadedCluster:
     def datanodes(self) -> list[str]:
         return [d.name for d in self.topology.plan.datanodes]
 
-    async def start(
-        self, on_status: Callable[[pb.ClusterStatus], None] | None = None, timeout: float = 120
-    ) -> pb.ClusterStatus:
-        """Bring everything up, wait until every group is protected, start writing."""
+    async def start(self, on_status: StatusCallback | None = None, timeout: float = 120) -> pb.ClusterStatus:
+        """Bring everything up (`Topology.up`), then write to every datanode's shard."""
         topology = self.topology
-        topology.write()
-        topology.start()
-        await topology.start_coordinators()
-
-        def protected(status: pb.ClusterStatus) -> bool:
-            if on_status is not None:
-                on_status(status)
-            return settled(status)
-
-        status = await topology.wait_for(protected, timeout, "every datanode to be protected")
-        await topology.setup_sharding()
+        status = await topology.up(on_status, timeout)
         coordinator = [topology.coordinator_app_conninfo(COORDINATOR)]
-        async with await topology.coordinator(COORDINATOR).connect() as conn:
-            for index, datanode in enumerate(self.datanodes):
-                cursor = await conn.execute(partition_ids(index, len(self.datanodes)))
-                ids = [int(row[0]) for row in await cursor.fetchall()]  # type: ignore[call-overload]
-                self.writers[datanode] = Writer(coordinator, ids=iter(ids))
+        for index, datanode in enumerate(self.datanodes):
+            more = self._ids_routed_to(index)
+            self.writers[datanode] = Writer(coordinator, ids=iter(await more()), refill=more)
         for datanode, writer in self.writers.items():
             self._tasks[datanode] = asyncio.create_task(writer.run())
         await self.wait_for_writes(20)
         return status
 
+    def _ids_routed_to(self, index: int) -> Callable[[], Awaitable[list[int]]]:
+        """The next ID_CHUNK ids (at most) the coordinator routes to the index-th datanode, per call."""
+        start = 1
+
+        async def more() -> list[int]:
+            nonlocal start
+            async with await self.topology.coordinator(COORDINATOR).connect() as conn:
+                cursor = await conn.execute(partition_ids(index, len(self.datanodes), start))
+                ids = [int(str(row[0])) for row in await cursor.fetchall()]
+            start += ID_CHUNK
+            return ids
+
+        return more
+
     async def wait_for_writes(self, count: int, datanode: str | None = None, timeout: float = 30) -> None:
+        """Until every writer (or datanode's) had `count` more commits acknowledged."""
         writers = [self.writers[datanode]] if datanode else list(self.writers.values())
-        targets = [len(w.acknowledged) + count for w in writers]
         deadline = time.monotonic() + timeout
-        while any(len(w.acknowledged) < t for w, t in zip(writers, targets, strict=True)):
-            if time.monotonic() > deadline:
-                failures = [w.failures[-1] for w in writers if w.failures]
-                raise XchaError(
-                    f"no {count} acknowledged writes within {timeout:.0f} s (last failures: {failures})"
-                )
-            await asyncio.sleep(0.02)
+        for writer in writers:
+            await writer.wait_for_acks(count, max(0.0, deadline - time.monotonic()))
 
     def status(self) -> pb.ClusterStatus:
         return self.topology.status()
 
     def group(self, datanode: str) -> pb.GroupView:
-        return next(g for g in self.status().groups if g.name == datanode)
+        return self.topology.group(datanode)
 
     def master(self, datanode: str = "dn1") -> str:
-        return self.group(datanode).master
+        return self.topology.master(datanode)
 
     def events(self, datanode: str = "", kind: str | None = None) -> list[pb.Event]:
-        events = call(
-            self.topology.target,
-            lambda stub: stub.ListEvents(pb.EventsRequest(limit=100000, datanode=datanode), timeout=5),
-        ).events
-        return [e for e in events if kind is None or e.kind == kind]
+        return self.topology.events(datanode, kind)
 
     # ---- faults -------------------------------------------------------------------------------
 
+    def _master_now(self, datanode: str) -> tuple[str, int]:
+        """The datanode's master and the controller's epoch, before a fault."""
+        status = self.status()
+        return find_group(status, datanode).master, status.epoch
+
     def kill_master(self, datanode: str = "dn1") -> Fault:
         """kill -9 of the master's postmaster."""
-        status = self.status()
-        member = next(g.master for g in status.groups if g.name == datanode)
+        member, epoch = self._master_now(datanode)
         pid = self.topology.postmaster_pid(member)
         if pid is None:
             raise XchaError(f"{member} has no postmaster to kill")
         os.kill(pid, signal.SIGKILL)
-        return Fault(datanode, member, time.time(), status.epoch)
+        return Fault(datanode, member, time.time(), epoch)
 
     def hang_master(self, datanode: str = "dn1") -> Fault:
         """A hung host: SIGSTOP of the master's agent and every PostgreSQL process."""
-        status = self.status()
-        member = next(g.master for g in status.groups if g.name == datanode)
+        member, epoch = self._master_now(datanode)
         self.topology.host_signal(member, signal.SIGSTOP)
-        return Fault(datanode, member, time.time(), status.epoch)
+        return Fault(datanode, member, time.time(), epoch)
 
     def resume(self, member: str) -> None:
         self.topology.host_signal(member, signal.SIGCONT)
@@ -147,19 +132,14 @@ class LoadedCluster:
 
     async def wait_failover(self, fault: Fault, timeout: float = 60) -> str:
         """Until another member is master and every coordinator points at it."""
-
-        def done(status: pb.ClusterStatus) -> bool:
-            group = next(g for g in status.groups if g.name == fault.datanode)
-            return group.master != fault.member and group.state in RUNNING
-
-        status = await self.topology.wait_for(done, timeout, f"a failover of {fault.datanode}")
-        return next(g.master for g in status.groups if g.name == fault.datanode)
+        return await self.topology.wait_new_master(fault.datanode, fault.member, timeout)
 
     async def recovery(self, fault: Fault, timeout: float = 60) -> Recovery:
         new = await self.wait_failover(fault, timeout)
         writer = self.writers[fault.datanode]
         deadline = time.time() + 30
         while (rto := writer.recovery_seconds(fault.at)) is None:
+            writer.check_running()
             if time.time() > deadline:
                 raise XchaError(f"no write reached {fault.datanode} within 30 s of its failover")
             await asyncio.sleep(0.01)
@@ -178,8 +158,9 @@ class LoadedCluster:
     async def wait_protected(self, timeout: float = 90) -> pb.ClusterStatus:
         return await self.topology.wait_protected(timeout)
 
-    async def finish(self) -> Outcome:
-        """Stop writing and check every acknowledged commit through the coordinator."""
+    async def finish(self, conninfos: list[str] | None = None) -> Outcome:
+        """Stop writing and check every acknowledged commit: through the coordinator, or where
+        `conninfos` say (the first of them that accepts writes)."""
         for writer in self.writers.values():
             writer.stop()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)
@@ -187,7 +168,7 @@ class LoadedCluster:
             await writer.close()
         self._tasks.clear()
         return await verify_all(
-            list(self.writers.values()), [self.topology.coordinator_app_conninfo(COORDINATOR)]
+            list(self.writers.values()), conninfos or [self.topology.coordinator_app_conninfo(COORDINATOR)]
         )
 
     async def down(self) -> list[str]:

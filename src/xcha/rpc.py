@@ -1,17 +1,25 @@
 """gRPC plumbing shared by the controller and the agents: servers with the standard health
-service and mTLS, client channels with keepalive, and the status message conversions."""
+service, mTLS and authorization (`xcha.authz`), client channels with keepalive, certificates
+renewed without a restart, and the status message conversions."""
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
+import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from xcha.authz import Guard
 from xcha.config import TlsConfig
 from xcha.errors import InvalidInput, NotFound, Refused, XchaError
 from xcha.names import Endpoint
 from xcha.pg.status import Downstream, PgStatus, WalReceiver
+from xcha.tls import Material, material
 from xcha.v1 import xcha_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 # A dead peer (host gone, partition) is noticed within keepalive time + timeout even when
 # no call is in flight; servers accept pings that often.
@@ -40,37 +48,75 @@ STATUS_CODES: tuple[tuple[type[XchaError], grpc.StatusCode], ...] = (
     (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
     (XchaError, grpc.StatusCode.ABORTED),
 )
+# An error quotes what it refused; a request can carry megabytes, a status message must not
+# (it travels in an HTTP/2 trailer, 8 KiB at most by default).
+MAX_DETAILS = 1000
+# A channel replaced after a certificate reload lets its calls in flight finish for this long.
+RETIRED_CHANNEL_GRACE = 60.0
 
 
 async def answer(context: grpc.aio.ServicerContext, work: Callable[[], T | Awaitable[T]]) -> T:
     """Run a servicer's work; an xcha error becomes the matching gRPC status code with the
-    operator-readable message (both servers map errors the same way)."""
+    operator-readable message (both servers map errors the same way), a PostgreSQL error that
+    the work did not expect becomes ABORTED."""
     try:
         result = work()
         return await result if isinstance(result, Awaitable) else result
     except XchaError as error:
         code = next(code for kind, code in STATUS_CODES if isinstance(error, kind))
-        await context.abort(code, str(error))
+        details = str(error)
+    except psycopg.Error as error:  # PostgreSQL gone or refusing: an answer, not a crash
+        code, details = grpc.StatusCode.ABORTED, f"PostgreSQL: {str(error).strip() or type(error).__name__}"
+    if len(details) > MAX_DETAILS:
+        details = details[:MAX_DETAILS] + f"... ({len(details)} characters)"
+    await context.abort(code, details)
     raise AssertionError("unreachable")
 
 
-def create_server(address: str, tls: TlsConfig) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """A gRPC server bound to address (port 0 picks a free port) with the health service.
-    Returns the server (not started), the bound port, and the health servicer."""
-    server = grpc.aio.server(options=SERVER_OPTIONS)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+def create_server(
+    address: str, tls: TlsConfig, guard: Guard | None = None
+) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """A gRPC server bound to address (port 0 picks a free port) with the health service,
+    requiring a client certificate from the CA and authorizing every call (guard: the one
+    interceptor, `xcha.authz`). Returns the server (not started), the bound port, and the
+    health servicer."""
     if tls.insecure:
+        server = grpc.aio.server(options=SERVER_OPTIONS)
         port = server.add_insecure_port(address)
-    else:
-        ca, cert, key = tls.read()
-        credentials = grpc.ssl_server_credentials(
-            [(key, cert)], root_certificates=ca, require_client_auth=True
+        log.warning(
+            "PLAINTEXT on %s ([tls] insecure = true): callers are neither authenticated nor "
+            "authorized; anyone who reaches this port may change roles of datanodes",
+            address,
         )
-        port = server.add_secure_port(address, credentials)
+    else:
+        server = grpc.aio.server(interceptors=[guard or Guard()], options=SERVER_OPTIONS)
+        port = server.add_secure_port(address, _server_credentials(material(tls)))
     if port == 0:
         raise OSError(f"cannot listen on {address}")
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, port, health_servicer
+
+
+def _server_configuration(used: Material) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration(
+        [(used.files.key, used.files.cert)], root_certificates=used.files.ca
+    )
+
+
+def _server_credentials(used: Material) -> grpc.ServerCredentials:
+    """Asked at every handshake for newer files: a reload takes effect for new connections."""
+    served = [used.generation]
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        if served[0] == used.generation:
+            return None
+        served[0] = used.generation
+        return _server_configuration(used)
+
+    return grpc.dynamic_ssl_server_credentials(
+        _server_configuration(used), fetch, require_client_authentication=True
+    )
 
 
 async def mark_serving(health_servicer: health.aio.HealthServicer, *services: str) -> None:
@@ -78,12 +124,70 @@ async def mark_serving(health_servicer: health.aio.HealthServicer, *services: st
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
 
 
-def channel(target: str, tls: TlsConfig) -> grpc.aio.Channel:
+def _credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
+    """The client side of mTLS: this side's certificate, and the CA the server's must come from."""
+    ca, cert, key = tls.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def channel(target: str, tls: TlsConfig) -> "grpc.aio.Channel | RenewingChannel":
     if tls.insecure:
         return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
-    ca, cert, key = tls.read()
-    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-    return grpc.aio.secure_channel(target, credentials, options=CLIENT_OPTIONS)
+    return RenewingChannel(target, material(tls))
+
+
+class RenewingChannel:
+    """A secure channel that follows its certificate files: after a reload (SIGHUP) the next
+    call opens a new channel with the new files, and the old one closes once its calls are done.
+    It offers what xcha's stubs use: unary calls, close, `async with`."""
+
+    def __init__(self, target: str, used: Material) -> None:
+        self.target = target
+        self.used = used
+        self._generation = used.generation
+        self._channel = self._open()
+        self._callables: dict[str, Any] = {}
+        self._retiring: dict[asyncio.Task[None], grpc.aio.Channel] = {}
+
+    def _open(self) -> grpc.aio.Channel:
+        files = self.used.files
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=files.ca, private_key=files.key, certificate_chain=files.cert
+        )
+        return grpc.aio.secure_channel(self.target, credentials, options=CLIENT_OPTIONS)
+
+    def current(self) -> grpc.aio.Channel:
+        if self._generation != self.used.generation:
+            retired = self._channel
+            self._generation = self.used.generation
+            self._channel = self._open()
+            self._callables.clear()
+            task = asyncio.ensure_future(retired.close(RETIRED_CHANNEL_GRACE))
+            self._retiring[task] = retired
+            task.add_done_callback(lambda done: self._retiring.pop(done, None))
+        return self._channel
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+        def call(request: object, **options: Any) -> Any:
+            current = self.current()
+            callable_ = self._callables.get(method)
+            if callable_ is None:
+                callable_ = self._callables[method] = current.unary_unary(method, *args, **kwargs)
+            return callable_(request, **options)
+
+        return call
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._channel.close(grace)
+        for task, retired in list(self._retiring.items()):
+            task.cancel()
+            await retired.close(grace)
+
+    async def __aenter__(self) -> "RenewingChannel":
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
 
 def endpoint_to_proto(endpoint: Endpoint | None) -> pb.Endpoint:
@@ -94,7 +198,15 @@ def endpoint_from_proto(message: pb.Endpoint) -> Endpoint | None:
     return Endpoint(message.host, message.port) if message.host else None
 
 
-ROLES = {"master": pb.ROLE_MASTER, "standby": pb.ROLE_STANDBY, "stopped": pb.ROLE_STOPPED}
+# PgStatus.role <-> the wire: "unknown" is a running server whose recovery state is not known.
+ROLES = {
+    "master": pb.ROLE_MASTER,
+    "standby": pb.ROLE_STANDBY,
+    "stopped": pb.ROLE_STOPPED,
+    "unknown": pb.ROLE_UNSPECIFIED,
+}
+ROLE_NAMES = {number: name for name, number in ROLES.items()}
+_IN_RECOVERY = {pb.ROLE_MASTER: False, pb.ROLE_STANDBY: True}
 
 
 def status_to_proto(status: PgStatus) -> pb.PostgresStatus:
@@ -152,7 +264,7 @@ def status_from_proto(message: pb.PostgresStatus) -> PgStatus:
     return PgStatus(
         running=message.running,
         postmaster_pid=message.postmaster_pid or None,
-        in_recovery=(message.role == pb.ROLE_STANDBY) if message.running else None,
+        in_recovery=_IN_RECOVERY.get(message.role) if message.running else None,
         timeline=message.timeline or None,
         system_identifier=message.system_identifier or None,
         current_lsn=message.current_lsn or None,
@@ -167,7 +279,6 @@ def status_from_proto(message: pb.PostgresStatus) -> PgStatus:
                 d.sync_state,
                 d.flush_lsn or None,
                 d.replay_lsn or None,
-                None,
                 d.reply_age if d.reply_age >= 0 else None,
             )
             for d in message.downstreams
@@ -181,6 +292,4 @@ def blocking_channel(target: str, tls: TlsConfig) -> grpc.Channel:
     """A synchronous channel, for the command line."""
     if tls.insecure:
         return grpc.insecure_channel(target, options=CLIENT_OPTIONS)
-    ca, cert, key = tls.read()
-    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
-    return grpc.secure_channel(target, credentials, options=CLIENT_OPTIONS)
+    return grpc.secure_channel(target, _credentials(tls), options=CLIENT_OPTIONS)

@@ -10,12 +10,14 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import psycopg
 from psycopg import sql
 
+from xcha.coordinator import SHARDED_TABLE, shard_table
+from xcha.errors import XchaError
 from xcha.pg.client import bounded, close, connect
 
 
@@ -33,11 +35,11 @@ class Outcome:
 
 @dataclass
 class Writer:
-    """Inserts ids (1, 2, 3, ... or the given ones) into `table` through whichever of
-    `conninfos` accepts writes."""
+    """Inserts ids (1, 2, 3, ... or the given ones, then what `refill` gives when they run out)
+    into `table` through whichever of `conninfos` accepts writes."""
 
     conninfos: list[str]
-    table: str = "xcha_writes"
+    table: str = SHARDED_TABLE
     interval: float = 0.01
     attempt_timeout: float = 0.3
     statement_timeout: float = 0.5  # a client that gives up on a statement after 0.5 s
@@ -45,6 +47,8 @@ class Writer:
     acknowledged: dict[int, float] = field(default_factory=dict)
     failures: list[tuple[float, str]] = field(default_factory=list)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    refill: Callable[[], Awaitable[Iterable[int]]] | None = None
+    error: str = ""  # why run() ended early, if it did
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
 
@@ -87,18 +91,23 @@ class Writer:
         raise ConnectionError("; ".join(errors) or "no server")
 
     async def prepare(self) -> None:
+        """Create the table (as a datanode's shard of the sharded table is made)."""
         conn = await self._connect()
         async with conn:
-            await conn.execute(
-                sql.SQL(
-                    "CREATE TABLE IF NOT EXISTS {} (id bigint PRIMARY KEY, at timestamptz "
-                    "DEFAULT clock_timestamp())"
-                ).format(sql.Identifier(self.table))
-            )
+            await conn.execute(shard_table(self.table))
+
+    async def next_id(self) -> int:
+        ident = next(self.ids, None)
+        if ident is None and self.refill is not None:
+            self.ids = iter(await self.refill())
+            ident = next(self.ids, None)
+        if ident is None:
+            raise XchaError("the writer ran out of ids to insert (and has no refill, or it gave none)")
+        return ident
 
     async def write_one(self) -> bool:
         """Insert the next id; True when the commit was acknowledged."""
-        ident = next(self.ids)
+        ident = await self.next_id()
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = await self._connect()
@@ -121,18 +130,40 @@ class Writer:
         return True
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
-            started = time.monotonic()
-            ok = await self.write_one()
-            pause = self.interval - (time.monotonic() - started)
-            if not ok:
-                pause = max(pause, 0.005)
-            if pause > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), pause)
+        try:
+            while not self._stopping.is_set():
+                started = time.monotonic()
+                ok = await self.write_one()
+                pause = self.interval - (time.monotonic() - started)
+                if not ok:
+                    pause = max(pause, 0.005)
+                if pause > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stopping.wait(), pause)
+        except Exception as error:
+            self.error = f"{type(error).__name__}: {error}"
+            raise
 
     def stop(self) -> None:
         self._stopping.set()
+
+    def check_running(self) -> None:
+        """Raise when run() ended by an error: waiting for its writes would be waiting for nothing."""
+        if self.error:
+            raise XchaError(f"the writer stopped: {self.error}")
+
+    async def wait_for_acks(self, count: int, timeout: float = 30) -> None:
+        """Until `count` more commits were acknowledged."""
+        target = len(self.acknowledged) + count
+        deadline = time.monotonic() + timeout
+        while len(self.acknowledged) < target:
+            self.check_running()
+            if time.monotonic() > deadline:
+                raise XchaError(
+                    f"no {count} acknowledged writes within {timeout:.0f} s; "
+                    f"last failures: {self.failures[-3:]}"
+                )
+            await asyncio.sleep(0.02)
 
     async def close(self) -> None:
         if self._conn is not None:

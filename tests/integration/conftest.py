@@ -2,13 +2,13 @@
 and a writer that records every acknowledged commit."""
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import assert_nothing_lost
 from xcha.topology import DatanodePlan, Topology, TopologyPlan
 from xcha.v1 import xcha_pb2 as pb
 from xcha.workload import Writer
@@ -24,7 +24,10 @@ class Cluster:
         return self.topology.status()
 
     def group(self, datanode: str = "dn1") -> pb.GroupView:
-        return next(g for g in self.status().groups if g.name == datanode)
+        return self.topology.group(datanode)
+
+    def events(self, kind: str | None = None) -> list[pb.Event]:
+        return self.topology.events(kind=kind)
 
     def start_writing(self) -> None:
         self.writer_task = asyncio.create_task(self.writer.run())
@@ -37,23 +40,12 @@ class Cluster:
 
     async def wait_for_acks(self, count: int, timeout: float = 30) -> None:
         """Until `count` more commits were acknowledged."""
-        target = len(self.writer.acknowledged) + count
-        deadline = time.monotonic() + timeout
-        while len(self.writer.acknowledged) < target:
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"no {count} acknowledged writes within {timeout} s; "
-                    f"last failures: {self.writer.failures[-3:]}"
-                )
-            await asyncio.sleep(0.02)
+        await self.writer.wait_for_acks(count, timeout)
 
     async def assert_nothing_lost(self, datanode: str = "dn1") -> None:
         """Every acknowledged id is on the current master; no id is there that was never sent."""
         await self.stop_writing()
-        outcome = await self.writer.verify(self.topology.group_conninfos(datanode))
-        assert outcome.acknowledged > 0
-        assert outcome.lost == [], f"acknowledged but lost: {outcome.lost[:20]}"
-        assert outcome.unexpected == [], f"present but never sent: {outcome.unexpected[:20]}"
+        assert_nothing_lost(await self.writer.verify(self.topology.group_conninfos(datanode)))
 
     async def wait_for(
         self, predicate: Callable[[pb.ClusterStatus], bool], what: str, timeout: float = 60
@@ -88,17 +80,12 @@ async def make_cluster(workdir: Path) -> AsyncIterator[ClusterFactory]:
     async def make(plan: TopologyPlan | None = None, write: bool = True) -> Cluster:
         topology = Topology(
             workdir / "x",
-            plan or TopologyPlan(datanodes=(DatanodePlan("dn1", ("dn1a", "dn1b")),), startup_grace=0.5),
+            plan or TopologyPlan(datanodes=(DatanodePlan("dn1", ("dn1a", "dn1b")),)),
         )
-        topology.write()
         cluster = Cluster(topology, Writer([]))
         started.append(cluster)
-        topology.start()
-        await topology.wait_protected()
-        for datanode in topology.plan.datanodes:
-            await topology.create_app_role(datanode.name)
+        await topology.up()  # also the application role and the table on every master
         cluster.writer = Writer(topology.group_conninfos(topology.plan.datanodes[0].name))
-        await cluster.writer.prepare()
         if write:
             cluster.start_writing()
             await cluster.wait_for_acks(20)

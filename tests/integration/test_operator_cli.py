@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import logging
 import os
 import re
 import signal
@@ -25,8 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 import xcha
 from tests.conftest import processes_under
 from tests.integration.conftest import Cluster, ClusterFactory
-from xcha.ctl import call
-from xcha.logs import JsonFormatter
 from xcha.topology import DatanodePlan, Topology, TopologyPlan, free_port
 from xcha.v1 import xcha_pb2 as pb
 
@@ -142,11 +139,7 @@ def parse_table(output: str) -> tuple[list[str], list[dict[str, str]], list[str]
 
 
 def event_ids(topology: Topology, datanode: str) -> list[int]:
-    reply = call(
-        topology.target,
-        lambda stub: stub.ListEvents(pb.EventsRequest(limit=100000, datanode=datanode), timeout=5),
-    )
-    return [event.id for event in reply.events]
+    return [event.id for event in topology.events(datanode)]
 
 
 async def settled(cluster: Cluster, **sync_states: str) -> pb.ClusterStatus:
@@ -316,7 +309,6 @@ async def test_every_ctl_command_through_the_real_command_line(make_cluster: Clu
 async def test_refused_requests_are_one_line_and_change_nothing(make_cluster: ClusterFactory) -> None:
     plan = TopologyPlan(
         datanodes=(DatanodePlan("dn1", ("dn1a", "dn1b", "dn1c"), async_members=("dn1c",)),),
-        startup_grace=0.5,
     )
     cluster = await make_cluster(plan, write=False)
     topology = cluster.topology
@@ -424,30 +416,6 @@ def test_a_workdir_with_a_broken_topology_json_is_one_line(workdir: Path, conten
 # ---- 3. daemon configuration and 5. logs ---------------------------------------------------------
 
 
-def test_json_formatter_writes_one_object_per_record() -> None:
-    formatter = JsonFormatter()
-    record = logging.LogRecord(
-        "xcha.controller", logging.WARNING, __file__, 1, "dn1: %s", ("protected",), None
-    )
-    record.created = 0.25
-    record.msecs = 250.0
-    entry = json.loads(formatter.format(record))
-    assert entry == {
-        "time": "1970-01-01T00:00:00.250Z",
-        "level": "warning",
-        "logger": "xcha.controller",
-        "message": "dn1: protected",
-    }
-    try:
-        raise ValueError("two\nlines")
-    except ValueError:
-        failing = logging.LogRecord("xcha", logging.ERROR, __file__, 2, "failed", (), sys.exc_info())
-    text = formatter.format(failing)
-    assert "\n" not in text
-    parsed = json.loads(text)
-    assert parsed["level"] == "error" and "ValueError: two\nlines" in parsed["exception"]
-
-
 def test_log_format_json_is_a_valid_controller_setting(workdir: Path) -> None:
     topology = Topology(workdir / "x")
     topology.write()
@@ -468,7 +436,7 @@ def test_log_format_json_is_a_valid_controller_setting(workdir: Path) -> None:
 
 
 async def test_metrics_and_logs_of_controller_and_agents(make_cluster: ClusterFactory) -> None:
-    cluster = await make_cluster(TopologyPlan(metrics=True, startup_grace=0.5))
+    cluster = await make_cluster(TopologyPlan(metrics=True))
     topology = cluster.topology
     status = await settled(cluster)
     master = status.groups[0].master
@@ -591,14 +559,22 @@ def test_up_status_down(workdir: Path) -> None:
         assert [n.split(":")[0] for n in notes[:2]] == ["dn1", "dn2"], notes
         assert processes_under(directory), "xcha up leaves its deployment running"
 
-        assert_one_line_error(
-            xcha_cli("up", "--workdir", str(directory)), f"{directory} holds a running deployment"
+        again = ok(xcha_cli("up", "--workdir", str(directory)))
+        assert again.startswith("everything is already running: supervisor, controller, "), again
+        assert len(parse_table(ctl(directory, "status"))[1]) == 4, (
+            "an `up` with nothing to start changes nothing"
         )
-        assert len(parse_table(ctl(directory, "status"))[1]) == 4, "a refused `up` changes nothing"
 
         down = ok(xcha_cli("down", "--workdir", str(directory), timeout=120))
         assert down.startswith("stopped "), down
-        for key in ("controller", "agent:dn1a", "agent:dn2b", "postgres:dn1a", "coordinator:coord1"):
+        for key in (
+            "supervisor",
+            "controller",
+            "agent:dn1a",
+            "agent:dn2b",
+            "postgres:dn1a",
+            "coordinator:coord1",
+        ):
             assert key in down, (key, down)
         left = processes_under(directory)
         assert left == [], f"still running after xcha down: {left}"

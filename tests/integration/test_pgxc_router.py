@@ -1,9 +1,12 @@
-"""The pgxc router by its statements, over a real PostgreSQL connection.
+"""The pgxc router statement by statement, over a real PostgreSQL connection.
 
-There is no Postgres-XC / XL server here. A RecordingSession implements the router's Session
-protocol over a real psycopg connection: it records every statement with the connection it
-went to, runs on the real server what PostgreSQL has (pg_stat_activity, pg_terminate_backend)
-and answers the XC-only statements (ALTER NODE, EXECUTE DIRECT, pgxc_pool_*) with canned rows.
+The end-to-end tests on real Postgres-XL and Postgres-XC clusters show that a re-point works;
+these pin down the exact statements, the session discipline, the quoting and the retries,
+including answers a real cluster gives only rarely. A RecordingSession implements the
+router's Session protocol over a real psycopg connection: it records every statement with
+the connection it went to, runs on the real server what PostgreSQL has (pg_stat_activity,
+pg_terminate_backend) and answers the XC-only statements (ALTER NODE, EXECUTE DIRECT,
+pgxc_pool_*, pgxc_node) with canned rows.
 """
 
 import asyncio
@@ -17,6 +20,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from tests.conftest import InstanceFactory
+from xcha.controller.routers import pgxc
 from xcha.controller.routers.pgxc import WRITERS, PgxcTarget
 from xcha.controller.routers.session import CoordinatorSession, Query
 from xcha.controller.routing import Router
@@ -29,6 +33,8 @@ Conn = psycopg.AsyncConnection[tuple[object, ...]]
 XC_ONLY = ("ALTER NODE", "EXECUTE DIRECT", "SELECT pgxc_pool_reload()", "SELECT pgxc_pool_check()")
 RELOAD = "SELECT pgxc_pool_reload()"
 CHECK = "SELECT pgxc_pool_check()"
+NODE_ROW = "SELECT node_host, node_port FROM pgxc_node WHERE node_name = 'dn1'"
+ROUTED_CHECK = "EXECUTE DIRECT ON (\"dn1\") 'SELECT pg_is_in_recovery()'"
 ALTER = "ALTER NODE \"dn1\" WITH (HOST = '127.0.0.1', PORT = 5433)"
 NEW = Endpoint("127.0.0.1", 5433)
 LONG_LABEL = "h" + "0123456789" * 6 + "ab"  # 63 characters, the longest DNS label
@@ -41,6 +47,7 @@ class RecordingSession:
         self.conn = conn
         # Answers of pgxc_pool_check(), consumed from the front; the last one repeats.
         self.pool_check = list(pool_check)
+        self.node_row: tuple[object, ...] = (NEW.host, NEW.port)  # XC's catalog read-back
         self.statements: list[tuple[str, int, bool]] = []
         self.results: list[list[tuple[object, ...]]] = []
         self.closed = 0
@@ -58,6 +65,10 @@ class RecordingSession:
             rows = [(answer,)]
         elif text.startswith(RELOAD):
             rows = [(True,)]
+        elif text.startswith(NODE_ROW):
+            rows = [self.node_row]
+        elif text == ROUTED_CHECK:
+            rows = [(False,)]
         elif text.startswith(XC_ONLY):
             rows = []
         else:
@@ -122,9 +133,9 @@ async def test_one_coordinator_gets_the_exact_sequence_on_one_autocommit_session
     instance = await coordinator(make_instance)
     session = await recorder(instance)
     try:
-        target = PgxcTarget("c1", session, flavor="xc", datanodes=("dn1", "dn2"), first=True)
+        target = PgxcTarget("c1", session, flavor="xl", datanodes=("dn1", "dn2"), first=False)
         detail = await target.apply("dn1", NEW, Endpoint("127.0.0.1", 5432), 7)
-        writers = WRITERS.as_string(session.conn)
+        writers = WRITERS["xl"].as_string(session.conn)
         assert session.texts == [writers, ALTER, RELOAD, CHECK]
         assert writers.startswith("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity")
         assert "backend_xid IS NOT NULL" in writers and "pg_backend_pid()" in writers
@@ -134,7 +145,7 @@ async def test_one_coordinator_gets_the_exact_sequence_on_one_autocommit_session
         # The terminate query really ran (nothing to end) and nothing else was sent to the server.
         assert session.results[0] == []
         assert target.terminated_total == 0
-        assert detail.startswith("dn1 -> 127.0.0.1:5433: terminate writers ")
+        assert detail.startswith("dn1 -> 127.0.0.1:5433: end open transactions ")
         assert "ended" not in detail
         for label in ("ALTER NODE", "pgxc_pool_reload", "pgxc_pool_check"):
             assert f"; {label} " in detail
@@ -156,7 +167,7 @@ async def test_xl_first_coordinator_re_points_every_datanode_through_execute_dir
         detail = await target.apply("dn1", new, None, 3)
         alter = f"ALTER NODE \"dn1\" WITH (HOST = '{host}', PORT = 5433)"
         direct = [text for on in datanodes for text in expected_direct(on, host)]
-        assert session.texts == [WRITERS.as_string(session.conn), alter, RELOAD, CHECK, *direct]
+        assert session.texts == [WRITERS["xl"].as_string(session.conn), alter, RELOAD, CHECK, *direct]
         assert {conn_id for _, conn_id, _ in session.statements} == {id(session.conn)}
         assert all(autocommit for _, _, autocommit in session.statements)
         assert all(";" not in text for text in session.texts)
@@ -173,19 +184,48 @@ async def test_xl_first_coordinator_re_points_every_datanode_through_execute_dir
         await session.conn.close()
 
 
-@pytest.mark.parametrize(("flavor", "first"), [("xl", False), ("xc", True), ("xc", False)])
-async def test_no_execute_direct_unless_xl_and_first(
-    make_instance: InstanceFactory, flavor: str, first: bool
+async def test_no_execute_direct_on_an_xl_coordinator_that_is_not_the_first(
+    make_instance: InstanceFactory,
 ) -> None:
     instance = await coordinator(make_instance)
     session = await recorder(instance)
     try:
-        target = PgxcTarget("c2", session, flavor=flavor, datanodes=("dn1", "dn2"), first=first)
+        target = PgxcTarget("c2", session, flavor="xl", datanodes=("dn1", "dn2"), first=False)
         await target.apply("dn1", NEW, None, 1)
-        assert session.texts == [WRITERS.as_string(session.conn), ALTER, RELOAD, CHECK]
-        assert not any(text.startswith("EXECUTE DIRECT") for text in session.texts)
+        assert session.texts == [WRITERS["xl"].as_string(session.conn), ALTER, RELOAD, CHECK]
     finally:
         await session.conn.close()
+
+
+@pytest.mark.parametrize("first", [True, False])
+async def test_xc_ends_every_open_transaction_and_checks_the_catalog_and_a_routed_statement(
+    make_instance: InstanceFactory, first: bool
+) -> None:
+    """XC's reload rolls back every open transaction of the coordinator, readers' too, and
+    its pgxc_pool_check() cannot be trusted."""
+    instance = await coordinator(make_instance)
+    session = await recorder(instance)
+    writer, reader, idle = await open_sessions(instance)
+    try:
+        target = PgxcTarget("c1", session, flavor="xc", datanodes=("dn1", "dn2"), first=first)
+        detail = await target.apply("dn1", NEW, None, 1)
+        writers = WRITERS["xc"].as_string(session.conn)
+        assert "xact_start IS NOT NULL" in writers
+        assert session.texts == [writers, ALTER, RELOAD, NODE_ROW, ROUTED_CHECK]
+        assert sorted(row[0] for row in session.results[0]) == sorted(  # type: ignore[type-var]
+            [writer.info.backend_pid, reader.info.backend_pid]
+        )
+        assert "(2 ended)" in detail
+        for ended in (writer, reader):
+            with pytest.raises(psycopg.OperationalError):
+                await ended.execute("SELECT 1")
+        assert await still_works(idle)
+        session.node_row = ("127.0.0.1", 5432)
+        with pytest.raises(RuntimeError, match="pgxc_node has"):
+            await target.apply("dn1", NEW, None, 2)
+    finally:
+        for conn in (writer, reader, idle, session.conn):
+            await conn.close()
 
 
 async def test_pool_check_false_is_not_acknowledged(make_instance: InstanceFactory) -> None:
@@ -196,7 +236,7 @@ async def test_pool_check_false_is_not_acknowledged(make_instance: InstanceFacto
         with pytest.raises(RuntimeError, match=r"pgxc_pool_check\(\) returned False"):
             await target.apply("dn1", NEW, None, 1)
         # Nothing goes through the datanodes before the coordinator's pooler acknowledged.
-        assert session.texts == [WRITERS.as_string(session.conn), ALTER, RELOAD, CHECK]
+        assert session.texts == [WRITERS["xl"].as_string(session.conn), ALTER, RELOAD, CHECK]
     finally:
         await session.conn.close()
 
@@ -207,7 +247,7 @@ async def test_barrier_retries_a_coordinator_until_pool_check_returns_true(
     instance = await coordinator(make_instance)
     session = await recorder(instance, pool_check=[False])
     try:
-        target = PgxcTarget("c1", session, flavor="xc", datanodes=("dn1",), first=True)
+        target = PgxcTarget("c1", session, flavor="xl", datanodes=("dn1",), first=False)
         router = Router("pgxc", [target], retry_initial=0.01, retry_max=0.02)
         events: list[tuple[str, str]] = []
         router.on_event = lambda datanode, kind, message, details: events.append((datanode, kind))
@@ -224,7 +264,7 @@ async def test_barrier_retries_a_coordinator_until_pool_check_returns_true(
         # Every attempt is the whole sequence again, on the same session.
         attempts = session.texts.count(CHECK)
         assert attempts == progress.attempts >= 4
-        assert session.texts == [WRITERS.as_string(session.conn), ALTER, RELOAD, CHECK] * attempts
+        assert session.texts == [WRITERS["xl"].as_string(session.conn), ALTER, RELOAD, CHECK] * attempts
         assert [rows for text, rows in zip(session.texts, session.results, strict=True) if text == CHECK] == [
             [(False,)]
         ] * (attempts - 1) + [[(True,)]]
@@ -237,7 +277,7 @@ async def test_barrier_completes_on_a_sequence_of_pool_check_answers(make_instan
     instance = await coordinator(make_instance)
     session = await recorder(instance, pool_check=[False, False, True])
     try:
-        target = PgxcTarget("c1", session, flavor="xc", datanodes=("dn1",), first=True)
+        target = PgxcTarget("c1", session, flavor="xl", datanodes=("dn1",), first=False)
         router = Router("pgxc", [target], retry_initial=0.01, retry_max=0.02)
         barrier = await asyncio.wait_for(router.reroute("dn1", NEW, None, 2), 10)
         assert barrier.targets["c1"].attempts == 3 == session.texts.count(CHECK)
@@ -272,11 +312,11 @@ async def test_sessions_holding_a_transaction_id_are_ended_before_the_reload(
     writer, reader, idle = await open_sessions(instance)
     try:
         assert await xid_holders(session.conn) == [writer.info.backend_pid]
-        target = PgxcTarget("c1", session, flavor="xc", datanodes=("dn1",), first=True)
+        target = PgxcTarget("c1", session, flavor="xl", datanodes=("dn1",), first=True)
         detail = await target.apply("dn1", NEW, None, 1)
         assert target.terminated_total == 1
-        assert "terminate writers " in detail and "(1 ended)" in detail
-        assert session.texts[0] == WRITERS.as_string(session.conn)
+        assert "end open transactions " in detail and "(1 ended)" in detail
+        assert session.texts[0] == WRITERS["xl"].as_string(session.conn)
         assert session.results[0] == [(writer.info.backend_pid, True)]
         with pytest.raises(psycopg.OperationalError):
             await writer.execute("INSERT INTO t VALUES (2)")
@@ -301,7 +341,7 @@ async def test_terminate_writers_off_leaves_every_session_alone(make_instance: I
     writer, reader, idle = await open_sessions(instance)
     try:
         target = PgxcTarget(
-            "c1", session, flavor="xc", datanodes=("dn1",), first=True, terminate_writers=False
+            "c1", session, flavor="xl", datanodes=("dn1",), first=False, terminate_writers=False
         )
         detail = await target.apply("dn1", NEW, None, 1)
         assert session.texts == [ALTER, RELOAD, CHECK]
@@ -366,9 +406,10 @@ async def test_in_doubt_cleanup_runs_on_the_first_coordinator_only(
         await other.conn.close()
 
 
-async def test_a_failing_in_doubt_cleanup_is_not_acknowledged(
-    make_instance: InstanceFactory, tmp_path: Path
+async def test_a_failing_in_doubt_cleanup_is_retried_then_not_acknowledged(
+    make_instance: InstanceFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(pgxc, "CLEAN_RETRY", 0.01)
     instance = await coordinator(make_instance)
     session = await recorder(instance)
     script, runs = clean_script(tmp_path, 3)
@@ -378,8 +419,8 @@ async def test_a_failing_in_doubt_cleanup_is_not_acknowledged(
         )
         with pytest.raises(RuntimeError, match=r"(?s)exited 3: .*resolved 2 in-doubt transactions"):
             await target.apply("dn1", NEW, None, 1)
-        assert run_count(runs) == 1
-        assert session.texts[1:] == [ALTER, RELOAD, CHECK]
+        assert run_count(runs) == pgxc.CLEAN_ATTEMPTS
+        assert session.texts[1:] == [ALTER, RELOAD, NODE_ROW, ROUTED_CHECK]
     finally:
         await session.conn.close()
 
@@ -403,7 +444,7 @@ async def test_coordinator_session_sends_the_statements_to_the_server(make_insta
         user=instance.spec.superuser,
         dbname="postgres",
     )
-    target = PgxcTarget.connect("c1", conninfo, flavor="xc", datanodes=("dn1",), first=True)
+    target = PgxcTarget.connect("c1", conninfo, flavor="xl", datanodes=("dn1",), first=True)
     try:
         assert isinstance(target.session, CoordinatorSession)
         before = await target.session.connection()

@@ -139,7 +139,9 @@ async def test_port_takeover_restarts_the_promoted_standby_on_the_masters_port(
     master, standby = await sync_pair(make_instance)
     old_port = master.port
     await master.kill()
-    await standby.take_over_port(old_port)
+    await standby.promote()  # the agent promotes first; the takeover only moves the master
+    timings = await standby.take_over_port(old_port)
+    assert [step for step, _ in timings.steps] == ["restart"]
     assert not (standby.data_dir / "standby.signal").exists()
     async with await psycopg.AsyncConnection.connect(
         host=str(standby.spec.socket_dir), port=old_port, user="postgres", dbname="postgres", autocommit=True

@@ -111,7 +111,6 @@ def test_minimal_agent_config_has_the_defaults(tmp_path: Path, password_file: Pa
     config = load_agent_config(path)
     assert isinstance(config, AgentConfig)
     assert config == AgentConfig(
-        source=path,
         datanode="dn1",
         member="dn1a",
         listen="127.0.0.1:7001",
@@ -173,7 +172,6 @@ def test_minimal_controller_config_has_the_defaults(tmp_path: Path) -> None:
     path = write(tmp_path, controller_toml())
     config = load_controller_config(path)
     assert config == ControllerConfig(
-        source=path,
         listen="127.0.0.1:7000",
         state_dir=Path("/var/lib/xcha/controller"),
         heartbeat_interval=0.25,
@@ -208,6 +206,15 @@ def test_startup_grace_defaults_to_the_configured_failure_timeout(tmp_path: Path
     config = load_controller_config(write(tmp_path, controller_toml("failure_timeout = 10")))
     assert config.failure_timeout == 10.0
     assert config.startup_grace == 10.0
+
+
+def test_a_startup_grace_shorter_than_failure_timeout_is_refused(tmp_path: Path) -> None:
+    """A member not heard from since the controller started is not yet a failed one."""
+    path = write(tmp_path, controller_toml("failure_timeout = 3\nstartup_grace = 1"))
+    with pytest.raises(
+        ConfigError, match=r"controller\.startup_grace: must be at least failure_timeout \(3 s\)"
+    ):
+        load_controller_config(path)
 
 
 def test_controller_settings_override_the_defaults(tmp_path: Path) -> None:
@@ -436,6 +443,45 @@ def test_bad_addresses(tmp_path: Path, password_file: Path, address: str, messag
     problems = problems_of(load_controller_config, write(tmp_path, text, "controller.toml"))
     assert keys_of(problems) == ["controller.listen", "controller.metrics_listen"]
     assert message in message_for(problems, "controller.listen")
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("localhost", "expected HOST:PORT"),
+        ("127.0.0.1:0", "expected a whole number from 1 to 65535"),  # the metrics port is fixed
+        ("bad_host!:9100", "expected an IP address or a host name"),
+        (7, "must be a string, not 7"),
+    ],
+)
+def test_bad_metrics_listen_is_reported_for_its_key(
+    tmp_path: Path, password_file: Path, address: object, message: str
+) -> None:
+    value = f'"{address}"' if isinstance(address, str) else str(address)
+    agent = write(tmp_path, agent_toml(password_file, agent=f"metrics_listen = {value}"), "agent.toml")
+    problems = problems_of(load_agent_config, agent)
+    assert keys_of(problems) == ["agent.metrics_listen"]
+    assert message in message_for(problems, "agent.metrics_listen")
+    text = controller_toml(f"metrics_listen = {value}")
+    problems = problems_of(load_controller_config, write(tmp_path, text, "controller.toml"))
+    assert keys_of(problems) == ["controller.metrics_listen"]
+    assert message in message_for(problems, "controller.metrics_listen")
+
+
+def test_an_empty_metrics_listen_switches_metrics_off(tmp_path: Path, password_file: Path) -> None:
+    agent = write(tmp_path, agent_toml(password_file, agent='metrics_listen = ""'), "agent.toml")
+    assert load_agent_config(agent).metrics_listen is None
+    controller = write(tmp_path, controller_toml('metrics_listen = ""'), "controller.toml")
+    assert load_controller_config(controller).metrics_listen is None
+    controller = write(tmp_path, controller_toml('metrics_listen = "127.0.0.1:9200"'), "controller.toml")
+    assert load_controller_config(controller).metrics_listen == "127.0.0.1:9200"
+
+
+def test_datanodes_are_found_by_name(tmp_path: Path) -> None:
+    text = controller_toml(tail='[[datanode]]\nname = "dn2"\nmembers = ["dn2a"]\n')
+    config = load_controller_config(write(tmp_path, text))
+    assert [config.datanode(name) for name in ("dn2", "dn1")] == [config.datanodes[1], config.datanodes[0]]
+    assert config.datanode("dn3") is None
 
 
 def test_bad_agent_listen_is_reported_for_listen(tmp_path: Path, password_file: Path) -> None:
@@ -794,3 +840,82 @@ def test_check_config_ok(tmp_path: Path, password_file: Path) -> None:
     for daemon, path in (("agent", agent), ("controller", controller)):
         result = check_config(daemon, path)
         assert (result.returncode, result.stdout, result.stderr) == (0, f"{path}: ok\n", "")
+
+
+# ---- [postgres] flavor: Postgres-XL and Postgres-XC datanodes --------------------------------
+
+
+def test_plain_postgresql_is_the_default_flavor(tmp_path: Path, password_file: Path) -> None:
+    config = load_agent_config(write(tmp_path, agent_toml(password_file)))
+    assert config.postgres.flavor == "postgresql" and config.postgres.pgxc is None
+    assert config.postgres.instance_spec("dn1a").pgxc is None
+
+
+@pytest.mark.parametrize("flavor", ["xl", "xc"])
+def test_an_xl_or_xc_datanode_takes_its_node_name_from_the_datanode(
+    tmp_path: Path, password_file: Path, flavor: str
+) -> None:
+    postgres = f'flavor = "{flavor}"\npooler_port = 6667\ngtm_port = 6666'
+    config = load_agent_config(write(tmp_path, agent_toml(password_file, postgres=postgres)))
+    pgxc = config.postgres.instance_spec("dn1a").pgxc
+    assert pgxc is not None
+    # The datanode's name (shared with its standbys), not the member's; the GTM on this host.
+    assert (pgxc.flavor, pgxc.node_name, pgxc.pooler_port) == (flavor, "dn1", 6667)
+    assert (pgxc.gtm_host, pgxc.gtm_port, pgxc.coordinator_networks) == ("127.0.0.1", 6666, ())
+
+
+def test_xl_settings_override_the_defaults(tmp_path: Path, password_file: Path) -> None:
+    postgres = (
+        'flavor = "xl"\nnode_name = "datanode_1"\npooler_port = 16667\ngtm_host = "10.0.0.9"\n'
+        'gtm_port = 16666\ncoordinator_networks = ["10.0.0.0/24"]'
+    )
+    config = load_agent_config(write(tmp_path, agent_toml(password_file, postgres=postgres)))
+    assert config.postgres.pgxc is not None
+    assert config.postgres.pgxc.node_name == "datanode_1"
+    assert (config.postgres.gtm_host, config.postgres.gtm_port) == ("10.0.0.9", 16666)
+    assert config.postgres.coordinator_networks == ("10.0.0.0/24",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.postgres.flavor = "postgresql"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("postgres", "key", "message"),
+    [
+        ('flavor = "xz"', "postgres.flavor", "must be one of postgresql, xl, xc"),
+        ('flavor = "xl"\ngtm_port = 6666', "postgres.pooler_port", "is required"),
+        ('flavor = "xl"\npooler_port = 6667', "postgres.gtm_port", "is required"),
+        ('flavor = "xc"\npooler_port = 0\ngtm_port = 6666', "postgres.pooler_port", "at least 1"),
+        ('flavor = "xc"\npooler_port = 5432\ngtm_port = 6666', "postgres.pooler_port", "must differ"),
+        ('flavor = "xl"\npooler_port = 6667\ngtm_port = "x"', "postgres.gtm_port", "whole number"),
+        ('flavor = "xl"\npooler_port = 6667\ngtm_port = 6666\ngtm_host = "a b"', "postgres.gtm_host", "host"),
+        (
+            'flavor = "xl"\npooler_port = 6667\ngtm_port = 6666\nnode_name = "DN1"',
+            "postgres.node_name",
+            "1-63",
+        ),
+        (
+            'flavor = "xl"\npooler_port = 6667\ngtm_port = 6666\ncoordinator_networks = ["10.0.0.0/33"]',
+            "postgres.coordinator_networks",
+            "invalid coordinator network",
+        ),
+        ("pooler_port = 6667", "postgres.pooler_port", 'for flavor = "xl" or "xc" only'),
+        ('gtm_host = "127.0.0.1"', "postgres.gtm_host", 'for flavor = "xl" or "xc" only'),
+    ],
+)
+def test_bad_flavor_settings_are_reported_with_their_key(
+    tmp_path: Path, password_file: Path, postgres: str, key: str, message: str
+) -> None:
+    problems = problems_of(load_agent_config, write(tmp_path, agent_toml(password_file, postgres=postgres)))
+    assert message in message_for(problems, key)
+
+
+def test_check_config_lists_flavor_problems(tmp_path: Path, password_file: Path) -> None:
+    path = write(tmp_path, agent_toml(password_file, postgres='flavor = "xl"'), "agent.toml")
+    result = subprocess.run(
+        [sys.executable, "-m", "xcha", "agent", "--config", str(path), "--check-config"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert f"{path}: postgres.pooler_port: is required" in result.stderr
+    assert f"{path}: postgres.gtm_port: is required" in result.stderr

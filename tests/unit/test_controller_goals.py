@@ -1,21 +1,28 @@
 """What the controller answers an agent ("what should be"), in the states where a wrong
-answer makes an agent fence a server that must serve."""
+answer makes an agent fence a server that must serve; and how it carries out the steps the
+state machine decides (agents replaced by recording stubs)."""
 
-from dataclasses import replace
+import asyncio
+import json
+import threading
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from xcha.controller.config import load_controller_config
-from xcha.controller.controller import Controller
+from xcha.controller.controller import BEST_EFFORT_FENCE_TIMEOUT, FENCE_TIMEOUT, Controller
+from xcha.controller.fsm import Action, Decision, Step
 from xcha.controller.routing import Router
 from xcha.controller.store import SqliteStore
 from xcha.controller.views import GroupState
+from xcha.metrics import _ControllerCollector
 from xcha.v1 import xcha_pb2 as pb
 
 
-@pytest.fixture
-def controller(tmp_path: Path) -> Controller:
+def make_controller(tmp_path: Path, members: list[str]) -> Controller:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     config = tmp_path / "controller.toml"
     config.write_text(f"""
 [controller]
@@ -24,7 +31,7 @@ state_dir = "{tmp_path}/state"
 
 [[datanode]]
 name = "dn1"
-members = ["dn1a", "dn1b"]
+members = {json.dumps(members)}
 
 [tls]
 insecure = true
@@ -32,6 +39,11 @@ insecure = true
     return Controller(
         load_controller_config(config), SqliteStore(tmp_path / "state.sqlite3"), Router("none", [])
     )
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Controller:
+    return make_controller(tmp_path, ["dn1a", "dn1b"])
 
 
 def goal(controller: Controller, member: str) -> int:
@@ -59,3 +71,185 @@ def test_a_switchover_target_is_the_master_from_its_promotion_on(controller: Con
 def test_a_removed_member_is_told_so(controller: Controller) -> None:
     controller.records["dn1b"] = replace(controller.records["dn1b"], removed=True)
     assert goal(controller, "dn1b") == pb.GOAL_REMOVED
+
+
+async def test_addresses_come_from_the_last_report_kept_in_the_member_record(controller: Controller) -> None:
+    controller.groups["dn1"] = replace(controller.groups["dn1"], state=GroupState.PROTECTED, master="dn1a")
+    for sequence, port in ((1, 5432), (2, 5442)):
+        status = pb.MemberStatus(
+            member="dn1a",
+            datanode="dn1",
+            postgres=pb.Endpoint(host="10.0.0.1", port=port),
+            agent_address="10.0.0.1:7001",
+            boot_id="boot",
+            sequence=sequence,
+        )
+        controller.observe("dn1a", status)
+        reply = controller.goal(controller.records["dn1b"])
+        assert reply.goal == pb.GOAL_STANDBY and reply.upstream_member == "dn1a"
+        assert (reply.upstream.host, reply.upstream.port) == ("10.0.0.1", port)
+    assert [(r.host, r.port, r.agent_address) for r in controller.store.members() if r.name == "dn1a"] == [
+        ("10.0.0.1", 5442, "10.0.0.1:7001")
+    ]
+    client = controller._client("dn1a")
+    try:
+        assert client.address == "10.0.0.1:7001"
+    finally:
+        await client.channel.close()
+
+
+# ---- carrying out steps, with recording agents ----------------------------------------------
+
+
+@dataclass
+class RecordingStub:
+    """An agent's stub: answers at once and records (member, method, timeout)."""
+
+    member: str
+    calls: list[tuple[str, str, float]]
+
+    def _status(self) -> pb.MemberStatus:
+        return pb.MemberStatus(member=self.member, datanode="dn1", sequence=len(self.calls))
+
+    async def GetStatus(self, request: pb.GetStatusRequest, timeout: float) -> pb.MemberStatus:
+        self.calls.append((self.member, "GetStatus", timeout))
+        return self._status()
+
+    async def Fence(self, request: pb.FenceRequest, timeout: float) -> pb.RoleReply:
+        self.calls.append((self.member, "Fence", timeout))
+        return pb.RoleReply(status=self._status(), detail="fenced")
+
+
+@dataclass
+class RecordingAgent:
+    """Stands in for controller.AgentClient."""
+
+    address: str
+    stub: RecordingStub
+    channel: object = field(default=None)
+
+
+def recording_agents(controller: Controller) -> list[tuple[str, str, float]]:
+    calls: list[tuple[str, str, float]] = []
+    for index, name in enumerate(controller.records):
+        address = f"127.0.0.1:{7100 + index}"
+        controller.records[name] = replace(controller.records[name], agent_address=address)
+        controller.clients[name] = RecordingAgent(address, RecordingStub(name, calls))  # type: ignore[assignment]
+    # Paused: the evaluations the answers cause decide nothing of their own.
+    controller.groups["dn1"] = replace(
+        controller.groups["dn1"], state=GroupState.PROTECTED, master="dn1a", paused=True
+    )
+    return calls
+
+
+async def test_a_refresh_asks_each_standby_the_state_machine_named_once_in_one_task(tmp_path: Path) -> None:
+    """One REFRESH step per standby: one group task asks exactly those (it used to start a task
+    per step, each asking every standby: k² GetStatus for k standbys)."""
+    controller = make_controller(tmp_path, ["dn1a", "dn1b", "dn1c", "dn1d"])
+    calls = recording_agents(controller)
+    steps = (Step(Action.REFRESH, "dn1b"), Step(Action.REFRESH, "dn1c"))
+    decision = Decision(GroupState.PROTECTED, steps, "asking the standbys for their positions")
+    controller._apply(controller.view("dn1"), decision)
+    task = controller.group_tasks["dn1"]
+    assert len(controller._tasks) == 1
+    await asyncio.wait_for(task, 5)
+    probe_timeout = controller.config.probe_timeout
+    assert sorted(calls) == [("dn1b", "GetStatus", probe_timeout), ("dn1c", "GetStatus", probe_timeout)]
+    for name in ("dn1b", "dn1c"):
+        status = controller.observations[name].status
+        assert status is not None and status.member == name  # observed like a heartbeat
+    assert controller.observations["dn1d"].status is None
+
+
+async def test_the_fence_beside_a_promotion_is_best_effort_and_a_stray_master_fence_is_not(
+    controller: Controller,
+) -> None:
+    calls = recording_agents(controller)
+    best_effort = Decision(GroupState.PROTECTED, (Step(Action.FENCE, "dn1a", best_effort=True),), "promoting")
+    controller._apply(controller.view("dn1"), best_effort)
+    assert not controller.observations["dn1a"].busy, "the promotion does not wait for the old master"
+    await asyncio.wait_for(asyncio.gather(*controller._tasks), 5)
+    assert calls == [("dn1a", "Fence", BEST_EFFORT_FENCE_TIMEOUT)]
+    calls.clear()
+    stray = Decision(GroupState.PROTECTED, (Step(Action.FENCE, "dn1b"),), "dn1b accepts writes")
+    controller._apply(controller.view("dn1"), stray)
+    assert controller.observations["dn1b"].busy, "a member task: nothing else is sent to dn1b meanwhile"
+    await asyncio.wait_for(asyncio.gather(*controller._tasks), 5)
+    assert calls == [("dn1b", "Fence", FENCE_TIMEOUT)]
+    assert not controller.observations["dn1b"].busy
+
+
+def test_a_failed_switchover_is_remembered_until_the_group_leaves_the_switchover(
+    controller: Controller,
+) -> None:
+    controller.groups["dn1"] = replace(
+        controller.groups["dn1"], state=GroupState.SWITCHOVER, master="dn1a", candidate="dn1b"
+    )
+    assert not controller.view("dn1").switchover_failed
+    controller._switchover_failed("dn1", "dn1b did not catch up")
+    assert controller.groups["dn1"].reason == "switchover failed: dn1b did not catch up"
+    assert controller.view("dn1").switchover_failed
+    controller._apply(controller.view("dn1"), Decision(GroupState.SWITCHOVER, (), "still switching over"))
+    assert controller.view("dn1").switchover_failed
+    controller._apply(controller.view("dn1"), Decision(GroupState.SINGLE, (), "restarting dn1a"))
+    assert not controller.groups["dn1"].switchover_failed
+    assert controller.store.groups()["dn1"] == controller.groups["dn1"]
+
+
+async def test_a_scrape_from_another_thread_reads_the_controller_on_its_event_loop(
+    controller: Controller,
+) -> None:
+    """prometheus_client scrapes on its HTTP thread; the controller's dicts change size on the
+    event loop meanwhile, so the collector asks the loop for its snapshot."""
+    readers: list[int] = []
+    group_status = controller.group_status
+
+    def recording_group_status(datanode: str) -> pb.GroupView:
+        readers.append(threading.get_ident())
+        return group_status(datanode)
+
+    controller.group_status = recording_group_status  # type: ignore[method-assign]
+    metrics = SimpleNamespace(failovers={"dn1": 2}, switchovers={}, last_failover={"dn1": {"reroute": 0.5}})
+    collector = _ControllerCollector(controller, metrics, asyncio.get_running_loop())  # type: ignore[arg-type]
+    for families in (
+        await asyncio.to_thread(lambda: list(collector.collect())),  # the HTTP thread
+        list(collector.collect()),  # on the loop itself: no waiting for itself
+    ):
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
+        assert samples[("xcha_group_state", (("datanode", "dn1"), ("state", "initializing")))] == 1.0
+        assert samples[("xcha_failovers_total", (("datanode", "dn1"),))] == 2.0
+        assert samples[("xcha_last_failover_seconds", (("datanode", "dn1"), ("phase", "reroute")))] == 0.5
+        assert samples[("xcha_epoch", ())] == controller.epoch
+    assert readers == [threading.get_ident()] * 2
+
+
+def report(controller: Controller, member: str, epoch: int) -> None:
+    """What observe() keeps of a heartbeat (without evaluating the group)."""
+    controller.observations[member].status = pb.MemberStatus(datanode="dn1", member=member, epoch=epoch)
+
+
+def test_after_a_start_nothing_is_judged_until_every_member_reported_at_its_epoch(tmp_path: Path) -> None:
+    """A clean restart of the deployment: agents come back one by one, each first with the
+    epoch it had. Silence or a persisted state proves nothing until all of them answered at
+    the new epoch; a member that never does holds the grace for startup_grace at most
+    (failure_timeout by default)."""
+    now = [100.0]
+    for directory in ("all", "one_silent"):
+        controller = make_controller(tmp_path / directory, ["dn1a", "dn1b"])
+        controller.clock = lambda: now[0]
+        controller.started = now[0]
+        epoch = controller.epoch
+        assert controller.view("dn1").in_grace
+        report(controller, "dn1a", epoch)
+        if directory == "all":
+            report(controller, "dn1b", epoch - 1)
+            assert controller.view("dn1").in_grace, "dn1b has not reported at this epoch yet"
+            report(controller, "dn1b", epoch)
+            assert not controller.view("dn1").in_grace
+            report(controller, "dn1b", epoch - 1)
+            assert not controller.view("dn1").in_grace, "once over, the grace does not come back"
+        else:
+            now[0] += 1.9
+            assert controller.view("dn1").in_grace, "dn1b not heard from: still learning"
+            now[0] += 0.2
+            assert not controller.view("dn1").in_grace, "startup_grace has passed"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from xcha.agent.config import load_agent_config
+from xcha.agent.config import AgentConfig, load_agent_config
 from xcha.config import ConfigError
 from xcha.controller.config import load_controller_config
 from xcha.pg.render import ReplicationSpec, render
@@ -36,31 +36,60 @@ def test_example_agent_config_loads() -> None:
     only_missing_files(error.value)
 
 
-def example_spec(role: str) -> ReplicationSpec:
-    """The example agent's instance (dn1a, master on 192.0.2.11:5432) and its standby (dn1b on
-    192.0.2.12:5433), PostgreSQL 15."""
-    member = "dn1a" if role == "master" else "dn1b"
-    host = "192.0.2.11" if role == "master" else "192.0.2.12"
+def example_agent(tmp_path: Path, member: str) -> AgentConfig:
+    """datanode_agent/agent.toml as loaded, for dn1a (the file itself) or dn1b (the file with the
+    changes its comment names: member, address, port). Its certificate and password files, which
+    do not exist here, are made up under tmp_path."""
+    text = (ROOT / "datanode_agent" / "agent.toml").read_text()
+    if member == "dn1b":
+        assert "port = 5432" in text and "192.0.2.11" in text, "the standby's changes no longer apply"
+        text = (
+            text.replace("dn1a", "dn1b")
+            .replace("192.0.2.11", "192.0.2.12")
+            .replace("port = 5432", "port = 5433")
+        )
+    etc = tmp_path / member
+    text = text.replace('"/etc/xcha/', f'"{etc}/')
+    for name in ("replication.password", "tls/ca.pem", f"tls/{member}.pem", f"tls/{member}.key"):
+        (etc / name).parent.mkdir(parents=True, exist_ok=True)
+        (etc / name).write_text("made up\n")
+    path = tmp_path / f"agent-{member}.toml"
+    path.write_text(text)
+    config = load_agent_config(path)
+    assert config.member == member
+    return config
+
+
+def example_spec(tmp_path: Path, role: str) -> ReplicationSpec:
+    """What the example agent's instance (dn1a, the master) and its standby (dn1b) render, as the
+    agent builds it from its configuration (PostgresInstance.replication_spec), PostgreSQL 15;
+    the local OS user is the configured run_as."""
+    config = example_agent(tmp_path, "dn1a" if role == "master" else "dn1b")
+    master = example_agent(tmp_path, "dn1a").postgres
+    pg = config.postgres
+    assert pg.run_as is not None
     return ReplicationSpec(
         version=150000,
-        role=role,
-        name=member,
-        port=5432 if role == "master" else 5433,  # type: ignore[arg-type]
-        archive_dir="/var/lib/xcha/archive/dn1",
-        socket_dir=f"/var/lib/xcha/{member}/run",
-        listen_addresses=host,
-        primary_host="192.0.2.11" if role == "standby" else None,
-        primary_port=5432 if role == "standby" else None,
-        passfile=f"/var/lib/xcha/{member}/pgpass",
-        local_os_users=("postgres",),
-        allowed_networks=("192.0.2.0/24",),
+        role=role,  # type: ignore[arg-type]
+        name=config.member,
+        port=pg.port,
+        archive_dir=str(pg.archive_dir),
+        socket_dir=str(pg.socket_dir),
+        listen_addresses=pg.listen_addresses,
+        primary_host=master.host if role == "standby" else None,
+        primary_port=master.port if role == "standby" else None,
+        replication_user=pg.replication_user,
+        passfile=str(pg.passfile),
+        auth=pg.auth,
+        local_os_users=(pg.run_as,),
+        allowed_networks=pg.allowed_networks,
     )
 
 
 @pytest.mark.parametrize("role", ["master", "standby"])
-def test_rendered_configuration_is_what_xcha_writes(role: str) -> None:
+def test_rendered_configuration_is_what_xcha_writes(tmp_path: Path, role: str) -> None:
     directory = ROOT / "datanode_agent" / "rendered" / role
-    rendering = render(example_spec(role))
+    rendering = render(example_spec(tmp_path, role))
     if os.environ.get("XCHA_REGENERATE_EXPECTED"):
         for rendered in rendering.files:
             (directory / Path(rendered.name).name).write_text(rendered.content)

@@ -19,6 +19,7 @@ from xcha.controller.fsm import (
     Decision,
     Step,
     choose_candidate,
+    confirming_standbys,
     decide,
     desired_sync,
     master_failure,
@@ -115,6 +116,11 @@ def stopped(member: MemberView) -> MemberView:
     return replace(member, pg=PgStatus(running=False))
 
 
+def crashed(member: MemberView) -> MemberView:
+    """Its agent saw PostgreSQL exit without being asked to stop it."""
+    return replace(stopped(member), postmaster_died=True)
+
+
 def fenced(member: MemberView) -> MemberView:
     return replace(stopped(member), fenced=True)
 
@@ -131,7 +137,7 @@ def gone(member: MemberView) -> MemberView:
 
 def cut_off(member: MemberView) -> MemberView:
     """A standby whose agent finds its master no longer answering."""
-    return replace(member, upstream_checked=True, upstream_ok=False, upstream_silent_for=3.0)
+    return replace(member, upstream_checked=True, upstream_ok=False)
 
 
 def group(
@@ -187,8 +193,9 @@ def new_group(*members: MemberView) -> GroupView:
 
 
 def promote(target: str = "dn1b", sync: SyncStandbys | None = None) -> tuple[Step, ...]:
-    """Fence the old master dn1a, promote the target."""
-    return (Step(Action.FENCE, "dn1a"), Step(Action.PROMOTE, target, sync))
+    """Fence the old master dn1a (best effort: the promotion does not wait for it), promote the
+    target."""
+    return (Step(Action.FENCE, "dn1a", best_effort=True), Step(Action.PROMOTE, target, sync))
 
 
 # ---- every row -----------------------------------------------------------------------------
@@ -293,74 +300,80 @@ CASES: dict[int, Case] = {
         bump_epoch=True, new_master="dn1a",
     ),
     16: Case(
+        "master_found_stopped", None,
+        lambda: group(S.PROTECTED, (stopped(master()), standby(receiver="waiting"))), S.PROTECTED,
+        (Step(Action.START_MASTER, "dn1a"),),
+        ("master dn1a was found stopped when its agent started (no crash seen): starting it in place",),
+    ),
+    17: Case(
         "master_failed", "candidate_ready", master_lost, S.FAILOVER, promote(),
         ("master dn1a lost", "probe no answer", "dn1b receives no WAL",
          "promoting dn1b (synchronous standby)"),
         **PROMOTED,
     ),
-    17: Case(
+    18: Case(
         "master_failed", "reports_stale", lambda: master_lost(S.DEGRADED, master_failed_for=0.0), S.DEGRADED,
         (Step(Action.REFRESH, "dn1b"),), ("master dn1a lost", "asking the standbys for their positions"),
     ),
-    18: Case(
+    19: Case(
         "master_failed", "master_restartable",
-        lambda: group(S.SINGLE, (stopped(master()), standby()), sync_set=()), S.SINGLE,
+        lambda: group(S.SINGLE, (crashed(master()), standby()), sync_set=()), S.SINGLE,
         (Step(Action.START_MASTER, "dn1a"),), ("master dn1a crashed", "restarting it"),
     ),
-    19: Case(
+    20: Case(
         "master_failed", "data_loss_candidate", lambda: lost_unprotected(allow_data_loss=True), S.FAILOVER,
         promote(), ("master dn1a lost", "dn1b is the most advanced standby; up to 4096 bytes may be lost"),
         **PROMOTED,
     ),
-    20: Case(
+    21: Case(
         "master_failed", "data_loss_stale",
         lambda: lost_unprotected(allow_data_loss=True, master_failed_for=0.0), S.SINGLE,
         (Step(Action.REFRESH, "dn1b"),), ("master dn1a lost", "may lose data"),
     ),
-    21: Case(
+    22: Case(
         "master_failed", None, lost_unprotected, S.NO_CANDIDATE,
         (), ("master dn1a lost", "no standby was synchronous when the master was last protected"),
     ),
-    22: Case(
+    23: Case(
         "master_running", None, lambda: group(S.NO_CANDIDATE), S.SINGLE,
         (), ("master dn1a is back",), sync_set=(),
     ),
-    23: Case(
+    24: Case(
         "candidate_ready", None, lambda: master_lost(S.NO_CANDIDATE, master_failed_for=3.0), S.FAILOVER,
         promote(), ("promoting dn1b (synchronous standby)",), **PROMOTED,
     ),
-    24: Case(
+    25: Case(
         "reports_stale", None, lambda: master_lost(S.NO_CANDIDATE, master_failed_for=0.0), S.NO_CANDIDATE,
         (Step(Action.REFRESH, "dn1b"),), ("asking the standbys for their positions",),
     ),
-    25: Case(
+    26: Case(
         "data_loss_candidate", None,
         lambda: replace(lost_unprotected(allow_data_loss=True), state=S.NO_CANDIDATE), S.FAILOVER,
         promote(), ("dn1b is the most advanced standby; up to 4096 bytes may be lost",), **PROMOTED,
     ),
-    26: Case(
+    27: Case(
         "master_restartable", None,
-        lambda: group(S.NO_CANDIDATE, (stopped(master()), gone(standby())), master_failed_for=TIMEOUT),
+        lambda: group(S.NO_CANDIDATE, (crashed(master()), gone(standby())), master_failed_for=TIMEOUT),
         S.NO_CANDIDATE, (Step(Action.START_MASTER, "dn1a"),),
         ("no synchronous standby (dn1b) is running and reachable", "restarting dn1a"),
     ),
-    27: Case(
+    28: Case(
         "stray_master", None, lambda: group(members=(master(), standby(), promoted("dn1c", epoch=1))),
         S.PROTECTED, (Step(Action.FENCE, "dn1c"),), ("dn1c accepts writes but dn1a is the master",),
         sync_set=("dn1b",),
     ),
-    28: Case(
+    29: Case(
         "member_needs_follow", None,
         lambda: group(members=(master(), standby(), standby("dn1c", upstream="dn1b", mode="async"))),
         S.PROTECTED, (Step(Action.FOLLOW, "dn1c"),), ("dn1c joins as a standby of dn1a",), sync_set=("dn1b",),
     ),
-    29: Case(
+    30: Case(
         "sync_lost", "available",
         lambda: group(members=(master(downstreams=()), replace(gone(standby()), streaming_missing_for=5.0))),
         S.UNPROTECTED, (Step(Action.SET_SYNC, "dn1a", SyncStandbys(SyncPolicy(), ())),),
         ("synchronous standby lost", "synchronous_standby_names = ''", "(available)"), sync_set=(),
     ),
-    30: Case(
+    31: Case(
         "sync_lost", "strict",
         lambda: group(
             members=(master(downstreams=()), replace(gone(standby()), streaming_missing_for=5.0)),
@@ -368,17 +381,17 @@ CASES: dict[int, Case] = {
         ),
         S.DEGRADED, (), ("synchronous standby lost", "commits wait for it (strict)"),
     ),
-    31: Case(
+    32: Case(
         "sync_satisfied", None, lambda: group(S.SINGLE, sync_set=()), S.PROTECTED,
         (), ("protected: dn1b confirm(s) every commit",), sync_set=("dn1b",),
     ),
-    32: Case(
+    33: Case(
         "sync_names_differ", None,
         lambda: group(S.SINGLE, (unprotected_master(position=LSN), standby())),
         S.SINGLE, (Step(Action.SET_SYNC, "dn1a", SyncStandbys(SyncPolicy(), ("dn1b",))),),
         ("synchronous_standby_names = 'FIRST 1 (dn1b)'",),
     ),
-    33: Case(
+    34: Case(
         "always", None, group, S.PROTECTED, (), ("protected: master dn1a, confirming standbys: dn1b",),
         sync_set=("dn1b",),
     ),
@@ -456,7 +469,7 @@ def test_strict_promotes_with_the_sync_mode_members_as_synchronous_standbys() ->
 
 
 def test_a_crashed_master_is_restarted_when_no_synchronous_standby_is_reachable() -> None:
-    decision = decide(group(members=(stopped(master()), gone(standby())), master_failed_for=TIMEOUT))
+    decision = decide(group(members=(crashed(master()), gone(standby())), master_failed_for=TIMEOUT))
     assert (decision.row, decision.steps) == (
         row("master_failed", "master_restartable"),
         (Step(Action.START_MASTER, "dn1a"),),
@@ -466,7 +479,7 @@ def test_a_crashed_master_is_restarted_when_no_synchronous_standby_is_reachable(
 def test_a_synchronous_standby_not_heard_since_a_controller_restart_is_asked_before_any_conclusion() -> None:
     """Right after a controller restart a standby's agent may still be reconnecting: the
     controller asks it directly instead of restarting the master in place without it."""
-    view = group(members=(stopped(master()), gone(standby())), master_failed_for=0.3)
+    view = group(members=(crashed(master()), gone(standby())), master_failed_for=0.3)
     decision = decide(view)
     assert (decision.row, decision.steps) == (
         row("master_failed", "reports_stale"),
@@ -477,7 +490,7 @@ def test_a_synchronous_standby_not_heard_since_a_controller_restart_is_asked_bef
 
 
 def test_a_crashed_master_fails_over_to_its_synchronous_standby() -> None:
-    view = group(members=(stopped(master()), standby()), master_failed_for=0.5)
+    view = group(members=(crashed(master()), standby()), master_failed_for=0.5)
     decision = decide(view)
     assert (decision.row, decision.next_state, decision.steps) == (FAILOVER_ROW, S.FAILOVER, promote())
     assert "postmaster gone" in decision.reason
@@ -569,7 +582,7 @@ def test_a_whole_failover_from_protected_back_to_protected() -> None:
 
 
 def test_a_crash_reported_by_the_agent_fails_without_a_timeout() -> None:
-    verdict = master_failure(group(members=(stopped(master()), standby())))
+    verdict = master_failure(group(members=(crashed(master()), standby())))
     assert (verdict.failed, verdict.crashed) == (True, True)
     assert "postmaster gone" in verdict.inputs
 
@@ -580,7 +593,7 @@ def test_a_crash_reported_by_the_agent_fails_without_a_timeout() -> None:
     ids=["not-idle", "no-data", "fenced"],
 )
 def test_a_stopped_master_is_no_crash_unless_idle_with_data_and_unfenced(change: dict[str, Any]) -> None:
-    verdict = master_failure(group(members=(replace(stopped(master()), **change), standby())))
+    verdict = master_failure(group(members=(replace(crashed(master()), **change), standby())))
     assert (verdict.failed, verdict.crashed) == (False, False)
 
 
@@ -632,11 +645,46 @@ def test_unreachable_or_stopped_standbys_do_not_vote() -> None:
 
 
 @pytest.mark.parametrize(
-    "lost", [master_lost(), group(members=(stopped(master()), standby()))], ids=["hang", "crash"]
+    "lost", [master_lost(), group(members=(crashed(master()), standby()))], ids=["hang", "crash"]
 )
 def test_nothing_fails_during_the_startup_grace(lost: GroupView) -> None:
     assert master_failure(lost).failed
     assert not master_failure(replace(lost, in_grace=True)).failed
+
+
+def test_a_master_found_stopped_by_a_fresh_agent_is_no_failure_and_starts_in_place() -> None:
+    """`xcha down` then `xcha up`: the master's new agent finds PostgreSQL stopped. No crash
+    was seen, so no failover; it is still the master at this epoch, so it starts in place."""
+    view = group(members=(stopped(master()), standby(receiver="waiting")))
+    assert not master_failure(view).failed
+    decision = decide(view)
+    assert (decision.row, decision.next_state, decision.steps) == (
+        row("master_found_stopped"),
+        S.PROTECTED,
+        (Step(Action.START_MASTER, "dn1a"),),
+    )
+    restored_no_candidate = decide(replace(view, state=S.NO_CANDIDATE))
+    assert restored_no_candidate.steps == (Step(Action.START_MASTER, "dn1a"),)
+
+
+def test_a_master_found_stopped_waits_for_its_report_at_the_current_epoch() -> None:
+    """A report from before this controller's epoch may predate a promotion: nothing yet."""
+    decision = decide(group(members=(stopped(master(epoch=1)), standby()), epoch=2))
+    assert decision.row == ALWAYS
+    assert decision.steps == ()
+
+
+def test_a_base_backup_stream_named_like_a_member_confirms_nothing() -> None:
+    """While dn1b is still being cloned, a WAL stream under its name shows on the master as
+    streaming and sync; dn1b's own report (cloning, no PostgreSQL yet) decides."""
+    cloning = replace(standby(), activity="following", pg=PgStatus(running=False))
+    view = group(S.SINGLE, (master(), cloning), sync_set=())
+    assert confirming_standbys(view) == ()
+    decision = decide(view)
+    assert decision.next_state == S.SINGLE
+    assert "not confirming: dn1b (following)" in decision.reason
+    running = decide(replace(view, members=(master(), standby())))
+    assert (running.row, running.next_state) == (row("sync_satisfied"), S.PROTECTED)
 
 
 def test_a_group_without_master_has_no_master_failure() -> None:
@@ -880,3 +928,14 @@ def test_the_diagram_has_one_line_per_distinct_transition() -> None:
 
 def test_every_row_of_the_table_is_driven_by_a_case() -> None:
     assert set(CASES) == set(range(len(TRANSITIONS)))
+
+
+def test_a_setting_in_an_older_spelling_is_the_same_setting() -> None:
+    """PostgreSQL 9.3 (Postgres-XC 1.2) echoes FIRST 1 (dn1b) as 'dn1b': the group is
+    protected, and no SET_SYNC is sent again and again."""
+    view = group(S.SINGLE, (master(sync_names="dn1b"), standby()), sync_set=())
+    decision = decide(view)
+    assert (decision.row, decision.next_state) == (row("sync_satisfied"), S.PROTECTED)
+    assert decide(replace(view, state=S.PROTECTED)).steps == ()
+    differing = decide(replace(view, members=(master(sync_names="dn1c"), standby())))
+    assert [step.action for step in differing.steps] == [Action.SET_SYNC]

@@ -23,3 +23,17 @@ def test_generated_code_matches_the_proto_files(tmp_path: Path) -> None:
         )
     committed_files = {p.relative_to(ROOT / "src") for p in (ROOT / "src").rglob("*_pb2*.py*")}
     assert committed_files == set(generated), "generated files without a .proto behind them"
+
+
+def test_removed_fields_stay_reserved() -> None:
+    """A field number once used is never given to another field: an older peer would read
+    the new field's value as the old one."""
+    from google.protobuf import descriptor_pb2
+
+    from xcha.v1 import xcha_pb2 as pb
+
+    message = descriptor_pb2.DescriptorProto()
+    pb.MemberStatus.DESCRIPTOR.CopyToProto(message)
+    assert "postmaster_state" not in pb.MemberStatus.DESCRIPTOR.fields_by_name
+    assert "postmaster_state" in message.reserved_name
+    assert any(r.start <= 13 < r.end for r in message.reserved_range)

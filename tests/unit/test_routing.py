@@ -1,14 +1,19 @@
 """Router: a reroute is a barrier over every coordinator; one that fails is retried with
-backoff until it acknowledges, never skipped."""
+backoff until it acknowledges, never skipped. An operator's command the barrier gives up on
+is never left running."""
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
-from xcha.controller.routing import Barrier, RecordingTarget, Router
+from xcha.controller.routers.command import CommandTarget
+from xcha.controller.routers.process import run_command
+from xcha.controller.routing import Barrier, Router, Target
 from xcha.names import Endpoint
 
 NEW = Endpoint("10.0.0.2", 5433)
@@ -17,8 +22,27 @@ OLD = Endpoint("10.0.0.1", 5432)
 Event = tuple[str, str, str, dict[str, object]]
 
 
-def make_router(*targets: object, timeout: float = 5.0) -> tuple[Router, list[Event]]:
-    router = Router("test", list(targets), retry_initial=0.01, retry_max=0.05, timeout=timeout)  # type: ignore[arg-type]
+@dataclass
+class RecordingTarget:
+    """Records what it is asked; fails while `failing` is set."""
+
+    name: str
+    calls: list[tuple[str, Endpoint, Endpoint | None, int]] = field(default_factory=list)
+    failing: bool = False
+    attempt_timeout: float = 5.0
+
+    async def apply(self, datanode: str, new: Endpoint, old: Endpoint | None, epoch: int) -> str:
+        self.calls.append((datanode, new, old, epoch))
+        if self.failing:
+            raise ConnectionError(f"{self.name} is unreachable")
+        return f"{datanode} -> {new}"
+
+    async def close(self) -> None:
+        return None
+
+
+def make_router(*targets: Target) -> tuple[Router, list[Event]]:
+    router = Router("test", list(targets), retry_initial=0.01, retry_max=0.05)
     events: list[Event] = []
     router.on_event = lambda datanode, kind, message, details: events.append(
         (datanode, kind, message, details)
@@ -90,6 +114,7 @@ class TimedTarget:
     name: str
     failures: int
     times: list[float] = field(default_factory=list)
+    attempt_timeout: float = 5.0
 
     async def apply(self, datanode: str, new: Endpoint, old: Endpoint | None, epoch: int) -> str:
         self.times.append(time.monotonic())
@@ -125,6 +150,7 @@ class HangingTarget:
     """Never answers the first time; answers afterwards."""
 
     name: str
+    attempt_timeout: float
     calls: int = 0
 
     async def apply(self, datanode: str, new: Endpoint, old: Endpoint | None, epoch: int) -> str:
@@ -138,8 +164,8 @@ class HangingTarget:
 
 
 async def test_a_target_that_does_not_answer_times_out_and_is_retried() -> None:
-    target = HangingTarget("co1")
-    router, events = make_router(target, timeout=0.05)
+    target = HangingTarget("co1", attempt_timeout=0.05)
+    router, events = make_router(target)
     barrier = await asyncio.wait_for(router.reroute("dn1", NEW, OLD, 1), 2)
     assert target.calls == 2 and barrier.targets["co1"].acknowledged
     assert [kind for _, kind, _, _ in events] == ["reroute_retry", "reroute_ack"]
@@ -180,3 +206,115 @@ async def test_a_new_reroute_replaces_the_barrier_of_its_datanode() -> None:
     second = await router.reroute("dn1", NEW, OLD, 2)
     assert router.barriers["dn1"] is second and second is not first
     assert co1.calls == [("dn1", OLD, None, 1), ("dn1", NEW, OLD, 2)]
+
+
+# ---- an operator's command is never left running --------------------------------------------
+
+
+def sleeper(directory: Path) -> tuple[Path, Path]:
+    """A script that records its pid and the pid of the sleep it starts, then waits for it."""
+    pids = directory / "pids"
+    script = directory / "sleeper.sh"
+    script.write_text(f"#!/bin/sh\necho $$ >> '{pids}'\nsleep 60 &\necho $! >> '{pids}'\nwait\n")
+    script.chmod(0o755)
+    return script, pids
+
+
+def recorded(pids: Path) -> list[int]:
+    return [int(line) for line in pids.read_text().split()] if pids.exists() else []
+
+
+def alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (an orphan's zombie waits for init)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+async def none_alive(pids: list[int]) -> None:
+    await until(lambda: not any(alive(pid) for pid in pids), timeout=2.0)
+
+
+async def test_a_command_that_times_out_is_killed_with_its_children(tmp_path: Path) -> None:
+    script, pids = sleeper(tmp_path)
+    with pytest.raises(RuntimeError, match=r"sleeper\.sh did not finish within 1 s"):
+        await run_command([str(script)], 1.0)
+    started = recorded(pids)
+    assert len(started) == 2 and os.getpid() not in started
+    await none_alive(started)
+
+
+async def test_a_cancelled_command_is_killed_with_its_children(tmp_path: Path) -> None:
+    script, pids = sleeper(tmp_path)
+    task = asyncio.create_task(run_command([str(script)], 30))
+    try:
+        await until(lambda: len(recorded(pids)) == 2)
+        assert all(alive(pid) for pid in recorded(pids))
+    finally:
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+    assert task.cancelled()
+    await none_alive(recorded(pids))
+
+
+def children() -> set[int]:
+    me = os.getpid()
+    return {int(pid) for pid in Path(f"/proc/{me}/task/{me}/children").read_text().split()}
+
+
+async def test_a_command_cancelled_while_it_starts_is_killed_with_its_children(tmp_path: Path) -> None:
+    """Cancelled before its start completed (the barrier's timeout on a loaded machine), asyncio
+    kills the child alone and waits for the sleep it started to end (60 s)."""
+    script, pids = sleeper(tmp_path)
+    before = children()
+    task = asyncio.create_task(run_command([str(script)], 30))
+    try:
+        for _ in range(1000):  # until forked: its pipes are connected only in a later iteration
+            await asyncio.sleep(0)
+            if children() - before:
+                break
+        time.sleep(1.0)  # holds the event loop while the script starts its sleep
+        started = recorded(pids)
+    finally:
+        # Only this task: cancelling asyncio's own pipe-connecting task would hang the loop.
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+    assert task.cancelled()
+    assert len(started) == 2
+    await none_alive(started)
+
+
+async def test_a_command_the_barrier_gives_up_on_is_not_left_running(tmp_path: Path) -> None:
+    """The barrier's own timeout (attempt_timeout) cancels the attempt; the command router used
+    to kill its child only on its own timeout, so every attempt left one running."""
+    script, pids = sleeper(tmp_path)
+    target = CommandTarget((str(script),), 0.2)
+    router, events = make_router(target)
+    task = asyncio.create_task(router.reroute("dn1", NEW, OLD, 1))
+    try:
+        await until(lambda: len(recorded(pids)) >= 6, timeout=10.0)  # a third attempt started
+        first_two = recorded(pids)[:4]
+        await none_alive(first_two)
+        assert router.barriers["dn1"].targets[target.name].attempts >= 3
+        assert events and events[0][1] == "reroute_retry"
+    finally:
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+    assert task.cancelled()
+    await none_alive(recorded(pids))
+
+
+async def test_a_command_acknowledges_with_its_last_line_and_fails_with_its_output(tmp_path: Path) -> None:
+    script = tmp_path / "repoint.sh"
+    script.write_text(
+        '#!/bin/sh\necho "$XCHA_DATANODE $XCHA_OLD_PORT -> $XCHA_NEW_HOST:$XCHA_NEW_PORT"\n'
+        'echo warned >&2\nexit "$XCHA_EPOCH"\n'
+    )
+    script.chmod(0o755)
+    target = CommandTarget((str(script),), 5.0)
+    assert target.name == "repoint.sh" and target.attempt_timeout == 5.0
+    assert await target.apply("dn1", NEW, OLD, 0) == f"{script} acknowledged: warned"
+    with pytest.raises(RuntimeError, match=r"exited 3: dn1  -> 10\.0\.0\.2:5433\nwarned"):
+        await target.apply("dn1", NEW, None, 3)

@@ -1,5 +1,6 @@
 """SqliteStore: what the controller must not forget survives closing and reopening the file."""
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,6 +88,46 @@ def test_groups_round_trip_across_reopen(store: SqliteStore, path: Path) -> None
         assert isinstance(loaded.sync_set, tuple)
         assert isinstance(loaded.request, Request)
         assert groups["dn2"].request is None and groups["dn2"].state is GroupState.INITIALIZING
+    finally:
+        store.close()
+
+
+def test_a_failed_switchover_round_trips_and_a_row_written_before_the_flag_loads_without_it(
+    store: SqliteStore, path: Path
+) -> None:
+    failed = GroupRecord(
+        name="dn1", state=GroupState.SWITCHOVER, master="dn1a", candidate="dn1b", switchover_failed=True
+    )
+    store.save_group(failed)
+    # A row saved by a version without switchover_failed (and without the takeover fields).
+    reason = "switchover failed: dn2b did not catch up with dn2a within 10 s"
+    old = {
+        "name": "dn2",
+        "state": "switchover",
+        "master": "dn2a",
+        "candidate": "dn2b",
+        "sync_set": ["dn2b"],
+        "paused": False,
+        "promote_attempts": 0,
+        "rerouted_epoch": 3,
+        "request": None,
+        "reason": reason,
+    }
+    store.db.execute("INSERT INTO groups VALUES (?, ?)", ("dn2", json.dumps(old)))
+    store = reopen(store, path)
+    try:
+        groups = store.groups()
+        assert groups["dn1"] == failed and groups["dn1"].switchover_failed is True
+        assert groups["dn2"] == GroupRecord(
+            name="dn2",
+            state=GroupState.SWITCHOVER,
+            master="dn2a",
+            candidate="dn2b",
+            sync_set=("dn2b",),
+            rerouted_epoch=3,
+            reason=reason,
+        )
+        assert groups["dn2"].switchover_failed is False
     finally:
         store.close()
 

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 
 import grpc
@@ -21,8 +21,8 @@ import grpc
 from xcha import __version__
 from xcha.agent.config import AgentConfig
 from xcha.agent.state import StateFile
-from xcha.errors import InvalidInput, PostgresError, StaleEpoch, XchaError
-from xcha.names import Endpoint
+from xcha.errors import AgentFailed, InvalidInput, PostgresError, StaleEpoch, XchaError
+from xcha.names import Endpoint, check_port
 from xcha.pg.instance import PostgresInstance, Timings
 from xcha.pg.probe import ping
 from xcha.pg.status import PgStatus
@@ -38,16 +38,6 @@ DEFAULT_FAILURE_TIMEOUT = 2.0
 # The local server answers in milliseconds; a loaded machine can take much longer, and a
 # snapshot given up too early leaves the controller with a stale picture.
 LOCAL_STATUS_TIMEOUT = 2.0
-
-
-def _proc_state(pid: int | None) -> str:
-    if pid is None:
-        return ""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return ""
 
 
 class Agent:
@@ -66,17 +56,18 @@ class Agent:
         self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         self.failure_timeout = DEFAULT_FAILURE_TIMEOUT
         self.controller_ok_at: float | None = None
-        self.goal = pb.GOAL_UNSPECIFIED
         self._operation_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._change_reason = ""
         self._postmaster_gone = asyncio.Event()
+        # Seen exiting while running, unasked: a crash. A postmaster found stopped at start
+        # is not one (a clean restart, a reboot): the controller starts that one in place.
+        self.postmaster_died = False
         self._watched_pid: int | None = None
         self._stopping = asyncio.Event()
         self._started = time.monotonic()
         self._boot_id = uuid.uuid4().hex
         self._sequence = itertools.count(1)
-        self.on_change: Callable[[], None] | None = None  # metrics hook
 
     # ---- state ---------------------------------------------------------------------------
 
@@ -97,7 +88,7 @@ class Agent:
         if epoch < self.state.epoch:
             raise StaleEpoch(f"epoch {epoch} is older than epoch {self.state.epoch} already seen")
         if epoch == self.state.epoch:
-            silent = time.monotonic() - max(self.controller_ok_at or 0.0, self._started)
+            silent = self.controller_silent_for()
             if silent > self.failure_timeout:
                 raise StaleEpoch(
                     f"out of contact with the controller for {silent:.1f} s: "
@@ -106,13 +97,16 @@ class Agent:
         if epoch > self.state.epoch:
             self._save(epoch=epoch)
 
+    def controller_silent_for(self) -> float:
+        """Seconds since the controller last answered a heartbeat (since start-up when it has
+        not answered yet)."""
+        return time.monotonic() - max(self.controller_ok_at or 0.0, self._started)
+
     def signal_change(self, reason: str) -> None:
         """Something that matters changed: heartbeat now, not at the next interval."""
         if not self._change_reason:
             self._change_reason = reason
         self._changed.set()
-        if self.on_change is not None:
-            self.on_change()
 
     @property
     def upstream(self) -> Endpoint | None:
@@ -134,9 +128,9 @@ class Agent:
             has_data=self.instance.has_cluster(),
             last_error=self.last_error,
             upstream=self.upstream_check,
-            postmaster_state=_proc_state(self.pg.postmaster_pid),
             boot_id=self._boot_id,
             sequence=next(self._sequence),
+            postmaster_died=self.postmaster_died,
         )
 
     # ---- observing PostgreSQL ------------------------------------------------------------
@@ -156,17 +150,25 @@ class Agent:
 
     async def refresh(self) -> PgStatus:
         """Take a new snapshot; a server that does not answer in time keeps its last picture."""
+        return await self._refresh(self.instance.postmaster_pid())
+
+    async def _refresh(self, pid: int | None) -> PgStatus:
+        """refresh() for the postmaster PID just looked up. The picture kept for a server that
+        does not answer is that postmaster's last one: a new postmaster (or one that has not
+        answered since the agent started) is running, role unknown, until it answers."""
         before = self._significant(self.pg)
-        pid = self.instance.postmaster_pid()
         if pid is None:
             status = PgStatus(running=False, port=self.instance.port)
         else:
             try:
-                status = await self.instance.status(timeout=LOCAL_STATUS_TIMEOUT)
-            except (TimeoutError, OSError, XchaError, Exception) as error:
+                status = await self.instance.status(timeout=LOCAL_STATUS_TIMEOUT, pid=pid)
+            except Exception as error:
                 self.last_error = f"status query failed: {str(error).strip() or type(error).__name__}"
-                status = replace(self.pg, running=True, postmaster_pid=pid, port=self.instance.port)
+                last = self.pg if self.pg.postmaster_pid == pid else PgStatus(running=True)
+                status = replace(last, running=True, postmaster_pid=pid, port=self.instance.port)
         self.pg = status
+        if status.running:
+            self.postmaster_died = False
         self._watch_pid(status.postmaster_pid)
         if self._significant(status) != before:
             self.signal_change(f"PostgreSQL is now {status.role}")
@@ -200,17 +202,18 @@ class Agent:
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._postmaster_gone.wait(), self.config.watch_interval)
-            alive = self.instance.postmaster_pid() is not None
-            self.instance.reap()
+            exited = self._postmaster_gone.is_set()  # the refresh below clears it
+            pid = self.instance.postmaster_pid()  # polls (and so reaps) a postmaster xcha started
             now = time.monotonic()
-            if alive != self.pg.running or now >= next_refresh:
+            if (pid is not None) != self.pg.running or now >= next_refresh:
                 was_running = self.pg.running
-                await self.refresh()
+                await self._refresh(pid)
                 if was_running and not self.pg.running and not self._operation_lock.locked():
+                    self.postmaster_died = True
                     log.warning(
                         "%s: postmaster gone (%s)",
                         self.config.member,
-                        "exit reaped" if self._postmaster_gone.is_set() else "no longer running",
+                        "exited" if exited else "no longer running",
                     )
                     self.signal_change("postmaster died")
                 next_refresh = now + self.heartbeat_interval
@@ -242,19 +245,20 @@ class Agent:
                 await asyncio.wait_for(self._stopping.wait(), self.heartbeat_interval)
 
     async def _self_fence_if_isolated(self) -> None:
-        if not (self.pg.running and self.pg.role == "master" and self.pg.synchronous_standby_names):
+        if not (self.pg.role == "master" and self.pg.synchronous_standby_names):
             return
-        silent_since = self.controller_ok_at if self.controller_ok_at is not None else self._started
-        if time.monotonic() - silent_since < self.failure_timeout:
+        if self.controller_silent_for() < self.failure_timeout:
             return
-        confirmed = [
-            d
+        # Ages as of now: a picture kept while the server does not answer grows old too.
+        now = time.monotonic()
+        # Before PostgreSQL 12 (Postgres-XL 10, XC 1.2) there is no reply age: a streaming
+        # synchronous standby counts until its WAL sender gives up on it (wal_sender_timeout).
+        ages = (
+            self.pg.reply_age(d, now)
             for d in self.pg.downstreams
-            if d.sync_state in ("sync", "quorum")
-            and d.state == "streaming"
-            and d.reply_age is not None
-            and d.reply_age < self.failure_timeout
-        ]
+            if d.sync_state in ("sync", "quorum") and d.state == "streaming"
+        )
+        confirmed = any(age is None or age < self.failure_timeout for age in ages)
         if confirmed or self._operation_lock.locked():
             return
         async with self._operation("self-fencing"):
@@ -263,9 +267,17 @@ class Agent:
                 self.config.member,
                 self.failure_timeout,
             )
-            self._save(fenced=True)
+            await self._fence_instance()
+
+    async def _fence_instance(self, clean: bool = False) -> None:
+        """Stop PostgreSQL and keep it stopped: fenced is on disk before the instance stops,
+        so an agent restarted meanwhile does not start it again. clean: a fast shutdown;
+        otherwise SIGKILL (a master that must stop writing now, hung or not)."""
+        self._save(fenced=True)
+        if clean:
+            await self.instance.stop("fast")
+        else:
             await self.instance.kill()
-            await self.refresh()
 
     # ---- heartbeats ---------------------------------------------------------------------
 
@@ -304,7 +316,9 @@ class Agent:
             self.failure_timeout = reply.failure_timeout
         if reply.epoch > self.state.epoch:
             self._save(epoch=reply.epoch)
-        self.goal = reply.goal
+            # The controller waits for every member's report at its epoch before it trusts
+            # silence after its start: say it at once, not one interval later.
+            self.signal_change(f"epoch {reply.epoch}")
         upstream = endpoint_from_proto(reply.upstream)
         if (
             reply.goal == pb.GOAL_STANDBY
@@ -313,9 +327,7 @@ class Agent:
             and self.pg.role != "master"
         ):
             self._save(upstream_host=upstream.host, upstream_port=upstream.port)
-        deposed = (
-            reply.goal in (pb.GOAL_STANDBY, pb.GOAL_REMOVED) and self.pg.running and self.pg.role == "master"
-        )
+        deposed = reply.goal in (pb.GOAL_STANDBY, pb.GOAL_REMOVED) and self.pg.role == "master"
         if deposed and not self._operation_lock.locked():
             async with self._operation("fencing"):
                 log.warning(
@@ -323,9 +335,7 @@ class Agent:
                     self.config.member,
                     reply.epoch,
                 )
-                self._save(fenced=True)
-                await self.instance.kill()
-                await self.refresh()
+                await self._fence_instance()
         if reply.goal == pb.GOAL_REMOVED and not self.state.removed:
             self._save(removed=True)
 
@@ -357,6 +367,8 @@ class Agent:
         self, epoch: int, member: str, takeover_port: int = 0, sync: SyncStandbys | None = None
     ) -> tuple[str, float]:
         """Become the master: promote a standby, start a stopped master, or initdb an empty one."""
+        if takeover_port:
+            check_port(takeover_port, "takeover port")
         self.accept_epoch(epoch, member)
         if self.state.removed:
             raise InvalidInput(f"{member} was removed from its group")
@@ -367,15 +379,24 @@ class Agent:
                 detail = f"bootstrapped: {_steps(timings)}"
             else:
                 status = await self.refresh()
-                if status.running and status.in_recovery:
+                if status.role == "standby":
                     if sync is not None:
                         await self.instance.set_synchronous_standbys(sync)
                     detail = f"promoted a standby in {await self.instance.promote() * 1000:.0f} ms"
-                elif status.running:
+                elif status.role == "master":
                     detail = "already the master"
+                elif status.running:
+                    raise PostgresError(f"PostgreSQL is running but does not answer: {self.last_error}")
                 else:
                     self.instance.configure("master")
-                    detail = f"started as master in {await self.instance.start() * 1000:.0f} ms"
+                    try:
+                        seconds = await self.instance.start()
+                    except BaseException:
+                        # It will not come up: a failure seen here, which the controller
+                        # treats as a crash (a failover when a standby holds every commit).
+                        self.postmaster_died = True
+                        raise
+                    detail = f"started as master in {seconds * 1000:.0f} ms"
             if takeover_port and takeover_port != self.instance.port:
                 try:
                     timings = await self.instance.take_over_port(takeover_port)
@@ -391,6 +412,8 @@ class Agent:
 
     async def follow(self, epoch: int, member: str, upstream: Endpoint, port: int = 0) -> tuple[str, float]:
         """Become a standby of upstream: keep, reconfigure, pg_rewind, or clone afresh."""
+        if port:
+            check_port(port)
         self.accept_epoch(epoch, member)
         if self.state.removed:
             raise InvalidInput(f"{member} was removed from its group")
@@ -398,9 +421,8 @@ class Agent:
         async with self._operation("following"):
             self._save(upstream_host=upstream.host, upstream_port=upstream.port)
             status = await self.refresh()
-            if status.running and not status.in_recovery:
-                self._save(fenced=True)
-                await self.instance.kill()
+            if status.running and not status.in_recovery:  # a master, or not known not to be one
+                await self._fence_instance()
             if port and port != self.instance.port:
                 await self.instance.stop("fast")
                 self.instance.port = port
@@ -418,12 +440,9 @@ class Agent:
         started = time.monotonic()
         final_lsn = 0
         async with self._operation("fencing"):
-            self._save(fenced=True)
+            await self._fence_instance(clean)
             if clean:
-                await self.instance.stop("fast")
                 final_lsn = await self.instance.shutdown_checkpoint_lsn()
-            else:
-                await self.instance.kill()
         log.warning("%s: fenced (%s), epoch %d", member, reason or "no reason given", epoch)
         return f"fenced: {reason}", final_lsn, time.monotonic() - started
 
@@ -472,17 +491,43 @@ class Agent:
         self.activity = "idle"
 
     async def run(self) -> None:
+        """Run until stop(). The loops never end on their own: when one does (an unexpected
+        error, a state file that cannot be written), the agent stops and raises AgentFailed,
+        and the process exits non-zero (systemd restarts it) rather than serving on without
+        heartbeats or self-fencing."""
         await self.resume()
-        tasks = [
-            asyncio.create_task(coroutine)
-            for coroutine in (self._watch(), self._heartbeats(), self._check_upstream())
-        ]
+        loops: dict[str, Coroutine[object, object, None]] = {
+            "watching PostgreSQL": self._watch(),
+            "heartbeats": self._heartbeats(),
+            "checking the upstream": self._check_upstream(),
+        }
+        tasks = {asyncio.create_task(loop, name=name): name for name, loop in loops.items()}
+        stopping = asyncio.create_task(self._stopping.wait())
         try:
-            await self._stopping.wait()
+            done, _ = await asyncio.wait({stopping, *tasks}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in tasks:
+            for task in (stopping, *tasks):
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(stopping, *tasks, return_exceptions=True)
+        # A loop that ends because stop() was called at that moment has not failed.
+        failed = next(
+            (
+                task
+                for task in tasks
+                if task in done
+                and not task.cancelled()
+                and (task.exception() is not None or not self._stopping.is_set())
+            ),
+            None,
+        )
+        if failed is None:
+            return
+        error = failed.exception()
+        why = (str(error).strip() or type(error).__name__) if error else "it ended"
+        log.critical(
+            "%s: %s failed, stopping the agent: %s", self.config.member, tasks[failed], why, exc_info=error
+        )
+        raise AgentFailed(f"agent {self.config.member}: {tasks[failed]} failed: {why}") from error
 
     def stop(self) -> None:
         self._stopping.set()

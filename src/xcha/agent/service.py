@@ -8,7 +8,6 @@ import grpc
 
 from xcha.agent.agent import Agent
 from xcha.errors import InvalidInput
-from xcha.names import Endpoint
 from xcha.pg.syncrep import SyncPolicy, SyncStandbys
 from xcha.rpc import answer, endpoint_from_proto
 from xcha.v1 import xcha_pb2 as pb
@@ -61,8 +60,6 @@ class AgentService(pb_grpc.AgentServicer):
                 if request.HasField("synchronous_standbys")
                 else None
             )
-            if request.takeover_port > 65535:
-                raise InvalidInput(f"invalid takeover port {request.takeover_port}")
             detail, seconds = await self.agent.promote(
                 request.epoch, request.member, request.takeover_port, sync
             )
@@ -75,8 +72,6 @@ class AgentService(pb_grpc.AgentServicer):
             upstream = endpoint_from_proto(request.upstream)
             if upstream is None:
                 raise InvalidInput("Follow needs the upstream's host and port")
-            if request.port > 65535:
-                raise InvalidInput(f"invalid port {request.port}")
             detail, seconds = await self.agent.follow(request.epoch, request.member, upstream, request.port)
             return await self._reply(detail, seconds)
 
@@ -117,4 +112,4 @@ class AgentService(pb_grpc.AgentServicer):
         return await _call(context, work)
 
 
-__all__ = ["AgentService", "Endpoint", "sync_from_proto", "sync_to_proto"]
+__all__ = ["AgentService", "sync_from_proto", "sync_to_proto"]

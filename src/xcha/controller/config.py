@@ -1,13 +1,13 @@
 """controller.toml: the controller, the datanode groups it keeps available, and how
 coordinators are re-pointed after a promotion."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from xcha.config import ConfigError, Problems, Section, TlsConfig, read_toml
+from xcha.config import LOG_FORMATS, ConfigError, Problems, Section, TlsConfig, read_toml
 from xcha.controller.views import SyncFailurePolicy
 from xcha.errors import InvalidInput
-from xcha.names import check_address, check_name
+from xcha.names import check_name
 from xcha.pg.syncrep import SyncPolicy
 
 ROUTER_KINDS = ("none", "fdw", "pgxc", "takeover", "command")
@@ -44,7 +44,6 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class ControllerConfig:
-    source: Path
     listen: str
     state_dir: Path
     heartbeat_interval: float
@@ -57,9 +56,13 @@ class ControllerConfig:
     datanodes: tuple[DatanodeConfig, ...]
     router: RouterConfig
     tls: TlsConfig
+    _by_name: dict[str, DatanodeConfig] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {d.name: d for d in self.datanodes})
 
     def datanode(self, name: str) -> DatanodeConfig | None:
-        return next((d for d in self.datanodes if d.name == name), None)
+        return self._by_name.get(name)
 
 
 def _router(section: Section) -> RouterConfig:
@@ -149,24 +152,24 @@ def load_controller_config(path: Path) -> ControllerConfig:
     failure_timeout = controller.number("failure_timeout", 2.0, minimum=0.2, maximum=600)
     probe_timeout = controller.number("probe_timeout", 0.5, minimum=0.05, maximum=30)
     startup_grace = controller.number("startup_grace", failure_timeout, minimum=0, maximum=3600)
+    if startup_grace < failure_timeout:
+        problems.add(
+            "controller.startup_grace",
+            f"must be at least failure_timeout ({failure_timeout:g} s): a member not heard from "
+            "since the start is not yet a failed one",
+        )
     tick_interval = controller.number("tick_interval", 0.05, minimum=0.005, maximum=5)
-    metrics_listen = controller.text("metrics_listen", "") or None
-    if metrics_listen:
-        try:
-            check_address(metrics_listen)
-        except InvalidInput as error:
-            problems.add("controller.metrics_listen", str(error))
-    log_format = controller.choice("log_format", ("text", "json"), "text")
+    metrics_listen = controller.optional_address("metrics_listen")
+    log_format = controller.choice("log_format", LOG_FORMATS, "text")
     controller.finish()
-    if isinstance(failure_timeout, float) and isinstance(heartbeat_interval, float):
-        if failure_timeout <= 2 * heartbeat_interval:
-            problems.add(
-                "controller.failure_timeout",
-                f"must be greater than 2 x heartbeat_interval ({2 * heartbeat_interval:g} s), "
-                f"so that one missed heartbeat is not a failure",
-            )
-        if isinstance(probe_timeout, float) and probe_timeout >= failure_timeout:
-            problems.add("controller.probe_timeout", "must be shorter than failure_timeout")
+    if failure_timeout <= 2 * heartbeat_interval:
+        problems.add(
+            "controller.failure_timeout",
+            f"must be greater than 2 x heartbeat_interval ({2 * heartbeat_interval:g} s), "
+            f"so that one missed heartbeat is not a failure",
+        )
+    if probe_timeout >= failure_timeout:
+        problems.add("controller.probe_timeout", "must be shorter than failure_timeout")
     datanodes = tuple(_datanode(section) for section in root.tables("datanode"))
     if not datanodes:
         problems.add("datanode", "at least one [[datanode]] is needed")
@@ -182,7 +185,6 @@ def load_controller_config(path: Path) -> ControllerConfig:
     if problems.items:
         raise ConfigError(str(path), problems.items)
     return ControllerConfig(
-        path,
         listen,
         state_dir,
         heartbeat_interval,

@@ -21,13 +21,14 @@ from xcha.agent.service import sync_to_proto
 from xcha.config import TlsConfig
 from xcha.controller.config import ControllerConfig
 from xcha.controller.fsm import (
+    RUNNING_STATES,
     Action,
     Decision,
     Step,
-    choose_candidate,
     confirming_standbys,
     decide,
     master_failure,
+    requested_candidate,
 )
 from xcha.controller.routing import Router
 from xcha.controller.store import EventRecord, GroupRecord, MemberRecord, Store
@@ -37,7 +38,7 @@ from xcha.names import Endpoint, check_name
 from xcha.pg.lsn import format_lsn
 from xcha.pg.probe import ping
 from xcha.pg.status import PgStatus
-from xcha.rpc import channel, endpoint_from_proto, endpoint_to_proto, status_from_proto
+from xcha.rpc import channel, endpoint_to_proto, status_from_proto
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
@@ -45,8 +46,9 @@ log = logging.getLogger(__name__)
 
 FOLLOW_BACKOFF = 5.0
 SWEEP_INTERVAL = 1.0
-AT_REST = (GroupState.PROTECTED, GroupState.SINGLE, GroupState.UNPROTECTED, GroupState.DEGRADED)
-RUNNING = (GroupState.SINGLE, GroupState.PROTECTED, GroupState.UNPROTECTED, GroupState.DEGRADED)
+FENCE_TIMEOUT = 60.0
+BEST_EFFORT_FENCE_TIMEOUT = 2.0  # the old master while its successor is promoted
+CLEAN_STOP_TIMEOUT = 120.0  # a switchover's master: every WAL record reaches the standbys
 
 
 @dataclass
@@ -109,6 +111,7 @@ def _fingerprint(status: pb.MemberStatus) -> tuple[object, ...]:
         status.upstream.ok,
         status.epoch,
         status.has_data,
+        status.postmaster_died,
     )
 
 
@@ -141,16 +144,23 @@ class Controller:
         self.groups = store.groups()
         for datanode in config.datanodes:
             self.groups.setdefault(datanode.name, GroupRecord(datanode.name))
-        self.observations: dict[str, Observation] = {name: Observation() for name in self.records}
+        # A standby is not "missing" from the master's reports for longer than this controller
+        # has been listening: after a restart of the deployment it gets failure_timeout to
+        # reconnect before it is re-done or dropped from the synchronous standbys.
+        self.observations: dict[str, Observation] = {
+            name: Observation(streaming_seen_at=self.started) for name in self.records
+        }
+        self.learning = set(self.groups)  # groups still in their start-up grace
         self.clients: dict[str, AgentClient] = {}
-        self.group_tasks: dict[str, asyncio.Task[None]] = {}
-        self.failure_started: dict[str, float] = {}
-        self.failure_wall: dict[str, float] = {}
+        self._endpoints: dict[str, Endpoint] = {}
+        self.group_tasks: dict[str, asyncio.Task[object]] = {}
+        # When the failure rule first held for a group's master: (self.clock(), time.time()).
+        self.failures: dict[str, tuple[float, float]] = {}
         self.marks: dict[str, FailoverMarks] = {}
         self.reasons: dict[str, str] = {}
         self.dirty: set[str] = set()
         self._evaluation_scheduled = False
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[object]] = set()
         self._stopping = asyncio.Event()
         self._last_sweep = -NEVER
         self.on_event: Callable[[EventRecord], None] = lambda event: None
@@ -182,17 +192,18 @@ class Controller:
         self.store.set_epoch(self.epoch)
 
     def _endpoint(self, name: str | None) -> Endpoint | None:
-        if name is None:
+        """Where the member's PostgreSQL is reached, from its record (`observe` keeps the record
+        in step with the agent's reports); built again only when the address changes."""
+        record = self.records.get(name) if name is not None else None
+        if record is None or not record.host:
             return None
-        status = self.observations[name].status
-        if status is not None and status.postgres.host:
-            return endpoint_from_proto(status.postgres)
-        record = self.records.get(name)
-        return Endpoint(record.host, record.port) if record and record.host else None
+        endpoint = self._endpoints.get(record.name)
+        if endpoint is None or (endpoint.host, endpoint.port) != (record.host, record.port):
+            endpoint = self._endpoints[record.name] = Endpoint(record.host, record.port)
+        return endpoint
 
     def _client(self, name: str) -> AgentClient:
-        status = self.observations[name].status
-        address = status.agent_address if status is not None else self.records[name].agent_address
+        address = self.records[name].agent_address
         if not address:
             raise Refused(f"the agent of {name} has never reported its address")
         client = self.clients.get(name)
@@ -324,16 +335,15 @@ class Controller:
                     name=record.name,
                     mode=record.mode,
                     heartbeat_age=now - observation.received_at,
-                    report_time=observation.received_at,
                     pg=observation.pg,
                     endpoint=self._endpoint(record.name),
                     epoch=status.epoch if status else 0,
                     activity=status.activity if status else "unknown",
                     fenced=status.fenced if status else False,
                     has_data=status.has_data if status else False,
+                    postmaster_died=status.postmaster_died if status else False,
                     upstream_checked=status.upstream.checked if status else False,
                     upstream_ok=status.upstream.ok if status else True,
-                    upstream_silent_for=status.upstream.seconds_since_ok if status else 0.0,
                     probe_ok=observation.probe_ok,
                     probe_age=now - observation.probe_at,
                     busy=observation.busy,
@@ -342,7 +352,7 @@ class Controller:
                     removed=record.removed,
                 )
             )
-        started = self.failure_started.get(datanode)
+        failure = self.failures.get(datanode)
         task = self.group_tasks.get(datanode)
         return GroupView(
             name=datanode,
@@ -357,28 +367,39 @@ class Controller:
             paused=group.paused or self.cluster_paused,
             epoch=self.epoch,
             failure_timeout=self.config.failure_timeout,
-            in_grace=now - self.started < self.config.startup_grace,
+            in_grace=self._learning(datanode, now),
             busy=task is not None and not task.done(),
-            master_failed_for=now - started if started is not None else 0.0,
+            master_failed_for=now - failure[0] if failure is not None else 0.0,
             promote_attempts=group.promote_attempts,
             rerouted=group.rerouted_epoch >= self.epoch,
-            switchover_failed=group.reason.startswith("switchover failed")
-            and group.state == GroupState.SWITCHOVER,
+            switchover_failed=group.switchover_failed,
             request=group.request,
             takeover_port=group.takeover_port,
         )
+
+    def _learning(self, datanode: str, now: float) -> bool:
+        """After a start, silence and persisted states prove nothing until every member has
+        reported at this controller's epoch (or startup_grace, at least failure_timeout, has
+        passed): an agent that has not reported yet is not a failed one."""
+        if datanode not in self.learning:
+            return False
+        if now - self.started < self.config.startup_grace and any(
+            (status := self.observations[record.name].status) is None or status.epoch < self.epoch
+            for record in self.members_of(datanode)
+            if not record.removed
+        ):
+            return True
+        self.learning.discard(datanode)
+        return False
 
     def evaluate(self, datanode: str) -> str:
         """One cycle for one group: decide, persist, act. Returns the decision's reason."""
         view = self.view(datanode)
         verdict = master_failure(view)
-        if verdict.failed and datanode not in self.failure_started:
-            self.failure_started[datanode] = self.clock()
-            self.failure_wall[datanode] = time.time()
-            view = replace(view, master_failed_for=0.0)
-        elif not verdict.failed and view.state in RUNNING:
-            self.failure_started.pop(datanode, None)
-            self.failure_wall.pop(datanode, None)
+        if verdict.failed and datanode not in self.failures:
+            self.failures[datanode] = (self.clock(), time.time())  # the view has 0 s failed
+        elif not verdict.failed and view.state in RUNNING_STATES:
+            self.failures.pop(datanode, None)
         decision = decide(view)
         self._apply(view, decision)
         return decision.reason
@@ -398,6 +419,7 @@ class Controller:
             ),
             request=None if decision.clear_request else group.request,
             reason=decision.reason if decision.steps or decision.next_state != group.state else group.reason,
+            switchover_failed=group.switchover_failed and decision.next_state == GroupState.SWITCHOVER,
         )
         if updated != group:
             self._save_group(updated)  # before any message goes out
@@ -411,18 +433,23 @@ class Controller:
                 f"{group.state} -> {decision.next_state}: {decision.reason}",
                 {"from": group.state.value, "to": decision.next_state.value},
             )
+        refresh = [step.member for step in decision.steps if step.action == Action.REFRESH and step.member]
+        if refresh:
+            # One group task asks every standby the state machine named, at once.
+            self._group_task(view.name, self._refresh(refresh))
         for step in decision.steps:
-            self._start(view, step, decision.reason)
+            if step.action != Action.REFRESH:
+                self._start(view, step, decision.reason)
 
     # ---- carrying out steps -------------------------------------------------------------------
 
-    def _spawn(self, coroutine: Awaitable[None]) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coroutine)
+    def _spawn(self, coroutine: Awaitable[object]) -> asyncio.Task[object]:
+        task = asyncio.ensure_future(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _group_task(self, datanode: str, work: Awaitable[None]) -> None:
+    def _group_task(self, datanode: str, work: Awaitable[object]) -> None:
         async def run() -> None:
             try:
                 await work
@@ -431,7 +458,7 @@ class Controller:
 
         self.group_tasks[datanode] = self._spawn(run())
 
-    def _member_task(self, datanode: str, member: str, work: Awaitable[None]) -> None:
+    def _member_task(self, datanode: str, member: str, work: Awaitable[object]) -> None:
         observation = self.observations[member]
         observation.busy = True
 
@@ -461,15 +488,14 @@ class Controller:
                 self._group_task(datanode, self._promote(datanode, member, step.sync, failover=True))
             case Action.FENCE:
                 self.event(datanode, "fence", f"fencing {member}", {"member": member})
-                if view.state == GroupState.FAILOVER or self.groups[datanode].state == GroupState.FAILOVER:
-                    self._spawn(self._fence(member, "a standby is being promoted", best_effort=True))
+                if step.best_effort:
+                    why = "a standby is being promoted"
+                    self._spawn(self._fence(member, why, timeout=BEST_EFFORT_FENCE_TIMEOUT))
                 else:
-                    self._member_task(datanode, member, self._fence(member, reason, best_effort=False))
+                    self._member_task(datanode, member, self._fence(member, reason))
             case Action.SWITCHOVER:
                 self.event(datanode, "switchover", reason, {"member": member})
                 self._group_task(datanode, self._switchover(datanode, member))
-            case Action.REFRESH:
-                self._group_task(datanode, self._refresh([s.name for s in view.standbys]))
             case Action.REROUTE:
                 self._group_task(datanode, self._reroute(datanode, member))
             case Action.FOLLOW:
@@ -552,18 +578,26 @@ class Controller:
                 {"member": member},
             )
 
-    async def _fence(self, member: str, reason: str, best_effort: bool, clean: bool = False) -> None:
+    async def _fence(
+        self, member: str, reason: str, *, clean: bool = False, timeout: float = FENCE_TIMEOUT
+    ) -> pb.RoleReply | None:
+        """Stop the member (clean: a clean shutdown, every WAL record sent to its standbys)."""
         request = pb.FenceRequest(epoch=self.epoch, member=member, reason=reason, clean=clean)
-        timeout = 2.0 if best_effort else 60.0
-        await self._call(member, "Fence", lambda stub: stub.Fence(request, timeout=timeout))
+        return await self._call(member, "Fence", lambda stub: stub.Fence(request, timeout=timeout))
+
+    async def _get_status(self, member: str, timeout: float, reason: str) -> pb.MemberStatus:
+        """The member's status asked of its agent, observed like a heartbeat. Raises
+        grpc.aio.AioRpcError or XchaError when the agent cannot be asked."""
+        status: pb.MemberStatus = await self._client(member).stub.GetStatus(
+            pb.GetStatusRequest(), timeout=timeout
+        )
+        self.observe(member, status, reason)
+        return status
 
     async def _refresh(self, members: list[str]) -> None:
         async def one(member: str) -> None:
             with contextlib.suppress(grpc.aio.AioRpcError, XchaError):
-                status = await self._client(member).stub.GetStatus(
-                    pb.GetStatusRequest(), timeout=self.config.probe_timeout
-                )
-                self.observe(member, status, "refresh")
+                await self._get_status(member, self.config.probe_timeout, "refresh")
 
         await asyncio.gather(*(one(m) for m in members))
 
@@ -592,8 +626,9 @@ class Controller:
             "promote_seconds": marks.promote_seconds,
             "switchover": marks.switchover,
         }
-        if datanode in self.failure_wall and not marks.switchover:
-            details["detected_at"] = self.failure_wall[datanode]
+        failure = self.failures.get(datanode)
+        if failure is not None and not marks.switchover:
+            details["detected_at"] = failure[1]
         self.event(datanode, "rerouted", f"every coordinator points {datanode} at {master} ({new})", details)
         self.marks.pop(datanode, None)
 
@@ -643,15 +678,14 @@ class Controller:
         self.marks[datanode] = FailoverMarks(old_endpoint=self._endpoint(old), switchover=True)
         self._plan_takeover(datanode, old, target)
         try:
-            master = await self._client(old).stub.GetStatus(pb.GetStatusRequest(), timeout=2)
+            master = await self._get_status(old, 2, "switchover")
         except (grpc.aio.AioRpcError, XchaError) as error:
             self._switchover_failed(datanode, f"cannot read {old}'s position: {error}")
             return
         if not await self._reaches(target, master.postgres_status.current_lsn, 10):
             self._switchover_failed(datanode, f"{target} did not catch up with {old} within 10 s")
             return
-        fence = pb.FenceRequest(epoch=self.epoch, member=old, reason=f"switchover to {target}", clean=True)
-        reply = await self._call(old, "Fence", lambda stub: stub.Fence(fence, timeout=120))
+        reply = await self._fence(old, f"switchover to {target}", clean=True, timeout=CLEAN_STOP_TIMEOUT)
         if reply is None:
             self._switchover_failed(datanode, f"could not stop {old} cleanly")
             return
@@ -672,8 +706,7 @@ class Controller:
         deadline = self.clock() + timeout
         while self.clock() < deadline:
             with contextlib.suppress(grpc.aio.AioRpcError, XchaError):
-                status = await self._client(member).stub.GetStatus(pb.GetStatusRequest(), timeout=2)
-                self.observe(member, status, "switchover")
+                await self._get_status(member, 2, "switchover")
                 if self.observations[member].pg.position >= position:
                     return True
             await asyncio.sleep(0.01)
@@ -683,7 +716,7 @@ class Controller:
         """The state machine's switchover_failed row starts the old master again (a no-op when
         it was never stopped) and returns the group to service."""
         message = f"switchover failed: {why}"
-        self._save_group(replace(self.groups[datanode], reason=message))
+        self._save_group(replace(self.groups[datanode], reason=message, switchover_failed=True))
         self.event(datanode, "error", message)
         log.error("%s: %s", datanode, message)
 
@@ -726,7 +759,7 @@ class Controller:
                     self._spawn(self._probe(master))
             if (
                 sweep
-                or group.state not in AT_REST
+                or group.state not in RUNNING_STATES
                 or any(now - self.observations[r.name].received_at > late for r in self.members_of(datanode))
             ):
                 self.evaluate(datanode)
@@ -767,12 +800,12 @@ class Controller:
             self._member(datanode, request.target)
             if request.target == group.master:
                 raise Refused(f"{request.target} is already the master of {datanode}")
-        if group.state not in RUNNING and not (
+        if group.state not in RUNNING_STATES and not (
             request.kind == "failover" and group.state == GroupState.NO_CANDIDATE
         ):
             raise Refused(f"{datanode} is {group.state.value}: {group.reason or 'wait until it is running'}")
         view = replace(self.view(datanode), request=request)
-        choice = choose_candidate(view, request.allow_data_loss or view.allow_data_loss, request.target)
+        choice = requested_candidate(view)
         if choice.member is None:
             raise Refused(f"no {request.kind} for {datanode}: {choice.reason}")
         if (
@@ -823,6 +856,10 @@ class Controller:
         if existing is not None and not existing.removed:
             raise Refused(f"{member} is already a member of datanode {existing.datanode}")
         record = MemberRecord(datanode, member, mode)
+        if existing is not None:  # removed before: where its agent reported to be stays known
+            record = replace(
+                record, host=existing.host, port=existing.port, agent_address=existing.agent_address
+            )
         self.records[member] = record
         self.observations.setdefault(member, Observation())
         self._index_members()
@@ -841,7 +878,7 @@ class Controller:
         self.store.save_member(self.records[member])
         self.event(datanode, "remove_standby", f"{member} removed", {"member": member})
         request = pb.RemoveRequest(epoch=self.epoch, member=member)
-        self._spawn(self._call(member, "Remove", lambda stub: stub.Remove(request, timeout=60)))  # type: ignore[arg-type]
+        self._spawn(self._call(member, "Remove", lambda stub: stub.Remove(request, timeout=60)))
         self.mark_dirty(datanode)
         return f"{member} removed from {datanode}: its agent stops it"
 
@@ -870,10 +907,7 @@ class Controller:
         )
         await self._probe(target)
         with contextlib.suppress(grpc.aio.AioRpcError, XchaError):
-            status = await self._client(target).stub.GetStatus(
-                pb.GetStatusRequest(), timeout=self.config.probe_timeout
-            )
-            self.observe(target, status, "report check")
+            await self._get_status(target, self.config.probe_timeout, "report check")
         reason = self.evaluate(datanode)
         observation = self.observations[target]
         verdict = (
@@ -900,7 +934,6 @@ class Controller:
         view = self.view(datanode)
         group = self.groups[datanode]
         master = view.master_view
-        downstreams = {d.name: d for d in master.pg.downstreams} if master else {}
         master_position = master.pg.position if master else 0
         message = pb.GroupView(
             name=datanode,
@@ -917,7 +950,7 @@ class Controller:
         for member in view.members:
             observation = self.observations[member.name]
             record = self.records[member.name]
-            downstream = downstreams.get(member.name)
+            downstream = master.pg.downstream(member.name) if master else None
             goal = self.goal(record)
             lag = (
                 max(0, master_position - member.pg.position)

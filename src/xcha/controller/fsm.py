@@ -7,11 +7,14 @@ reason. The failure rule, candidate choice and desired synchronous standbys live
 as pure functions. docs/design.md shows the diagram generated from TRANSITIONS.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar, cast
 
 from xcha.controller.views import NEVER, GroupState, GroupView, MemberView, SyncFailurePolicy
+from xcha.errors import InvalidInput
 from xcha.pg.syncrep import SyncStandbys
 
 S = GroupState
@@ -19,6 +22,7 @@ ANY = "*"
 SAME = "="
 RUNNING_STATES = (S.SINGLE, S.PROTECTED, S.UNPROTECTED, S.DEGRADED)
 PROMOTE_ATTEMPTS = 3
+T = TypeVar("T")
 
 
 class Action(StrEnum):
@@ -52,7 +56,7 @@ class Step:
     action: Action
     member: str | None = None
     sync: SyncStandbys | None = None
-    clean: bool = False
+    best_effort: bool = False  # FENCE: the old master, while its successor is promoted
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,21 @@ class Decision:
     promote_attempts: int | None = None
 
 
+def _per_view(compute: Callable[[GroupView], T]) -> Callable[[GroupView], T]:
+    """compute(view), computed once per view (views are immutable): one decision asks for
+    the same verdict in many conditions and again for its reason."""
+    key = compute.__qualname__
+
+    @functools.wraps(compute)
+    def once(view: GroupView) -> T:
+        memo = view.memo
+        if key not in memo:
+            memo[key] = compute(view)
+        return cast(T, memo[key])
+
+    return once
+
+
 # ---- the failure rule -----------------------------------------------------------------------
 
 
@@ -79,21 +98,17 @@ class FailureVerdict:
     inputs: str
 
 
+@_per_view
 def master_failure(view: GroupView) -> FailureVerdict:
-    """Crash: the master's agent reports its postmaster gone (a fact, no timeout).
+    """Crash: the master's agent saw its postmaster exit (a fact, no timeout); one it found
+    stopped when it started is no crash (`master_found_stopped`).
     Hang, host loss, partition: no heartbeat for failure_timeout AND the controller's own
     probe fails AND every reachable standby reports it no longer receives WAL."""
     master = view.master_view
     if master is None:
         return FailureVerdict(False, False, "no master")
     timeout = view.failure_timeout
-    crashed = (
-        master.reachable(timeout)
-        and not master.pg.running
-        and master.activity == "idle"
-        and not master.fenced
-        and master.has_data
-    )
+    crashed = _master_stopped(view, master) and master.postmaster_died
     silent = not master.reachable(timeout)
     probe_failed = master.probe_ok is False and master.probe_age < timeout
     reachable_standbys = [m for m in view.standbys if m.reachable(timeout) and m.pg.running]
@@ -198,6 +213,26 @@ def choose_candidate(
     return CandidateChoice(best, fresh, reason, lost)
 
 
+@_per_view
+def _candidate(view: GroupView) -> CandidateChoice:
+    """The candidate of an automatic failover (no data loss)."""
+    return choose_candidate(view)
+
+
+@_per_view
+def _data_loss_candidate(view: GroupView) -> CandidateChoice:
+    return choose_candidate(view, allow_data_loss=True)
+
+
+@_per_view
+def requested_candidate(view: GroupView) -> CandidateChoice:
+    """The candidate of the operator's request (with its target and allow_data_loss)."""
+    request = view.request
+    if request is None:
+        return CandidateChoice(None, False, "no request")
+    return choose_candidate(view, request.allow_data_loss or view.allow_data_loss, request.target)
+
+
 # ---- synchronous replication -----------------------------------------------------------------
 
 
@@ -206,6 +241,7 @@ def sync_grace(view: GroupView) -> float:
     return view.failure_timeout / 2
 
 
+@_per_view
 def desired_sync(view: GroupView) -> SyncStandbys:
     """available: the sync-mode standbys that stream (or went missing only just now);
     strict: every sync-mode standby, so that commits wait for them."""
@@ -225,6 +261,7 @@ def _down(view: GroupView, member: MemberView) -> bool:
     return member.reachable(view.failure_timeout) and not member.pg.running and member.activity == "idle"
 
 
+@_per_view
 def _master_report_fresh(view: GroupView) -> bool:
     master = view.master_view
     return (
@@ -236,13 +273,22 @@ def _master_report_fresh(view: GroupView) -> bool:
     )
 
 
+@_per_view
 def confirming_standbys(view: GroupView) -> tuple[str, ...]:
-    """Standbys the master reports as confirming commits now (sync / quorum, streaming)."""
+    """Standbys the master reports as confirming commits now (sync / quorum, streaming) that
+    also report themselves a running standby: a WAL stream alone (a base backup's, say) is no
+    standby that could be promoted."""
     master = view.master_view
     if master is None:
         return ()
     return tuple(
-        d.name for d in master.pg.downstreams if d.state == "streaming" and d.sync_state in ("sync", "quorum")
+        d.name
+        for d in master.pg.downstreams
+        if d.state == "streaming"
+        and d.sync_state in ("sync", "quorum")
+        and (member := view.member(d.name)) is not None
+        and member.pg.running
+        and member.pg.in_recovery is True
     )
 
 
@@ -251,14 +297,33 @@ def _current_sync(view: GroupView) -> str:
     return master.pg.synchronous_standby_names if master else ""
 
 
-def _sync_value(view: GroupView, sync: SyncStandbys) -> str:
-    # PostgreSQL echoes the setting as written; xcha always writes the 10+ spelling here.
+def _sync_value(sync: SyncStandbys) -> str:
+    """The desired setting as the reason sentences show it (the 10+ spelling)."""
     return sync.render(100000)
+
+
+@_per_view
+def _sync_in_effect(view: GroupView) -> bool:
+    """The master's synchronous_standby_names means what is desired. Compared by meaning,
+    not text: each version echoes its own spelling (9.3: 'dn1b' for FIRST 1 (dn1b))."""
+    desired = desired_sync(view)
+    try:
+        current = SyncStandbys.parse(_current_sync(view))
+    except InvalidInput:
+        return False
+    if not desired.names:
+        return not current.names
+    return (current.names, current.required, current.policy.method) == (
+        desired.names,
+        desired.required,
+        desired.policy.method,
+    )
 
 
 # ---- named conditions ---------------------------------------------------------------------
 
 
+@_per_view
 def _stray_master(view: GroupView) -> MemberView | None:
     for member in view.members:
         if (
@@ -272,6 +337,7 @@ def _stray_master(view: GroupView) -> MemberView | None:
     return None
 
 
+@_per_view
 def _needs_follow(view: GroupView) -> MemberView | None:
     master = view.master_view
     if master is None or master.endpoint is None or not _master_report_fresh(view):
@@ -320,7 +386,7 @@ def _sync_satisfied(view: GroupView) -> bool:
     return (
         _master_report_fresh(view)
         and len(confirming_standbys(view)) >= view.policy.count
-        and _current_sync(view) == _sync_value(view, desired_sync(view))
+        and _sync_in_effect(view)
     )
 
 
@@ -330,7 +396,7 @@ def _sync_names_differ(view: GroupView) -> bool:
         _master_report_fresh(view)
         and master is not None
         and not master.busy
-        and _current_sync(view) != _sync_value(view, desired_sync(view))
+        and not _sync_in_effect(view)
     )
 
 
@@ -339,6 +405,7 @@ def _master_running(view: GroupView) -> bool:
     return _master_report_fresh(view) and master is not None and master.epoch >= view.epoch
 
 
+@_per_view
 def _adoptable_master(view: GroupView) -> MemberView | None:
     for member in view.members:
         if (
@@ -352,6 +419,7 @@ def _adoptable_master(view: GroupView) -> MemberView | None:
     return None
 
 
+@_per_view
 def _bootstrap_member(view: GroupView) -> MemberView | None:
     first = view.members[0] if view.members else None
     if first is None or not first.reachable(view.failure_timeout) or first.busy:
@@ -359,6 +427,32 @@ def _bootstrap_member(view: GroupView) -> MemberView | None:
     if any(m.has_data for m in view.members if m.reachable(view.failure_timeout)):
         return None  # data exists somewhere: an operator decides, xcha does not initdb over it
     return first
+
+
+def _master_stopped(view: GroupView, master: MemberView) -> bool:
+    """The master's agent answers and says its PostgreSQL is not running (not on purpose)."""
+    return (
+        master.reachable(view.failure_timeout)
+        and not master.pg.running
+        and master.activity == "idle"
+        and not master.fenced
+        and master.has_data
+    )
+
+
+def _master_found_stopped(view: GroupView) -> bool:
+    """The master's agent found its PostgreSQL stopped when it started (a clean restart of
+    the deployment, a reboot, maintenance) and saw no crash: still the group's master at
+    this epoch, so no standby was promoted meanwhile, and it starts in place."""
+    master = view.master_view
+    return (
+        master is not None
+        and _master_stopped(view, master)
+        and not master.postmaster_died
+        and master.epoch >= view.epoch
+        and not master.busy
+        and not view.busy
+    )
 
 
 def _master_restartable(view: GroupView) -> bool:
@@ -402,22 +496,23 @@ CONDITIONS: dict[str, Callable[[GroupView], bool]] = {
     "rerouted": lambda v: v.rerouted,
     "switchover_requested": lambda v: v.request is not None and v.request.kind == "switchover" and not v.busy,
     "failover_requested": lambda v: v.request is not None and v.request.kind == "failover" and not v.busy,
-    "target_ready": lambda v: _requested_candidate(v).member is not None,
-    "target_not_ready": lambda v: _requested_candidate(v).member is None,
+    "target_ready": lambda v: requested_candidate(v).member is not None,
+    "target_not_ready": lambda v: requested_candidate(v).member is None,
     "master_running": _master_running,
     "master_adoptable": lambda v: _adoptable_master(v) is not None and not v.busy,
     "bootstrap_ready": lambda v: _bootstrap_member(v) is not None and not v.busy,
     "master_failed": lambda v: master_failure(v).failed and not v.busy,
-    "candidate_ready": lambda v: (c := choose_candidate(v)).member is not None and c.fresh,
+    "master_found_stopped": _master_found_stopped,
+    "candidate_ready": lambda v: (c := _candidate(v)).member is not None and c.fresh,
     "reports_stale": lambda v: (
-        ((c := choose_candidate(v)).member is not None and not c.fresh)
+        ((c := _candidate(v)).member is not None and not c.fresh)
         or (c.member is None and bool(unheard_sync_standbys(v)))
     ),
     "data_loss_candidate": lambda v: (
-        v.allow_data_loss and (c := choose_candidate(v, True)).member is not None and c.fresh
+        v.allow_data_loss and (c := _data_loss_candidate(v)).member is not None and c.fresh
     ),
     "data_loss_stale": lambda v: (
-        v.allow_data_loss and (c := choose_candidate(v, True)).member is not None and not c.fresh
+        v.allow_data_loss and (c := _data_loss_candidate(v)).member is not None and not c.fresh
     ),
     "master_restartable": _master_restartable,
     "stray_master": lambda v: _stray_master(v) is not None,
@@ -428,13 +523,6 @@ CONDITIONS: dict[str, Callable[[GroupView], bool]] = {
     "sync_satisfied": _sync_satisfied,
     "sync_names_differ": _sync_names_differ,
 }
-
-
-def _requested_candidate(view: GroupView) -> CandidateChoice:
-    request = view.request
-    if request is None:
-        return CandidateChoice(None, False, "no request")
-    return choose_candidate(view, request.allow_data_loss or view.allow_data_loss, request.target)
 
 
 RUNNING_OR_LOST = (*RUNNING_STATES, S.NO_CANDIDATE)
@@ -479,6 +567,9 @@ _TABLE: tuple[tuple[tuple[str, ...] | str, str, str | None, str, Action, str], .
      "adopted {adoptable} as the master"),
     (S.INITIALIZING, "bootstrap_ready", None, SAME, Action.BOOTSTRAP,
      "bootstrapping {bootstrap} as the master"),
+    # A master found stopped by its freshly started agent, no crash seen: start it in place.
+    (RUNNING_OR_LOST, "master_found_stopped", None, SAME, Action.START_MASTER,
+     "master {master} was found stopped when its agent started (no crash seen): starting it in place"),
     # The master is lost.
     (MASTER_LOST_WITH_CANDIDATES, "master_failed", "candidate_ready", S.FAILOVER, Action.PROMOTE,
      "master {master} lost ({failure}): promoting {candidate_choice} ({candidate_reason})"),
@@ -528,53 +619,82 @@ TRANSITIONS = tuple(
 )
 
 
-def _facts(view: GroupView) -> dict[str, object]:
-    """Values the row comments are written with."""
-    failure = master_failure(view)
-    choice = choose_candidate(view)
-    loss = choose_candidate(view, True)
-    requested = _requested_candidate(view)
-    stray = _stray_master(view)
-    follower = _needs_follow(view)
-    bootstrap = _bootstrap_member(view)
-    adoptable = _adoptable_master(view)
-    master = view.master_view
+def _summary(view: GroupView) -> str:
     if view.state == S.NO_CANDIDATE:
-        summary = (
+        return (
             f"no_candidate: master {view.master or 'none'} lost and no standby is safe to promote: "
-            f"{choice.reason}"
+            f"{_candidate(view).reason}"
         )
+    summary = f"{view.state}: master {view.master or 'none'}"
+    if view.master_view is not None:
+        confirming = confirming_standbys(view)
+        summary += f", confirming standbys: {', '.join(confirming) or 'none'}"
+        waiting = [_not_confirming(m) for m in view.standbys if m.name not in confirming]
+        if waiting and view.state != S.PROTECTED:
+            summary += f"; not confirming: {', '.join(waiting)}"
+    return summary
+
+
+def _not_confirming(member: MemberView) -> str:
+    """Why a standby does not count yet, as its own report says."""
+    if member.heartbeat_age == NEVER:
+        why = "not heard from"
+    elif member.activity != "idle":
+        why = member.activity
+    elif not member.pg.running:
+        why = "PostgreSQL not running"
+    elif member.mode != "sync":
+        why = "asynchronous"
     else:
-        summary = f"{view.state}: master {view.master or 'none'}"
-        if master is not None:
-            summary += f", confirming standbys: {', '.join(confirming_standbys(view)) or 'none'}"
-    return {
-        "master": view.master or "none",
-        "candidate": view.candidate or "none",
-        "attempts": view.promote_attempts,
-        "failure": failure.inputs,
-        "candidate_choice": choice.member.name if choice.member else "none",
-        "candidate_reason": choice.reason,
-        "data_loss_reason": loss.reason,
-        "target": requested.member.name
-        if requested.member
-        else (view.request.target if view.request else ""),
-        "target_reason": requested.reason,
-        "stray": stray.name if stray else "",
-        "follower": follower.name if follower else "",
-        "bootstrap": bootstrap.name if bootstrap else "",
-        "adoptable": adoptable.name if adoptable else "",
-        "desired": _sync_value(view, desired_sync(view)),
-        "confirming": ", ".join(confirming_standbys(view)) or "none",
-        "summary": summary,
-    }
+        why = "not streaming synchronously"
+    return f"{member.name} ({why})"
 
 
-def _plan(row: Transition, view: GroupView) -> Decision:
+def _name(member: MemberView | None, absent: str = "") -> str:
+    return member.name if member else absent
+
+
+def _target(view: GroupView) -> str | None:
+    chosen = requested_candidate(view).member
+    return chosen.name if chosen else (view.request.target if view.request else "")
+
+
+# The values row comments are written with, each computed only when a comment names it.
+FACTS: dict[str, Callable[[GroupView], object]] = {
+    "master": lambda v: v.master or "none",
+    "candidate": lambda v: v.candidate or "none",
+    "attempts": lambda v: v.promote_attempts,
+    "failure": lambda v: master_failure(v).inputs,
+    "candidate_choice": lambda v: _name(_candidate(v).member, "none"),
+    "candidate_reason": lambda v: _candidate(v).reason,
+    "data_loss_reason": lambda v: _data_loss_candidate(v).reason,
+    "target": _target,
+    "target_reason": lambda v: requested_candidate(v).reason,
+    "stray": lambda v: _name(_stray_master(v)),
+    "follower": lambda v: _name(_needs_follow(v)),
+    "bootstrap": lambda v: _name(_bootstrap_member(v)),
+    "adoptable": lambda v: _name(_adoptable_master(v)),
+    "desired": lambda v: _sync_value(desired_sync(v)),
+    "confirming": lambda v: ", ".join(confirming_standbys(v)) or "none",
+    "summary": _summary,
+}
+
+
+class _Facts(dict[str, object]):
+    """FACTS of one view for str.format_map, computed on first use."""
+
+    def __init__(self, view: GroupView) -> None:
+        super().__init__()
+        self.view = view
+
+    def __missing__(self, key: str) -> object:
+        value = self[key] = FACTS[key](self.view)
+        return value
+
+
+def _plan(index: int, row: Transition, view: GroupView) -> Decision:
     next_state = GroupState(view.state if row.next_state == SAME else row.next_state)
-    reason = row.comment.format(**_facts(view))
-    index = TRANSITIONS.index(row)
-    decision = Decision(next_state, (), reason, index)
+    reason = row.comment.format_map(_Facts(view))
     master = view.master_view
     match row.action:
         case Action.NONE:
@@ -594,14 +714,20 @@ def _plan(row: Transition, view: GroupView) -> Decision:
             steps = (Step(Action.START_MASTER, view.master),)
         case Action.PROMOTE:
             if row.event == "failover_requested":
-                choice = _requested_candidate(view)
+                choice = requested_candidate(view)
+            elif "data_loss_candidate" in (row.event, row.guard):
+                choice = _data_loss_candidate(view)
             else:
-                choice = choose_candidate(
-                    view, allow_data_loss="data_loss_candidate" in (row.event, row.guard)
-                )
+                choice = _candidate(view)
             assert choice.member is not None
             target = choice.member.name
-            fence = (Step(Action.FENCE, view.master),) if master is not None and master.name != target else ()
+            # Best effort: the old master is usually unreachable, and the promotion must not
+            # wait for it (its agent fences it anyway once it learns the new epoch).
+            fence = (
+                (Step(Action.FENCE, view.master, best_effort=True),)
+                if master is not None and master.name != target
+                else ()
+            )
             return Decision(
                 next_state,
                 (*fence, Step(Action.PROMOTE, target, _promote_sync(view, target))),
@@ -624,7 +750,7 @@ def _plan(row: Transition, view: GroupView) -> Decision:
         case Action.SWITCHOVER:
             switch_to = view.candidate
             if row.event == "switchover_requested":
-                chosen = _requested_candidate(view).member
+                chosen = requested_candidate(view).member
                 assert chosen is not None
                 switch_to = chosen.name
             return Decision(
@@ -637,6 +763,7 @@ def _plan(row: Transition, view: GroupView) -> Decision:
                 clear_request=row.event == "switchover_requested",
             )
         case Action.REFRESH:
+            # One step per standby to ask; the controller asks them all in one group task.
             unheard = unheard_sync_standbys(view)
             steps = tuple(
                 Step(Action.REFRESH, m.name)
@@ -669,7 +796,7 @@ def _plan(row: Transition, view: GroupView) -> Decision:
         sync_set = ()  # commits may now be acknowledged without the former sync standbys
     adopted = _adoptable_master(view) if row.event == "master_adoptable" else None
     return Decision(
-        decision.next_state,
+        next_state,
         steps,
         reason,
         index,
@@ -697,14 +824,14 @@ def _promote_sync(view: GroupView, target: str | None) -> SyncStandbys | None:
 
 def decide(view: GroupView) -> Decision:
     """The first row of TRANSITIONS that matches the view."""
-    for row in TRANSITIONS:
+    for index, row in enumerate(TRANSITIONS):
         if ANY not in row.states and view.state not in row.states:
             continue
         if not CONDITIONS[row.event](view):
             continue
         if row.guard is not None and not CONDITIONS[row.guard](view):
             continue
-        return _plan(row, view)
+        return _plan(index, row, view)
     raise AssertionError("the last row matches every view")
 
 

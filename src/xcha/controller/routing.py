@@ -23,6 +23,11 @@ EventSink = Callable[[str, str, str, dict[str, object]], None]  # datanode, kind
 class Target(Protocol):
     name: str
 
+    @property
+    def attempt_timeout(self) -> float:
+        """How long one apply may take before the barrier gives it up (cancels it) and retries."""
+        ...
+
     async def apply(self, datanode: str, new: Endpoint, old: Endpoint | None, epoch: int) -> str:
         """Point this coordinator's route for datanode at new; return what was done.
         Raise to say "not acknowledged"; it is retried."""
@@ -61,13 +66,11 @@ class Router:
         targets: list[Target],
         retry_initial: float = 0.1,
         retry_max: float = 5.0,
-        timeout: float = 5.0,
     ) -> None:
         self.kind = kind
         self.targets = targets
         self.retry_initial = retry_initial
         self.retry_max = retry_max
-        self.timeout = timeout
         self.barriers: dict[str, Barrier] = {}
         self.on_event: EventSink = lambda datanode, kind, message, details: None
 
@@ -99,8 +102,7 @@ class Router:
             started = time.monotonic()
             try:
                 progress.detail = await asyncio.wait_for(
-                    target.apply(barrier.datanode, barrier.new, old, barrier.epoch),
-                    getattr(target, "attempt_timeout", self.timeout),
+                    target.apply(barrier.datanode, barrier.new, old, barrier.epoch), target.attempt_timeout
                 )
             except Exception as error:
                 message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -144,21 +146,3 @@ class Router:
     async def close(self) -> None:
         for target in self.targets:
             await target.close()
-
-
-@dataclass
-class RecordingTarget:
-    """Records what it is asked (unit tests); fails while `failing` is set."""
-
-    name: str
-    calls: list[tuple[str, Endpoint, Endpoint | None, int]] = field(default_factory=list)
-    failing: bool = False
-
-    async def apply(self, datanode: str, new: Endpoint, old: Endpoint | None, epoch: int) -> str:
-        self.calls.append((datanode, new, old, epoch))
-        if self.failing:
-            raise ConnectionError(f"{self.name} is unreachable")
-        return f"{datanode} -> {new}"
-
-    async def close(self) -> None:
-        return None

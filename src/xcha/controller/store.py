@@ -42,6 +42,7 @@ class GroupRecord:
     takeover_port: int = 0  # router takeover: the port the new master takes
     handover_member: str | None = None  # ... and the former master, rejoining, takes
     handover_port: int = 0  # the new master's former port
+    switchover_failed: bool = False  # the switchover under way failed (cleared when leaving it)
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@ controller from heartbeats, its own probes and its store. No I/O here."""
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 
 from xcha.names import Endpoint
 from xcha.pg.status import PgStatus
@@ -33,16 +34,15 @@ class MemberView:
     name: str
     mode: str = "sync"  # sync or async standby when not the master
     heartbeat_age: float = NEVER  # seconds since the agent last reported
-    report_time: float = -NEVER  # controller clock of the last report
     pg: PgStatus = field(default_factory=lambda: PgStatus(running=False))
     endpoint: Endpoint | None = None  # where its PostgreSQL is reached
     epoch: int = 0  # the agent's persisted epoch
     activity: str = "idle"
     fenced: bool = False
     has_data: bool = False
+    postmaster_died: bool = False  # the agent saw it exit unasked (not: found it stopped)
     upstream_checked: bool = False
     upstream_ok: bool = True
-    upstream_silent_for: float = 0.0
     probe_ok: bool | None = None  # the controller's own probe (None: not probed)
     probe_age: float = NEVER
     busy: bool = False  # a message to this agent is in flight
@@ -91,6 +91,12 @@ class GroupView:
     switchover_failed: bool = False
     request: Request | None = None
     takeover_port: int = 0  # router takeover: the port the new master must be on
+
+    @cached_property
+    def memo(self) -> dict[str, object]:
+        """What the state machine derives from this view, each computed once: the view never
+        changes, and one decision asks for the same verdicts many times."""
+        return {}
 
     def member(self, name: str | None) -> MemberView | None:
         return next((m for m in self.members if m.name == name), None) if name else None

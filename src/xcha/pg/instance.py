@@ -1,9 +1,11 @@
 """The one class that operates a PostgreSQL instance.
 
 It runs the postmaster as its own child process (so a crash is seen at once and the
-dead process is reaped, see BRIEF section 5), writes the configuration rendered by
-`xcha.pg.render`, and does what the specification describes by hand: base backup,
-synchronous standby, promotion, port takeover, plus pg_rewind rejoin.
+dead process is reaped), writes the configuration rendered by `xcha.pg.render`, and does
+what the specification describes by hand: base backup, synchronous standby, promotion, port
+takeover, plus pg_rewind rejoin. Plain PostgreSQL 12+, Postgres-XL 10 and Postgres-XC 1.2
+(PostgreSQL 9.3) datanodes alike: what differs by version is in `xcha.pg.versions`, what
+differs by flavour in `xcha.pg.flavor`.
 """
 
 import asyncio
@@ -17,30 +19,37 @@ import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from xcha.errors import InvalidInput, PostgresError
-from xcha.names import Endpoint, check_host, check_name, check_port
-from xcha.pg.client import bounded, close
+from xcha.names import Endpoint, check_port
+from xcha.pg import versions
+from xcha.pg.client import Conn, bounded, close, connect
+from xcha.pg.filecopy import copy_cluster
+from xcha.pg.flavor import check_supported
 from xcha.pg.lsn import parse_lsn
 from xcha.pg.render import (
+    ALTER_SYSTEM_SINCE,
     INCLUDE_LINE,
-    AuthMethod,
+    SYNC_CONF,
     ReplicationSpec,
     Role,
-    check_path,
+    guc_quote,
     render,
 )
 from xcha.pg.runner import Runner
-from xcha.pg.status import Downstream, PgStatus, WalReceiver
+from xcha.pg.snapshot import take_snapshot
+from xcha.pg.spec import InstanceSpec as InstanceSpec  # re-exported: callers build both here
+from xcha.pg.spec import Timings as Timings
+from xcha.pg.status import PgStatus
 from xcha.pg.syncrep import SyncStandbys
+from xcha.pg.version import version_text
 
 StopMode = Literal["smart", "fast", "immediate"]
 CloneMethod = Literal["basebackup", "lowlevel"]
@@ -54,98 +63,7 @@ STOP_SIGNALS: dict[StopMode, signal.Signals] = {
 # a clone or rewind copies the source's file, and a promoted clone that inherited
 # synchronous_standby_names would hang every commit.
 NODE_LOCAL_AUTO_SETTINGS = ("synchronous_standby_names", "primary_conninfo", "restore_command")
-# What a file-level copy of a running cluster leaves out (PostgreSQL docs, "Making a base backup
-# using the low level API").
-LOWLEVEL_EXCLUDES = (
-    "postmaster.pid",
-    "postmaster.opts",
-    "backup_label",
-    "tablespace_map",
-    "standby.signal",
-    "recovery.signal",
-    "recovery.conf",
-    "pg_internal.init",
-)
-LOWLEVEL_EMPTIED = (
-    "pg_wal",
-    "pg_replslot",
-    "pg_dynshmem",
-    "pg_notify",
-    "pg_serial",
-    "pg_snapshots",
-    "pg_stat_tmp",
-    "pg_subtrans",
-)
-SOCKET_PATH_MAX = 107
-
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InstanceSpec:
-    """Where one instance lives and how others reach it."""
-
-    name: str
-    data_dir: Path
-    port: int
-    archive_dir: Path
-    socket_dir: Path
-    log_file: Path
-    password_file: Path
-    passfile: Path
-    host: str = "127.0.0.1"
-    listen_addresses: str = "127.0.0.1"
-    replication_user: str = "xcha_repl"
-    auth: AuthMethod = "scram-sha-256"
-    superuser: str = "postgres"
-    allowed_networks: tuple[str, ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        check_name(self.name)
-        check_port(self.port)
-        check_host(self.host)
-        for path in (
-            self.data_dir,
-            self.archive_dir,
-            self.socket_dir,
-            self.log_file,
-            self.password_file,
-            self.passfile,
-        ):
-            check_path(str(path))
-        if len(f"{self.socket_dir}/.s.PGSQL.{self.port}.lock") > SOCKET_PATH_MAX:
-            raise InvalidInput(f"socket directory {self.socket_dir} is too long for a Unix socket path")
-
-    @classmethod
-    def under(
-        cls, base: Path, name: str, port: int, archive_dir: Path, password_file: Path, **options: Any
-    ) -> "InstanceSpec":
-        """The conventional layout: data, run (socket), postgresql.log and pgpass under base."""
-        return cls(
-            name=name,
-            data_dir=base / "data",
-            port=port,
-            archive_dir=archive_dir,
-            socket_dir=base / "run",
-            log_file=base / "postgresql.log",
-            password_file=password_file,
-            passfile=base / "pgpass",
-            **options,
-        )
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return Endpoint(self.host, self.port)
-
-
-@dataclass(frozen=True)
-class Timings:
-    """What an operation took, in seconds, step by step."""
-
-    steps: tuple[tuple[str, float], ...]
-
-    def __getitem__(self, step: str) -> float:
-        return dict(self.steps)[step]
 
 
 def _process_state(pid: int) -> str | None:
@@ -171,12 +89,16 @@ def _cwd(pid: int) -> str | None:
 
 class PostgresInstance:
     def __init__(self, spec: InstanceSpec, runner: Runner, version: int) -> None:
+        """version: server_version_num of the runner's binaries (`runner.server_version(bindir,
+        spec.flavor)` checks that they are of the spec's flavour)."""
+        if spec.pgxc is not None and version:
+            check_supported(spec.pgxc.flavor, version)
         self.spec = spec
         self.runner = runner
         self.version = version
         self.port = spec.port
         self._child: subprocess.Popen[bytes] | None = None
-        self._session: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        self._session: Conn | None = None
 
     # ---- files -------------------------------------------------------------------------
 
@@ -219,12 +141,19 @@ class PostgresInstance:
             local_os_users=(self.runner.user.name, current_user),
             allowed_networks=self.spec.allowed_networks,
             sync=sync,
+            pgxc=self.spec.pgxc,
         )
 
     def _write_passfile(self) -> None:
         password = self.replication_password().replace("\\", "\\\\").replace(":", "\\:")
         self.runner.make_dir(self.spec.passfile.parent)
         self.runner.write_file(self.spec.passfile, f"*:*:*:{self.spec.replication_user}:{password}\n")
+
+    def _libpq_env(self) -> dict[str, str]:
+        """Before PostgreSQL 10 libpq has no passfile= option: the programs of such a server
+        (pg_basebackup, and the WAL receiver inside the postmaster) find the replication
+        password through PGPASSFILE."""
+        return {} if self.version >= versions.PASSFILE_SINCE else {"PGPASSFILE": str(self.spec.passfile)}
 
     def configure(self, role: Role, upstream: Endpoint | None = None) -> None:
         """Write the files for role; a standby streams from upstream."""
@@ -241,6 +170,8 @@ class PostgresInstance:
         if role == "master":
             for marker in ("standby.signal", "recovery.signal", "recovery.conf"):
                 (self.data_dir / marker).unlink(missing_ok=True)
+        else:
+            (self.data_dir / SYNC_CONF).unlink(missing_ok=True)  # before 9.4: copied from the source
         self._drop_auto_settings(
             NODE_LOCAL_AUTO_SETTINGS if role == "standby" else NODE_LOCAL_AUTO_SETTINGS[1:]
         )
@@ -327,7 +258,9 @@ class PostgresInstance:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         await self._wait_gone(leftovers, 10)
-        lock_files = (self.data_dir / "postmaster.pid", self.spec.socket_dir / f".s.PGSQL.{self.port}.lock")
+        lock_files = [self.data_dir / "postmaster.pid", self.spec.socket_dir / f".s.PGSQL.{self.port}.lock"]
+        if self.spec.pgxc is not None:  # the XL/XC pooler's socket has a lock file of its own
+            lock_files.append(self.spec.socket_dir / f".s.PGPOOL.{self.spec.pgxc.pooler_port}.lock")
         for lock in lock_files:
             try:
                 pid = int(lock.read_text().split("\n", 1)[0])
@@ -345,7 +278,12 @@ class PostgresInstance:
             await self._clear_leftovers()
             self.runner.make_dir(self.spec.socket_dir)
             self.runner.make_dir(self.spec.log_file.parent, 0o755)
-            self._child = self.runner.spawn("postgres", ["-D", str(self.data_dir)], self.spec.log_file)
+            self._child = self.runner.spawn(
+                "postgres",
+                [*versions.postmaster_mode(self.spec.pgxc), "-D", str(self.data_dir)],
+                self.spec.log_file,
+                env=self._libpq_env(),
+            )
         await self.wait_ready(timeout)
         return time.monotonic() - started
 
@@ -397,22 +335,23 @@ class PostgresInstance:
 
     # ---- SQL ------------------------------------------------------------------------------
 
-    async def connect(self, timeout: float = 5) -> psycopg.AsyncConnection[tuple[object, ...]]:
-        """A superuser connection over the instance's private Unix socket, in autocommit."""
-        return await asyncio.wait_for(
-            psycopg.AsyncConnection.connect(
-                host=str(self.spec.socket_dir),
-                port=self.port,
-                user=self.spec.superuser,
-                dbname="postgres",
-                application_name="xcha",
-                autocommit=True,
-            ),
+    async def connect(self, timeout: float = 5) -> Conn:
+        """A superuser connection over the instance's private Unix socket, in autocommit.
+        (On an XL/XC datanode such a session's transactions are read-only: status, reload
+        and ALTER SYSTEM are what xcha uses it for.)"""
+        return await connect(
+            "",
             timeout,
+            host=str(self.spec.socket_dir),
+            port=self.port,
+            user=self.spec.superuser,
+            dbname="postgres",
+            application_name="xcha",
+            autocommit=True,
         )
 
     @contextlib.asynccontextmanager
-    async def session(self, timeout: float = 5) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+    async def session(self, timeout: float = 5) -> AsyncIterator[Conn]:
         """A kept connection for frequent small queries; dropped after any error."""
         if self._session is None or self._session.closed:
             self._session = await self.connect(timeout)
@@ -455,97 +394,32 @@ class PostgresInstance:
         async with self.session() as conn:
             await conn.execute("CHECKPOINT")
 
-    async def status(self, timeout: float = 2) -> PgStatus:
-        """One snapshot: role, timeline, system id, LSNs, WAL receiver, downstreams."""
-        pid = self.postmaster_pid()
+    async def status(self, timeout: float = 2, pid: int | None = None) -> PgStatus:
+        """One snapshot: role, timeline, system id, LSNs, WAL receiver, downstreams.
+        pid: the postmaster's PID when the caller has just looked it up."""
+        pid = pid or self.postmaster_pid()
         if pid is None:
             return PgStatus(running=False, port=self.port)
         async with self.session(timeout) as conn:
-            return await bounded(conn, self._snapshot(conn, pid), timeout)
-
-    async def _snapshot(self, conn: psycopg.AsyncConnection[tuple[object, ...]], pid: int) -> PgStatus:
-        cur = await conn.execute(
-            """SELECT pg_is_in_recovery(),
-                      (SELECT system_identifier FROM pg_control_system()),
-                      CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn()::text END,
-                      CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_flush_lsn()::text END,
-                      pg_last_wal_receive_lsn()::text, pg_last_wal_replay_lsn()::text,
-                      CASE WHEN pg_is_in_recovery()
-                           THEN (SELECT timeline_id FROM pg_control_checkpoint())
-                           ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int
-                      END,
-                      current_setting('synchronous_standby_names')"""
-        )
-        row = await cur.fetchone()
-        assert row is not None
-        in_recovery, sysid, current, flushed, received, replayed, timeline, sync_names = row
-        receiver = None
-        if in_recovery:
-            written = "written_lsn" if self.version >= 130000 else "received_lsn"
-            cur = await conn.execute(
-                sql.SQL("""SELECT status, sender_host, sender_port,
-                                  extract(epoch FROM clock_timestamp() - last_msg_receipt_time)::float8,
-                                  {}::text, received_tli FROM pg_stat_wal_receiver""").format(
-                    sql.Identifier(written)
-                )
+            return await bounded(
+                conn, take_snapshot(conn, self.version, self.data_dir, pid, self.port), timeout
             )
-            wal_row = await cur.fetchone()
-            if wal_row is not None:
-                status, host, port, age, written_lsn, received_tli = wal_row
-                receiver = WalReceiver(str(status), host, port, age)  # type: ignore[arg-type]
-                timeline = received_tli or timeline
-                received_text = written_lsn or received
-            else:
-                received_text = received
-        else:
-            received_text = None
-        cur = await conn.execute(
-            """SELECT application_name, state, sync_state, flush_lsn::text, replay_lsn::text,
-                      host(client_addr),
-                      extract(epoch FROM clock_timestamp() - reply_time)::float8
-               FROM pg_stat_replication ORDER BY application_name"""
-        )
-        downstreams = tuple(
-            Downstream(str(name), str(state), str(sync_state), _lsn(flush), _lsn(replay), addr, age)  # type: ignore[arg-type]
-            for name, state, sync_state, flush, replay, addr, age in await cur.fetchall()
-        )
-        return PgStatus(
-            running=True,
-            postmaster_pid=pid,
-            in_recovery=bool(in_recovery),
-            timeline=int(timeline) if timeline is not None else None,  # type: ignore[call-overload]
-            system_identifier=int(sysid) if sysid is not None else None,  # type: ignore[call-overload]
-            current_lsn=_lsn(current),
-            receive_lsn=_lsn(received_text),
-            flush_lsn=_lsn(flushed if not in_recovery else received),
-            replay_lsn=_lsn(replayed),
-            wal_receiver=receiver,
-            downstreams=downstreams,
-            synchronous_standby_names=str(sync_names),
-            port=self.port,
-        )
 
     # ---- roles ---------------------------------------------------------------------------------
 
     async def initdb(self) -> float:
-        """Create a new cluster (data checksums on, peer for local, scram for TCP)."""
+        """Create a new cluster (data checksums on, peer for local, scram or md5 for TCP)."""
         if self.has_cluster():
             raise InvalidInput(f"{self.data_dir} already holds a PostgreSQL cluster")
         if self.data_dir.exists() and any(self.data_dir.iterdir()):
             raise InvalidInput(f"{self.data_dir} is not empty")
         self.runner.make_dir(self.data_dir)
+        node_name = self.spec.pgxc.node_name if self.spec.pgxc is not None else None
         result = await self.runner.run(
             "initdb",
-            "-D",
-            str(self.data_dir),
-            "-U",
-            self.spec.superuser,
-            "--auth-local=peer",
-            "--auth-host=scram-sha-256",
-            "--data-checksums",
-            "--encoding=UTF8",
-            "--locale=C",
-            "--no-instructions",
+            *versions.initdb_args(
+                self.version, self.spec.flavor, self.data_dir, self.spec.superuser, node_name
+            ),
         )
         return result.seconds
 
@@ -554,58 +428,100 @@ class PostgresInstance:
         initdb = await self.initdb()
         self.configure("master")
         self.runner.make_dir(self.spec.archive_dir, 0o750)
+        if self.spec.pgxc is not None:
+            await self._create_replication_role_offline()
         start = await self.start()
-        await self.ensure_replication_role()
+        if self.spec.pgxc is None:
+            await self.ensure_replication_role()
+        elif self.spec.pgxc.flavor == "xl" and self.spec.pgxc.node_type == "datanode":
+            await self._enter_gtm_xid_range()
         return Timings((("initdb", initdb), ("start", start)))
 
-    async def ensure_replication_role(self) -> None:
+    async def _enter_gtm_xid_range(self) -> None:
+        """Take one transaction id from the GTM and checkpoint, before any standby exists.
+
+        initdb (and the role creation) used this node's local transaction ids (about 600);
+        the GTM hands out ids from 60000 on. A standby that replays that jump after its
+        starting point crashes every log-in (SIGSEGV in KnownAssignedXidsGetAndSetXmin,
+        measured on XL 10 after the first write through a coordinator) until it replays a
+        newer running-transactions record, which a dead master never writes. The checkpoint
+        writes that record with the GTM's id: every later copy starts past the jump."""
+        async with self.session() as conn:
+            await conn.execute("SELECT txid_current()")
+            await conn.execute("CHECKPOINT")
+
+    def _replication_role_statements(self, exists: bool) -> list[sql.Composed]:
         """The role standbys stream with; it may also run pg_rewind, a low-level backup and
-        CHECKPOINT (PostgreSQL 15) against this server, without being a superuser."""
+        CHECKPOINT (PostgreSQL 15) against this server, without being a superuser. On
+        Postgres-XL 10 it is a superuser: pg_rewind needs one before PostgreSQL 11 (its
+        functions check for a superuser inside, so no grant is enough), and so does
+        CHECKPOINT before 15."""
         role = sql.Identifier(self.spec.replication_user)
         password = sql.Literal(self.replication_password())
+        verb = sql.SQL("ALTER" if exists else "CREATE")
+        statements = [sql.SQL("{} ROLE {} WITH LOGIN REPLICATION PASSWORD {}").format(verb, role, password)]
+        if versions.rewind_needs_superuser(self.version):
+            return [*statements, sql.SQL("ALTER ROLE {} WITH SUPERUSER").format(role)]
+        for function in versions.replication_role_functions(self.version):
+            statements.append(sql.SQL("GRANT EXECUTE ON FUNCTION " + function + " TO {}").format(role))
+        if self.version >= 150000:
+            statements.append(sql.SQL("GRANT pg_checkpoint TO {}").format(role))
+        return statements
+
+    async def ensure_replication_role(self) -> None:
+        """Create (or update) the replication role on this running server."""
         async with self.session() as conn:
             cur = await conn.execute(
                 "SELECT 1 FROM pg_roles WHERE rolname = %s", [self.spec.replication_user]
             )
-            verb = "ALTER" if await cur.fetchone() else "CREATE"
-            await conn.execute(
-                sql.SQL(verb + " ROLE {} WITH LOGIN REPLICATION PASSWORD {}").format(role, password)
-            )
-            functions = [
-                "pg_catalog.pg_ls_dir(text, boolean, boolean)",
-                "pg_catalog.pg_stat_file(text, boolean)",
-                "pg_catalog.pg_read_binary_file(text)",
-                "pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean)",
-            ]
-            if self.version >= 150000:
-                functions += [
-                    "pg_catalog.pg_backup_start(text, boolean)",
-                    "pg_catalog.pg_backup_stop(boolean)",
-                ]
-            else:
-                functions += [
-                    "pg_catalog.pg_start_backup(text, boolean, boolean)",
-                    "pg_catalog.pg_stop_backup(boolean, boolean)",
-                ]
-            for function in functions:
-                await conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION " + function + " TO {}").format(role))
-            if self.version >= 150000:
-                await conn.execute(sql.SQL("GRANT pg_checkpoint TO {}").format(role))
+            exists = await cur.fetchone() is not None
+            for statement in self._replication_role_statements(exists):
+                await conn.execute(statement)
+
+    async def _create_replication_role_offline(self) -> None:
+        """Create the replication role in a single-user backend of this stopped XL/XC node.
+
+        A running XL/XC datanode makes the transactions of an application's session
+        read-only (measured: "cannot execute CREATE ROLE in a read-only transaction"); a
+        coordinator's session is writable but speaks an extended protocol no client library
+        reads. So the role is created as initdb creates the catalog: `postgres --single
+        --localxid`, without the GTM. Its rows are then frozen: a transaction id of this
+        node's local counter means nothing to the GTM's snapshots."""
+        if "\n" in self.replication_password() or "\r" in self.replication_password():
+            raise InvalidInput(f"replication password file {self.spec.password_file} has more than one line")
+        statements = self._replication_role_statements(exists=False)
+        script = [statement.as_string(None) for statement in statements]
+        script.append("VACUUM FREEZE pg_catalog.pg_authid")
+        if len(statements) > 1:
+            script.append("VACUUM FREEZE pg_catalog.pg_proc")
+        await self.runner.run(
+            "postgres",
+            *versions.single_user_args(self.data_dir),
+            input="\n".join(script) + "\n",
+        )
 
     async def promote(self, timeout: float = 30) -> float:
         """Promote a standby and wait until it accepts writes; returns the seconds it took.
-        Polls itself: pg_promote(wait => true) polls only every 100 ms."""
+        Polls itself: pg_promote(wait => true) polls only every 100 ms. Before 12 there is no
+        pg_promote(): `pg_ctl promote` (without waiting) signals the server."""
         started = time.monotonic()
         async with self.session() as conn:
             cur = await conn.execute("SELECT pg_is_in_recovery()")
             row = await cur.fetchone()
             if row is None or not row[0]:
                 return 0.0
-            await conn.execute("SELECT pg_promote(wait => false)")
+            if self.version >= versions.PG_PROMOTE_SINCE:
+                await conn.execute("SELECT pg_promote(wait => false)")
+            else:
+                await self.runner.run("pg_ctl", *versions.pg_ctl_promote_args(self.version, self.data_dir))
             while time.monotonic() - started < timeout:
                 cur = await conn.execute("SELECT pg_is_in_recovery()")
                 row = await cur.fetchone()
                 if row is not None and not row[0]:
+                    if self.spec.flavor == "xl":
+                        # Back to GTM snapshots (a standby's are its own: see render).
+                        self.configure("master")
+                        await conn.execute("SELECT pg_reload_conf()")
                     return time.monotonic() - started
                 await asyncio.sleep(0.005)
         raise PostgresError(
@@ -613,10 +529,9 @@ class PostgresInstance:
         )
 
     async def take_over_port(self, port: int) -> Timings:
-        """The specification's "fallback to slave": a promoted standby restarts on the former
-        master's port, so clients need no change (standby.signal / recovery.conf are gone)."""
+        """The specification's "fallback to slave": the promoted standby (a master by now:
+        promote it first) restarts on the former master's port, so clients need no change."""
         check_port(port)
-        promote = await self.promote()
         if not self._port_free(port):
             raise PostgresError(
                 f"port {port} is still in use (the former master holds it): "
@@ -626,7 +541,7 @@ class PostgresInstance:
         self.port = port
         self.configure("master")
         start = await self.start()
-        return Timings((("promote", promote), ("restart", start)))
+        return Timings((("restart", start),))
 
     def _port_free(self, port: int) -> bool:
         address = self.spec.listen_addresses.split(",")[0].strip()
@@ -644,9 +559,16 @@ class PostgresInstance:
         is in effect. Clearing it releases commits that wait for a missing standby."""
         value = sync.render(self.version) if sync is not None else ""
         async with self.session() as conn:
-            await conn.execute(
-                sql.SQL("ALTER SYSTEM SET synchronous_standby_names = {}").format(sql.Literal(value))
-            )
+            if self.version >= ALTER_SYSTEM_SINCE:
+                await conn.execute(
+                    sql.SQL("ALTER SYSTEM SET synchronous_standby_names = {}").format(sql.Literal(value))
+                )
+            else:
+                # No ALTER SYSTEM before 9.4: the file postgresql.xcha.conf includes last.
+                self.runner.write_file(
+                    self.data_dir / SYNC_CONF,
+                    f"# Managed by xcha: set at run time\nsynchronous_standby_names = {guc_quote(value)}\n",
+                )
             await conn.execute("SELECT pg_reload_conf()")
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
@@ -659,15 +581,22 @@ class PostgresInstance:
 
     # ---- standbys ---------------------------------------------------------------------------
 
-    def _source_conninfo(self, upstream: Endpoint, replication: bool) -> str:
+    def _source_conninfo(self, upstream: Endpoint, replication: bool, program: bool = False) -> str:
+        """How this instance's copy connects to upstream. program: for a program of the
+        server's version (pg_basebackup, pg_rewind), whose libpq may predate passfile=."""
+        # The copy's WAL stream shows in pg_stat_replication under this application_name:
+        # it must never match a member's name ('-' is not allowed in one), or the master
+        # would count a standby that cannot run yet among its synchronous standbys.
         params: dict[str, str | int] = {
             "host": upstream.host,
             "port": upstream.port,
             "user": self.spec.replication_user,
             "passfile": str(self.spec.passfile),
-            "application_name": self.spec.name,
+            "application_name": f"xcha-clone-{self.spec.name}",
             "connect_timeout": 10,
         }
+        if program and self.version < versions.PASSFILE_SINCE:
+            del params["passfile"]  # PGPASSFILE instead: see _libpq_env
         if not replication:
             params["dbname"] = "postgres"
         return make_conninfo("", **params)
@@ -697,12 +626,13 @@ class PostgresInstance:
                     "-D",
                     str(self.data_dir),
                     "-d",
-                    self._source_conninfo(upstream, replication=True),
+                    self._source_conninfo(upstream, replication=True, program=True),
                     "-X",
-                    "stream",
+                    versions.basebackup_wal_method(self.version),
                     "-c",
                     "fast",
                     "--no-password",
+                    env=self._libpq_env(),
                 )
             else:
                 assert source_data_dir is not None
@@ -716,77 +646,95 @@ class PostgresInstance:
 
     async def _lowlevel_copy(self, upstream: Endpoint, source: Path) -> None:
         """The specification's method: pg_backup_start, copy the files, pg_backup_stop, and
-        write backup_label / tablespace_map from what pg_backup_stop returns."""
+        write backup_label / tablespace_map from what pg_backup_stop returns (before 9.6 the
+        backup is exclusive: backup_label is in the source's directory and copied with it)."""
         if not (source / "PG_VERSION").exists():
             raise InvalidInput(f"{source} holds no PostgreSQL cluster")
-        start, stop = (
-            ("pg_backup_start(%s, true)", "pg_backup_stop(true)")
-            if self.version >= 150000
-            else ("pg_start_backup(%s, true, false)", "pg_stop_backup(false, true)")
-        )
+        calls = versions.backup_calls(self.version)
         async with await psycopg.AsyncConnection.connect(
             self._source_conninfo(upstream, replication=False), autocommit=True
         ) as conn:
-            await conn.execute(f"SELECT {start}", [f"xcha clone {self.spec.name}"])
+            await conn.execute(calls.start, [f"xcha clone {self.spec.name}"])
             try:
-                await self._copy_tree(source, self.data_dir)
+                await copy_cluster(self.runner, source, self.data_dir, keep_backup_label=calls.exclusive)
             finally:
-                cur = await conn.execute(f"SELECT labelfile, spcmapfile FROM {stop}")
+                cur = await conn.execute(calls.stop)
                 row = await cur.fetchone()
+        if calls.exclusive:
+            if not (self.data_dir / "backup_label").exists():
+                raise PostgresError(f"the copy of {source} holds no backup_label: it cannot be started")
+            return
         assert row is not None
         labelfile, spcmapfile = row
         self.runner.write_file(self.data_dir / "backup_label", str(labelfile))
         if spcmapfile:
             self.runner.write_file(self.data_dir / "tablespace_map", str(spcmapfile))
 
-    async def _copy_tree(self, source: Path, target: Path) -> None:
-        rsync = shutil.which("rsync")
-        if rsync is not None:
-            excludes = [f"--exclude=/{name}/*" for name in LOWLEVEL_EMPTIED]
-            excludes += [f"--exclude={name}" for name in LOWLEVEL_EXCLUDES] + ["--exclude=pgsql_tmp*"]
-            process = await asyncio.create_subprocess_exec(
-                rsync,
-                "-a",
-                *excludes,
-                f"{source}/",
-                f"{target}/",
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
-            output, _ = await process.communicate()
-            # 24: some files vanished during the copy, which a running cluster does.
-            if process.returncode not in (0, 24):
-                raise PostgresError(f"rsync failed (exit {process.returncode}): {output.decode()[-2000:]}")
-        else:
-            await asyncio.to_thread(_python_copy, source, target)
-        self.runner.own_tree(target)
-        target.chmod(0o700)
+    @property
+    def can_rewind(self) -> bool:
+        """Whether this server's version has pg_rewind (9.5+; Postgres-XC 1.2 is 9.3)."""
+        return self.version >= versions.PG_REWIND_SINCE and os.access(
+            self.runner.bindir / "pg_rewind", os.X_OK
+        )
+
+    def _no_rewind_reason(self) -> str:
+        return f"no pg_rewind on PostgreSQL {version_text(self.version)}"
 
     async def rewind_from(self, source: Endpoint) -> float:
         """pg_rewind this (stopped) former master onto source's timeline, then configure it as
-        source's standby. CHECKPOINT on the source first: without it pg_rewind can report
-        success and leave a server that fails to start (BRIEF section 5)."""
+        source's standby. CHECKPOINT on the source first: pg_rewind reads the source's
+        timeline from its pg_control, which a promoted server updates at its first
+        checkpoint; without it pg_rewind can report success and leave a server that fails to
+        start."""
+        if not self.can_rewind:
+            raise PostgresError(f"{self.spec.name}: {self._no_rewind_reason()}: re-clone instead")
         await self.stop("fast")
         self._write_passfile()
         started = time.monotonic()
+        if self.version < versions.REWIND_RECOVERS_SINCE:
+            await self._ensure_clean_shutdown()
         async with await psycopg.AsyncConnection.connect(
             self._source_conninfo(source, replication=False), autocommit=True
         ) as conn:
             await conn.execute("CHECKPOINT")
-        # --restore-target-wal: crash recovery of the target can recycle WAL that pg_rewind
-        # still needs; the archive has it.
-        restore = ("--restore-target-wal",) if self.version >= 130000 else ()
-        await self.runner.run(
-            "pg_rewind",
-            "--target-pgdata",
-            str(self.data_dir),
-            "--source-server",
-            self._source_conninfo(source, replication=False),
-            *restore,
-        )
+            # --restore-target-wal: crash recovery of the target can recycle WAL that
+            # pg_rewind still needs; the archive has it.
+            restore = ("--restore-target-wal",) if self.version >= 130000 else ()
+            await self.runner.run(
+                "pg_rewind",
+                "--target-pgdata",
+                str(self.data_dir),
+                "--source-server",
+                self._source_conninfo(source, replication=False, program=True),
+                *restore,
+                env=self._libpq_env(),
+            )
+            if self.spec.flavor == "xl":
+                # An XL hot standby that replayed a large jump of transaction ids (XL's ids
+                # come from the GTM) crashes every log-in (SIGSEGV in
+                # KnownAssignedXidsGetAndSetXmin) until it replays a newer running-
+                # transactions record; a checkpoint on the source writes one, so the rewound
+                # standby starts clean (measured without this and without the bootstrap's
+                # _enter_gtm_xid_range: 14 s of crash loop, until the source's next periodic
+                # record).
+                await conn.execute("CHECKPOINT")
         seconds = time.monotonic() - started
         self.configure("standby", source)
         return seconds
+
+    async def _ensure_clean_shutdown(self) -> None:
+        """Before 13 pg_rewind refuses a target that was not shut down cleanly (a killed
+        master): recover it in a single-user backend first, as pg_rewind 13 does itself.
+        Crash recovery only: a standby's recovery.conf is set aside for it (single-user mode
+        has no standby mode); rewinding configures the server afresh anyway."""
+        state = (await self.control_data()).get("Database cluster state", "")
+        if state in ("shut down", "shut down in recovery"):
+            return
+        for marker in ("recovery.conf", "standby.signal", "recovery.signal"):
+            (self.data_dir / marker).unlink(missing_ok=True)
+        await self.runner.run(
+            "postgres", *versions.single_user_recovery_args(self.spec.flavor, self.data_dir)
+        )
 
     def set_aside(self) -> Path:
         """Rename the data directory out of the way (never deleted: it may hold the only copy
@@ -801,14 +749,15 @@ class PostgresInstance:
     ) -> Timings:
         """Become a running standby of upstream by whatever it takes: keep a standby that
         already follows it, rewind a former master, or clone afresh (setting aside data that
-        could not be rewound)."""
+        could not be rewound). Without pg_rewind (PostgreSQL 9.3: Postgres-XC) a former
+        master is re-cloned, and the steps say so: "re-clone (no pg_rewind on ...)"."""
         steps: list[tuple[str, float]] = []
         if not self.has_cluster():
             steps.append(("clone", await self.clone_from(upstream, method, source_data_dir)))
             steps.append(("start", await self.start()))
             return Timings(tuple(steps))
-        status = await self.status() if self.postmaster_pid() else None
-        was_standby = status.in_recovery if status is not None else await self._stopped_in_recovery()
+        status = await self.status()
+        was_standby = status.in_recovery if status.running else await self._stopped_in_recovery()
         if was_standby:
             await self.stop("fast")
             self.configure("standby", upstream)
@@ -818,6 +767,13 @@ class PostgresInstance:
             except PostgresError:
                 await self.stop("immediate")  # e.g. it cannot follow the new timeline: rewind
                 steps.append(("restart failed", 0.0))
+        if not self.can_rewind:
+            await self.stop("immediate")
+            steps.append((f"set aside {self.set_aside()}", 0.0))
+            reclone = await self.clone_from(upstream, method, source_data_dir)
+            steps.append((f"re-clone ({self._no_rewind_reason()})", reclone))
+            steps.append(("start", await self.start()))
+            return Timings(tuple(steps))
         try:
             steps.append(("rewind", await self.rewind_from(upstream)))
             steps.append(("start", await self.start()))
@@ -828,22 +784,3 @@ class PostgresInstance:
             steps.append(("clone", await self.clone_from(upstream, method, source_data_dir)))
             steps.append(("start", await self.start()))
         return Timings(tuple(steps))
-
-
-def _lsn(text: object) -> int | None:
-    return parse_lsn(str(text)) if text else None
-
-
-def _python_copy(source: Path, target: Path) -> None:
-    """A copy of a running cluster's files that tolerates files vanishing under it."""
-    for directory, dirnames, filenames in os.walk(source):
-        relative = Path(directory).relative_to(source)
-        (target / relative).mkdir(parents=True, exist_ok=True)
-        dirnames[:] = [d for d in dirnames if not d.startswith("pgsql_tmp")]
-        if relative.parts and relative.parts[0] in LOWLEVEL_EMPTIED:
-            continue
-        for filename in filenames:
-            if filename in LOWLEVEL_EXCLUDES:
-                continue
-            with contextlib.suppress(FileNotFoundError):
-                shutil.copy2(Path(directory) / filename, target / relative / filename)

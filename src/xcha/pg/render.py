@@ -16,6 +16,7 @@ from psycopg.conninfo import make_conninfo
 
 from xcha.errors import InvalidInput
 from xcha.names import check_host, check_name, check_port
+from xcha.pg.flavor import PRODUCTS, Flavor, PgxcSettings, check_supported, password_method
 from xcha.pg.syncrep import SyncStandbys
 from xcha.pg.version import OLDEST_RENDERED, version_text
 
@@ -23,6 +24,10 @@ Role = Literal["master", "standby"]
 AuthMethod = Literal["scram-sha-256", "trust"]
 
 XCHA_CONF = "postgresql.xcha.conf"
+# Before 9.4 there is no ALTER SYSTEM: synchronous_standby_names set at run time lives in this
+# file, included at the end of XCHA_CONF (what postgresql.auto.conf is from 9.4 on).
+SYNC_CONF = "postgresql.xcha.sync.conf"
+ALTER_SYSTEM_SINCE = 90400
 INCLUDE_LINE = f"include_if_exists = '{XCHA_CONF}'\t# added by xcha"
 HEADER = "# Managed by xcha: rewritten on every role change."
 
@@ -47,10 +52,15 @@ class ReplicationSpec:
     local_os_users: tuple[str, ...] = ("postgres",)
     allowed_networks: tuple[str, ...] = ()
     sync: SyncStandbys | None = None
+    pgxc: PgxcSettings | None = None  # an XL or XC datanode; None: plain PostgreSQL
 
     def __post_init__(self) -> None:
         if self.version < OLDEST_RENDERED:
             raise InvalidInput("PostgreSQL versions older than 9.1 are not supported")
+        if self.pgxc is not None:
+            if not isinstance(self.pgxc, PgxcSettings):
+                raise InvalidInput("pgxc must be PgxcSettings")
+            check_supported(self.pgxc.flavor, self.version)
         if self.role not in ("master", "standby"):
             raise InvalidInput(f"invalid role {self.role!r}: expected master or standby")
         check_name(self.name)
@@ -80,6 +90,10 @@ class ReplicationSpec:
             check_port(self.primary_port, "primary port")
         if self.sync is not None:
             self.sync.render(self.version)  # refuses what this version cannot express
+
+    @property
+    def flavor(self) -> Flavor:
+        return self.pgxc.flavor if self.pgxc is not None else "postgresql"
 
 
 @dataclass(frozen=True)
@@ -145,14 +159,17 @@ def _setting(name: str, value: str, comment: str = "") -> str:
 
 def _conf(spec: ReplicationSpec) -> str:
     version = spec.version
+    product = f"{PRODUCTS[spec.flavor]} datanode, " if spec.pgxc is not None else ""
     lines = [
         HEADER,
         "# Included at the end of postgresql.conf: local settings go there, overrides here.",
-        f"# {spec.role} {spec.name}, PostgreSQL {version_text(version)}",
+        f"# {spec.role} {spec.name}, {product}PostgreSQL {version_text(version)}",
         "",
     ]
     lines.append(_setting("listen_addresses", guc_quote(spec.listen_addresses)))
     lines.append(_setting("port", str(spec.port), "seed: 5432 master, 5433 slave"))
+    if spec.pgxc is not None:
+        lines.extend(_pgxc_settings(spec.pgxc))
     if spec.socket_dir is not None:
         key = "unix_socket_directories" if version >= 90300 else "unix_socket_directory"
         lines.append(_setting(key, guc_quote(spec.socket_dir)))
@@ -183,10 +200,25 @@ def _conf(spec: ReplicationSpec) -> str:
     if version >= 90500:
         lines.append(_setting("wal_retrieve_retry_interval", "'100ms'", "a promote waits at most this"))
     lines.append(_setting("wal_receiver_status_interval", "'1s'", "the master sees a live standby"))
+    if version < 120000:
+        # No reply_time in pg_stat_replication before 12: a silent standby is seen only when
+        # its WAL sender gives up (default 60 s), and a master's self-fencing counts on that.
+        lines.append(_setting("wal_sender_timeout", "'5s'", "a silent standby leaves pg_stat_replication"))
     if version >= 100000:
-        lines.append(_setting("password_encryption", "'scram-sha-256'"))
+        method = password_method(version, spec.flavor)
+        note = "not scram: see xcha.pg.flavor.password_method" if method != "scram-sha-256" else ""
+        lines.append(_setting("password_encryption", guc_quote(method), note))
     if spec.role == "master" and spec.sync is not None:
         lines.append(_setting("synchronous_standby_names", guc_quote(spec.sync.render(version))))
+    if spec.role == "standby" and spec.pgxc is not None:
+        # postgresql.conf came from the master with the copy: a promoted standby that kept
+        # the master's names would wait for a standby of its own on every commit.
+        lines.append(_setting("synchronous_standby_names", "''", "a promoted standby waits for nobody"))
+    if spec.role == "standby" and spec.flavor == "xl":
+        # XL takes every snapshot from the GTM, which a server in recovery cannot: without
+        # this even logging in fails ("Was unable to obtain a snapshot from GTM"). A promoted
+        # standby is configured as a master at once, without it.
+        lines.append(_setting("global_snapshot_source", "'coordinator'", "a hot standby's own snapshots"))
     if spec.role == "standby" and version >= 120000:
         lines.append("")
         lines.append("# Recovery settings (recovery.conf before 12; standby.signal marks a standby)")
@@ -199,15 +231,40 @@ def _conf(spec: ReplicationSpec) -> str:
                 "unused by a master; pg_rewind reads it",
             )
         )
+    if version < ALTER_SYSTEM_SINCE and spec.pgxc is not None:
+        # (xcha operates a server this old only as Postgres-XC; plain 9.x is rendered only)
+        lines.append("")
+        lines.append("# No ALTER SYSTEM before 9.4: synchronous_standby_names set at run time")
+        lines.append(_setting("include_if_exists", guc_quote(SYNC_CONF)))
     return "\n".join(lines) + "\n"
 
 
+def _pgxc_settings(pgxc: PgxcSettings) -> list[str]:
+    return [
+        "",
+        f"# {PRODUCTS[pgxc.flavor]}: the datanode's node name, shared by its master and standbys",
+        _setting("pgxc_node_name", guc_quote(pgxc.node_name), "initdb --nodename wrote it too"),
+        _setting("pooler_port", str(pgxc.pooler_port), "one of its own per node on a host"),
+        _setting("gtm_host", guc_quote(pgxc.gtm_host), "the GTM or a GTM proxy"),
+        _setting("gtm_port", str(pgxc.gtm_port)),
+        _setting(
+            "max_prepared_transactions",
+            str(pgxc.max_prepared_transactions),
+            "multi-node writes commit by implicit 2PC",
+        ),
+        "",
+    ]
+
+
 def _recovery_settings(spec: ReplicationSpec) -> list[str]:
-    password_note = (
-        []
-        if spec.version >= 100000
-        else ["# the password comes from ~/.pgpass of the server's OS user (passfile= needs PostgreSQL 10)"]
-    )
+    if spec.version >= 100000:
+        password_note = []
+    elif spec.pgxc is not None and spec.passfile is not None:  # xcha starts this server
+        password_note = [f"# the password comes from PGPASSFILE={spec.passfile}, set by xcha for the server"]
+    else:
+        password_note = [
+            "# the password comes from ~/.pgpass of the server's OS user (passfile= needs PostgreSQL 10)"
+        ]
     return [
         *password_note,
         _setting("primary_conninfo", guc_quote(primary_conninfo(spec))),
@@ -226,11 +283,13 @@ def _recovery_conf(spec: ReplicationSpec) -> str:
 
 
 def _hba(spec: ReplicationSpec) -> str:
-    password = "scram-sha-256" if spec.version >= 100000 else "md5"
+    password = password_method(spec.version, spec.flavor)
     replication = "trust" if spec.auth == "trust" else password
     networks = ("127.0.0.1/32", "::1/128", *spec.allowed_networks)
     rows = [("local", "all", "all", "", "peer map=xcha")]
     rows += [("host", "replication", spec.replication_user, net, replication) for net in networks]
+    if spec.pgxc is not None:  # their poolers log in without a password
+        rows += [("host", "all", "all", net, "trust") for net in spec.pgxc.coordinator_networks]
     rows += [("host", "all", "all", net, password) for net in networks]
     lines = [HEADER, "# TYPE  DATABASE     USER                 ADDRESS            METHOD"]
     lines += [f"{t:<7} {d:<12} {u:<20} {a:<18} {m}".rstrip() for t, d, u, a, m in rows]
@@ -266,6 +325,11 @@ def render(spec: ReplicationSpec) -> Rendering:
             )
         )
     warnings = []
+    if spec.pgxc is not None and spec.pgxc.coordinator_networks:
+        warnings.append(
+            f"pg_hba trusts {', '.join(spec.pgxc.coordinator_networks)} for every user but replication: "
+            f"{PRODUCTS[spec.flavor]} coordinators' poolers log in without a password"
+        )
     if spec.auth == "trust":
         warnings.append(
             f"pg_hba 'trust' lets anyone who reaches the server replicate as {spec.replication_user} "

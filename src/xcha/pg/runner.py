@@ -13,15 +13,20 @@ import re
 import stat
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from xcha.errors import InvalidInput, PostgresError
-from xcha.pg.version import OLDEST_OPERATED, version_text
+from xcha.pg.flavor import PRODUCTS, Flavor, check_binaries
 
 DEFAULT_PG_USER = "postgres"
+BINDIR_VARIABLES: dict[Flavor, str] = {
+    "postgresql": "XCHA_PG_BINDIR",
+    "xl": "XCHA_XL_BINDIR",
+    "xc": "XCHA_XC_BINDIR",
+}
 
 
 @dataclass(frozen=True)
@@ -100,13 +105,14 @@ class Runner:
             raise PostgresError(f"{path} is missing or not executable")
         return str(path)
 
-    def _process_options(self) -> dict[str, Any]:
+    def _process_options(self, extra_env: Mapping[str, str] | None = None) -> dict[str, Any]:
         env = {
             "PATH": f"{self.bindir}:/usr/bin:/bin",
             "LC_ALL": "C.UTF-8",
             "LC_MESSAGES": "C",
             "HOME": pwd.getpwuid(self.user.uid).pw_dir,
             "PGSYSCONFDIR": "/nonexistent",
+            **(extra_env or {}),
         }
         options: dict[str, Any] = {"env": env, "cwd": "/"}
         if self.switching:
@@ -114,20 +120,30 @@ class Runner:
         return options
 
     async def run(
-        self, name: str, *args: str, timeout: float | None = 300, check: bool = True
+        self,
+        name: str,
+        *args: str,
+        timeout: float | None = 300,
+        check: bool = True,
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
     ) -> ProgramResult:
-        """Run a program to completion; with check, a non-zero exit raises with its output."""
+        """Run a program to completion; with check, a non-zero exit raises with its output.
+        env: variables added to the program's (small, fixed) environment; input: its stdin
+        (never on its command line, where other users could read it)."""
         argv = (self.program(name), *args)
         started = time.monotonic()
         process = await asyncio.create_subprocess_exec(
             *argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if input is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            **self._process_options(),
+            **self._process_options(env),
         )
         try:
-            output, _ = await asyncio.wait_for(process.communicate(), timeout)
+            output, _ = await asyncio.wait_for(
+                process.communicate(None if input is None else input.encode()), timeout
+            )
         except (TimeoutError, asyncio.CancelledError):
             process.kill()
             await process.wait()
@@ -139,7 +155,9 @@ class Runner:
             raise PostgresError(f"{name} failed (exit {result.returncode}): {result.output.strip()[-2000:]}")
         return result
 
-    def spawn(self, name: str, args: Sequence[str], log_file: Path) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, name: str, args: Sequence[str], log_file: Path, env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """Start a long-running program (the postmaster) as this process's child, in its own
         session so that signals meant for xcha do not reach it and it can outlive xcha."""
         with open(log_file, "ab") as log:
@@ -149,7 +167,7 @@ class Runner:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                **self._process_options(),
+                **self._process_options(env),
             )
 
     def make_dir(self, path: Path, mode: int = 0o700) -> Path:
@@ -192,9 +210,21 @@ class Runner:
         os.replace(temporary, path)
 
 
-def find_bindir(configured: str | None = None) -> Path:
-    """PostgreSQL server binaries: configured, XCHA_PG_BINDIR, pg_config --bindir, or the
-    newest /usr/lib/postgresql/*/bin."""
+def find_bindir(configured: str | None = None, flavor: Flavor = "postgresql") -> Path:
+    """Server binaries: configured, else for plain PostgreSQL XCHA_PG_BINDIR, pg_config
+    --bindir or the newest /usr/lib/postgresql/*/bin; for Postgres-XL XCHA_XL_BINDIR and for
+    Postgres-XC XCHA_XC_BINDIR (neither has a package: scripts/build_pgxc.sh builds them)."""
+    if flavor != "postgresql":
+        variable = BINDIR_VARIABLES[flavor]
+        value = configured or os.environ.get(variable)
+        if not value:
+            raise InvalidInput(
+                f"{PRODUCTS[flavor]} binaries not found: set postgres.bindir or {variable} "
+                f"(scripts/build_pgxc.sh {flavor} builds them and prints the bindir)"
+            )
+        if not (Path(value) / "postgres").exists():
+            raise InvalidInput(f"{value} holds no postgres binary ({PRODUCTS[flavor]} bindir setting)")
+        return Path(value)
     candidates: list[str] = []
     for value in (configured, os.environ.get("XCHA_PG_BINDIR")):
         if value:
@@ -218,14 +248,8 @@ def find_bindir(configured: str | None = None) -> Path:
     raise InvalidInput("PostgreSQL server binaries not found: install 'postgresql' or set XCHA_PG_BINDIR")
 
 
-def server_version(bindir: Path) -> int:
-    """server_version_num of the postgres binary in bindir; refuses versions xcha cannot operate."""
-    out = subprocess.run([str(bindir / "postgres"), "--version"], capture_output=True, text=True)
-    match = re.search(r"\(PostgreSQL\) (\d+)(?:\.(\d+))?", out.stdout)
-    if match is None:
-        raise PostgresError(f"cannot tell the version of {bindir / 'postgres'}: {out.stdout.strip()}")
-    major, minor = int(match.group(1)), int(match.group(2) or 0)
-    number = major * 10000 + (minor * 100 if major < 10 else 0)
-    if number < OLDEST_OPERATED:
-        raise InvalidInput(f"PostgreSQL {version_text(number)} is too old to operate: xcha needs 12 or newer")
-    return number
+def server_version(bindir: Path, flavor: Flavor = "postgresql") -> int:
+    """server_version_num of the postgres binary in bindir; refuses binaries of another
+    flavour than configured (plain PostgreSQL, Postgres-XL, Postgres-XC) and versions xcha
+    cannot operate."""
+    return check_binaries(bindir, flavor)

@@ -15,8 +15,7 @@ class Downstream:
     sync_state: str
     flush_lsn: int | None
     replay_lsn: int | None
-    client_addr: str | None = None
-    reply_age: float | None = None  # seconds since the standby last confirmed (reply_time)
+    reply_age: float | None = None  # seconds since the standby last confirmed, at taken_at
 
 
 @dataclass(frozen=True)
@@ -44,12 +43,25 @@ class PgStatus:
     downstreams: tuple[Downstream, ...] = field(default=())
     synchronous_standby_names: str = ""
     port: int | None = None
+    # time.monotonic() when the server was asked: ages measured then grow older with the
+    # snapshot (a picture kept while the server does not answer).
+    taken_at: float | None = field(default=None, compare=False)
 
     @property
     def role(self) -> str:
+        """stopped, standby, master, or unknown: running, but whether it is in recovery is
+        not known (this postmaster has not answered a status query yet)."""
         if not self.running:
             return "stopped"
+        if self.in_recovery is None:
+            return "unknown"
         return "standby" if self.in_recovery else "master"
+
+    def reply_age(self, downstream: Downstream, now: float) -> float | None:
+        """Seconds since downstream last confirmed, as of now rather than as of the snapshot."""
+        if downstream.reply_age is None or self.taken_at is None:
+            return downstream.reply_age
+        return downstream.reply_age + max(0.0, now - self.taken_at)
 
     @property
     def position(self) -> int:

@@ -29,6 +29,7 @@ class _Role:
 class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     ROLE_UNSPECIFIED: _Role.ValueType  # 0
+    """running, but whether it is in recovery is not known yet"""
     ROLE_MASTER: _Role.ValueType  # 1
     """running, not in recovery"""
     ROLE_STANDBY: _Role.ValueType  # 2
@@ -42,6 +43,7 @@ class Role(_Role, metaclass=_RoleEnumTypeWrapper):
     """
 
 ROLE_UNSPECIFIED: Role.ValueType  # 0
+"""running, but whether it is in recovery is not known yet"""
 ROLE_MASTER: Role.ValueType  # 1
 """running, not in recovery"""
 ROLE_STANDBY: Role.ValueType  # 2
@@ -251,7 +253,7 @@ class UpstreamCheck(_message.Message):
     """false when there is nothing to check (a master)"""
     ok: _builtins.bool
     seconds_since_ok: _builtins.float
-    """since the last answer; large when never"""
+    """Since the last answer; when none came yet, since checking began (not "never")."""
     detail: _builtins.str
     def __init__(
         self,
@@ -285,9 +287,9 @@ class MemberStatus(_message.Message):
     HAS_DATA_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     UPSTREAM_FIELD_NUMBER: _builtins.int
-    POSTMASTER_STATE_FIELD_NUMBER: _builtins.int
     BOOT_ID_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    POSTMASTER_DIED_FIELD_NUMBER: _builtins.int
     datanode: _builtins.str
     member: _builtins.str
     agent_address: _builtins.str
@@ -296,19 +298,24 @@ class MemberStatus(_message.Message):
     """highest epoch this agent has persisted"""
     agent_version: _builtins.str
     activity: _builtins.str
-    """idle, bootstrapping, promoting, following, fencing, ..."""
+    """starting, idle, or the role change under way: promoting, following, fencing,
+    self-fencing, setting synchronous standbys, leaving the group
+    """
     fenced: _builtins.bool
     """stopped on purpose; stays stopped until told otherwise"""
     has_data: _builtins.bool
     """a cluster exists in the data directory"""
     last_error: _builtins.str
-    postmaster_state: _builtins.str
-    """/proc state letter: S, R, T (stopped), Z, or empty"""
     boot_id: _builtins.str
     """Reports travel on several calls (heartbeats, replies to role messages); the controller
     keeps the newest: within one agent process (boot_id) the sequence only grows.
     """
     sequence: _builtins.int
+    postmaster_died: _builtins.bool
+    """The agent saw its running postmaster exit without being asked to stop it: a crash.
+    False for a PostgreSQL found stopped when the agent started (a clean restart, a
+    reboot, maintenance) and for one the agent stopped on purpose.
+    """
     @_builtins.property
     def postgres(self) -> Global___Endpoint:
         """where PostgreSQL is reached now"""
@@ -332,13 +339,13 @@ class MemberStatus(_message.Message):
         has_data: _builtins.bool = ...,
         last_error: _builtins.str = ...,
         upstream: Global___UpstreamCheck | None = ...,
-        postmaster_state: _builtins.str = ...,
         boot_id: _builtins.str = ...,
         sequence: _builtins.int = ...,
+        postmaster_died: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["postgres", b"postgres", "postgres_status", b"postgres_status", "upstream", b"upstream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "agent_address", b"agent_address", "agent_version", b"agent_version", "boot_id", b"boot_id", "datanode", b"datanode", "epoch", b"epoch", "fenced", b"fenced", "has_data", b"has_data", "last_error", b"last_error", "member", b"member", "postgres", b"postgres", "postgres_status", b"postgres_status", "postmaster_state", b"postmaster_state", "sequence", b"sequence", "upstream", b"upstream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "agent_address", b"agent_address", "agent_version", b"agent_version", "boot_id", b"boot_id", "datanode", b"datanode", "epoch", b"epoch", "fenced", b"fenced", "has_data", b"has_data", "last_error", b"last_error", "member", b"member", "postgres", b"postgres", "postgres_status", b"postgres_status", "postmaster_died", b"postmaster_died", "sequence", b"sequence", "upstream", b"upstream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -2,7 +2,7 @@
 
 - none: no coordinators (the barrier completes at once);
 - fdw: plain PostgreSQL coordinators with postgres_fdw (ALTER SERVER);
-- pgxc: Postgres-XC / XL coordinators (ALTER NODE + pgxc_pool_reload, verified by statements only);
+- pgxc: Postgres-XC / XL coordinators (ALTER NODE + pgxc_pool_reload);
 - takeover: the specification's method: the promoted standby restarts on the former master's
   port, so coordinators need no change (the controller asks the agents; no targets here);
 - command: an operator's executable.
@@ -37,4 +37,4 @@ def build_router(config: ControllerConfig) -> Router:
         ]
     elif router.kind == "command":
         targets = [CommandTarget(router.command, router.timeout)]
-    return Router(router.kind, targets, router.retry_initial, router.retry_max, router.timeout)
+    return Router(router.kind, targets, router.retry_initial, router.retry_max)

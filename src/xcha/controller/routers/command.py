@@ -2,10 +2,9 @@
 IP, pgbouncer, DNS, ...). It gets the datanode, the old and new host/port and the epoch in
 its environment; exit status 0 acknowledges, anything else is retried."""
 
-import asyncio
 import os
-import subprocess
 
+from xcha.controller.routers.process import run_command
 from xcha.names import Endpoint
 
 
@@ -13,7 +12,7 @@ class CommandTarget:
     def __init__(self, argv: tuple[str, ...], timeout: float) -> None:
         self.name = os.path.basename(argv[0])
         self.argv = argv
-        self.timeout = timeout
+        self.attempt_timeout = timeout
 
     async def apply(self, datanode: str, new: Endpoint, old: Endpoint | None, epoch: int) -> str:
         env = {
@@ -25,18 +24,7 @@ class CommandTarget:
             "XCHA_OLD_PORT": str(old.port) if old else "",
             "XCHA_EPOCH": str(epoch),
         }
-        process = await asyncio.create_subprocess_exec(
-            *self.argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        try:
-            output, _ = await asyncio.wait_for(process.communicate(), self.timeout)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
-            raise RuntimeError(f"{self.argv[0]} did not finish within {self.timeout:g} s") from None
-        text = output.decode(errors="replace").strip()
-        if process.returncode != 0:
-            raise RuntimeError(f"{self.argv[0]} exited {process.returncode}: {text[-500:]}")
+        text = await run_command(self.argv, self.attempt_timeout, env)
         return f"{self.argv[0]} acknowledged" + (f": {text.splitlines()[-1]}" if text else "")
 
     async def close(self) -> None:

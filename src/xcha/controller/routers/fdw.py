@@ -17,7 +17,8 @@ from xcha.names import Endpoint
 class FdwTarget:
     def __init__(self, name: str, conninfo: str, timeout: float) -> None:
         self.name = name
-        self.session = CoordinatorSession(name, conninfo, timeout)
+        self.attempt_timeout = timeout
+        self.session = CoordinatorSession(conninfo, timeout)
 
     async def apply(self, datanode: str, new: Endpoint, old: Endpoint | None, epoch: int) -> str:
         await self.session.run(

@@ -1,53 +1,71 @@
 """The `pgxc` router: Postgres-XC / Postgres-XL coordinators.
 
-VERIFIED BY ITS STATEMENTS ONLY. There is no Postgres-XC or XL server on the machines this
-was built on; tests check the exact statement sequence, the session discipline and the
-quoting against a recording session over a real PostgreSQL connection (where the statements
-exist in PostgreSQL, such as pg_stat_activity and pg_terminate_backend, they run for real).
-The sequence follows what was measured on a real Postgres-XL 10 cluster (docs/design.md,
-"Postgres-XC / XL coordinators"):
+Verified end to end on real Postgres-XL 10r1.1 and Postgres-XC 1.2.1 clusters (GTM,
+coordinators, datanodes with synchronous standbys under xcha's agents:
+tests/integration/test_xl_cluster.py, test_xc_cluster.py), and statement by statement
+against a recording session (tests/integration/test_pgxc_router.py).
 
-on every coordinator, in ONE session, each statement its own autocommit transaction:
-  1. end the sessions that hold a transaction id (`backend_xid IS NOT NULL`), so a write
-     transaction spanning the re-point gets an error instead of a COMMIT that kept only part
-     of its rows (configurable, on by default);
+On every coordinator, in ONE session, each statement its own autocommit transaction:
+  1. end the client sessions whose transaction the re-point would break, so that their
+     clients get an error instead of a COMMIT that kept only part of the rows
+     (configurable, on by default). XL: sessions holding a transaction id (`backend_xid`);
+     a write transaction spanning the re-point otherwise got COMMIT with only the rows of
+     the other datanode. XC: every session inside a transaction (`xact_start`; 9.3 has no
+     backend_xid), because XC's reload silently rolls back the open transaction of EVERY
+     session on the coordinator and the client's COMMIT then returns the tag ROLLBACK
+     without an error;
   2. `ALTER NODE dn WITH (HOST = 'h', PORT = p)`;
   3. `SELECT pgxc_pool_reload()` (in the same transaction as the ALTER it fails; as one query
      string with it the ALTER is rolled back; from another session it returns t and changes
      nothing);
-  4. `SELECT pgxc_pool_check()` must return t, else the coordinator has not acknowledged and
-     the barrier retries it;
-then, through the first coordinator only, for every datanode including the promoted one
-(needed once datanodes talk to each other, e.g. a redistributed join), with flavor "xl":
+  4. the acknowledgement, else the barrier retries: XL: `SELECT pgxc_pool_check()` is t.
+     XC, where pgxc_pool_check() returned f in fresh sessions before any fault and once after
+     a reload that did take effect: the catalog row holds the new address and a statement
+     routed to the datanode (`EXECUTE DIRECT`) reaches a server that is not in recovery;
+then, through the first coordinator only:
+  with flavor "xl", for every datanode including the promoted one (needed once datanodes
+  talk to each other, e.g. a redistributed join):
   5. `EXECUTE DIRECT ON (dnX) 'ALTER NODE dn WITH (HOST = ''h'', PORT = p)'`;
   6. `EXECUTE DIRECT ON (dnX) 'SELECT pgxc_pool_reload()'`;
-  7. the in-doubt cleanup (`pgxc_clean -a` or an equivalent command), when configured.
+  with any flavor:
+  7. the in-doubt cleanup (`pgxc_clean -a` or an equivalent command), when configured,
+     retried (on XC it once failed while the coordinator recovered from a crashed backend).
 The controller asks for the re-point only once the promoted standby accepts writes: a hot
 standby refuses coordinator connections, so re-pointing earlier gains nothing.
 """
 
 import asyncio
 import logging
-import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
-import psycopg
 from psycopg import sql
 
+from xcha.controller.routers.process import run_command
 from xcha.controller.routers.session import CoordinatorSession, Query
 from xcha.names import Endpoint
 
 log = logging.getLogger(__name__)
+Rows = list[tuple[object, ...]]
+Step = Callable[[str, Query], Awaitable[Rows]]
 CLEAN_TIMEOUT = 60.0
 
-# Client sessions (client_port is NULL only for background processes, on every version) that
-# hold a transaction id (backend_xid: PostgreSQL 9.4 on, so XL 9.5 and 10; not XC 1.x).
-WRITERS = sql.SQL(
-    "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
-    "WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() AND client_port IS NOT NULL"
-)
+# Client sessions (client_port is NULL only for background processes, on every version)
+# whose transaction the re-point breaks; see step 1 above.
+_CLIENTS = "pid <> pg_backend_pid() AND client_port IS NOT NULL"
+WRITERS = {
+    "xl": sql.SQL(
+        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND "
+        + _CLIENTS
+    ),
+    "xc": sql.SQL(
+        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE xact_start IS NOT NULL AND "
+        + _CLIENTS
+    ),
+}
+CLEAN_ATTEMPTS = 3
+CLEAN_RETRY = 1.0
 
 
 class Session(Protocol):
@@ -99,39 +117,32 @@ class PgxcTarget:
     @property
     def attempt_timeout(self) -> float:
         """How long one attempt may take: every statement may take `timeout`, the cleanup more."""
-        statements = 4 + (2 * len(self.datanodes) if self.first and self.flavor == "xl" else 0)
-        return self.timeout * statements + (CLEAN_TIMEOUT if self.first and self.clean_command else 0.0)
+        statements = 5 + (2 * len(self.datanodes) if self.first and self.flavor == "xl" else 0)
+        cleanup = CLEAN_ATTEMPTS * CLEAN_TIMEOUT + (CLEAN_ATTEMPTS - 1) * CLEAN_RETRY
+        return self.timeout * statements + (cleanup if self.first and self.clean_command else 0.0)
 
     @classmethod
     def connect(cls, name: str, conninfo: str, **options: object) -> "PgxcTarget":
         timeout = float(options.get("timeout", 5.0))  # type: ignore[arg-type]
-        return cls(name, CoordinatorSession(name, conninfo, timeout), **options)  # type: ignore[arg-type]
+        return cls(name, CoordinatorSession(conninfo, timeout), **options)  # type: ignore[arg-type]
 
     async def apply(self, datanode: str, new: Endpoint, old: Endpoint | None, epoch: int) -> str:
         steps: list[str] = []
 
-        async def step(label: str, query: Query) -> list[tuple[object, ...]]:
+        async def step(label: str, query: Query) -> Rows:
             started = time.monotonic()
             rows = await self.session.run(query)
             steps.append(f"{label} {(time.monotonic() - started) * 1000:.1f} ms")
             return rows
 
         if self.terminate_writers:
-            try:
-                ended = [row for row in await step("terminate writers", WRITERS) if row[1] is True]
-            except psycopg.errors.UndefinedColumn:
-                # Postgres-XC 1.x (PostgreSQL 9.3) has no backend_xid: go on without this step.
-                log.warning(
-                    "%s: cannot find sessions holding a transaction id (no backend_xid before "
-                    "PostgreSQL 9.4): set terminate_writers = false",
-                    self.name,
-                )
-                steps.append("terminate writers unavailable")
-                ended = []
+            ended = [
+                row for row in await step("end open transactions", WRITERS[self.flavor]) if row[1] is True
+            ]
             if ended:
                 self.terminated_total += len(ended)
                 log.warning(
-                    "%s: ended %d session(s) holding a transaction id before re-pointing %s: %s",
+                    "%s: ended %d session(s) inside a transaction before re-pointing %s: %s",
                     self.name,
                     len(ended),
                     datanode,
@@ -140,12 +151,15 @@ class PgxcTarget:
                 steps[-1] += f" ({len(ended)} ended)"
         await step("ALTER NODE", alter_node(datanode, new))
         await step("pgxc_pool_reload", sql.SQL("SELECT pgxc_pool_reload()"))
-        check = await step("pgxc_pool_check", sql.SQL("SELECT pgxc_pool_check()"))
-        if not check or check[0][0] is not True:
-            raise RuntimeError(
-                f"pgxc_pool_check() returned {check[0][0] if check else 'nothing'} after "
-                "pgxc_pool_reload(): the pooler still has the old address"
-            )
+        if self.flavor == "xl":
+            check = await step("pgxc_pool_check", sql.SQL("SELECT pgxc_pool_check()"))
+            if not check or check[0][0] is not True:
+                raise RuntimeError(
+                    f"pgxc_pool_check() returned {check[0][0] if check else 'nothing'} after "
+                    "pgxc_pool_reload(): the pooler still has the old address"
+                )
+        else:
+            await self._check_routed(datanode, new, step)
         if self.first and self.flavor == "xl":
             for on in self.datanodes:
                 await step(
@@ -160,28 +174,40 @@ class PgxcTarget:
             steps.append(await self._clean())
         return f"{datanode} -> {new}: " + "; ".join(steps)
 
-    async def _clean(self) -> str:
-        """Resolve prepared transactions the crash left in doubt (pgxc_clean -a)."""
-        started = time.monotonic()
-        process = await asyncio.create_subprocess_exec(
-            *self.clean_command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    async def _check_routed(self, datanode: str, new: Endpoint, step: Step) -> None:
+        """XC's acknowledgement: the catalog has the new address, and a statement routed to the
+        datanode through the pooler reaches a server that accepts writes."""
+        rows = await step(
+            "pgxc_node",
+            sql.SQL("SELECT node_host, node_port FROM pgxc_node WHERE node_name = {}").format(
+                sql.Literal(datanode)
+            ),
         )
-        try:
-            output, _ = await asyncio.wait_for(process.communicate(), CLEAN_TIMEOUT)
-        except BaseException as error:  # a timeout, or the barrier giving up: never leave it running
-            process.kill()
-            await process.wait()
-            if isinstance(error, TimeoutError):
-                raise RuntimeError(
-                    f"{self.clean_command[0]} did not finish in {CLEAN_TIMEOUT:.0f} s"
-                ) from None
-            raise
-        text = output.decode(errors="replace").strip()
-        if process.returncode != 0:
-            raise RuntimeError(f"{self.clean_command[0]} exited {process.returncode}: {text[-500:]}")
+        if not rows or (rows[0][0], rows[0][1]) != (new.host, new.port):
+            raise RuntimeError(f"pgxc_node has {rows[0] if rows else 'no row'} for {datanode}, not {new}")
+        routed = await step(
+            f"EXECUTE DIRECT ON ({datanode})",
+            execute_direct(self.session, datanode, sql.SQL("SELECT pg_is_in_recovery()")),
+        )
+        if not routed or routed[0][0] is not False:
+            raise RuntimeError(f"a statement routed to {datanode} reached a server in recovery")
+
+    async def _clean(self) -> str:
+        """Resolve prepared transactions the crash left in doubt (pgxc_clean -a); retried."""
+        started = time.monotonic()
+        for attempt in range(1, CLEAN_ATTEMPTS + 1):
+            try:
+                text = await run_command(self.clean_command, CLEAN_TIMEOUT)
+                break
+            except RuntimeError as error:
+                if attempt == CLEAN_ATTEMPTS:
+                    raise
+                log.warning("%s: in-doubt cleanup failed (attempt %d): %s", self.name, attempt, error)
+                await asyncio.sleep(CLEAN_RETRY)
         log.info("%s: in-doubt cleanup: %s", self.name, text or "nothing reported")
         last = text.splitlines()[-1] if text else "nothing reported"
-        return f"in-doubt cleanup {(time.monotonic() - started) * 1000:.0f} ms: {last}"
+        tries = f", {attempt} attempts" if attempt > 1 else ""
+        return f"in-doubt cleanup {(time.monotonic() - started) * 1000:.0f} ms{tries}: {last}"
 
     async def close(self) -> None:
         await self.session.close()

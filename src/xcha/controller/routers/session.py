@@ -5,20 +5,17 @@ connection with SCRAM authentication takes tens; bounded, because a coordinator 
 must not hold the barrier's other coordinators or the controller (see xcha.pg.client).
 """
 
-import logging
 from collections.abc import Sequence
 
 from psycopg import sql
 
 from xcha.pg.client import Conn, bounded, close, connect
 
-log = logging.getLogger(__name__)
 Query = str | sql.Composable
 
 
 class CoordinatorSession:
-    def __init__(self, name: str, conninfo: str, timeout: float) -> None:
-        self.name = name
+    def __init__(self, conninfo: str, timeout: float) -> None:
         self.conninfo = conninfo
         self.timeout = timeout
         self._conn: Conn | None = None
