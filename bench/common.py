@@ -42,14 +42,22 @@ def add_workdir_argument(parser: argparse.ArgumentParser) -> None:
 
 @contextlib.asynccontextmanager
 async def running_deployment(
-    name: str, workdir: Path | None, *, timeout: float | None = None, keep: bool = True
+    name: str,
+    workdir: Path | None,
+    *,
+    timeout: float | None = None,
+    keep: bool = True,
+    plan: TopologyPlan | None = None,
+    coordinators: tuple[str, ...] = (),
+    transactions: bool = False,
 ) -> AsyncIterator[LoadedCluster]:
-    """The one-pair deployment, protected and under writes (within `timeout` s, the harness's
-    default when None); stopped by PID however the benchmark ends. Without `keep`, the
-    temporary directory made here is removed afterwards (a given `workdir` always stays)."""
+    """The one-pair deployment (or `plan`, written through `coordinators`, with `transactions`:
+    see LoadedCluster), protected and under writes (within `timeout` s, the harness's default
+    when None); stopped by PID however the benchmark ends. Without `keep`, the temporary
+    directory made here is removed afterwards (a given `workdir` always stays)."""
     temporary = workdir is None
     workdir = workdir or Path(tempfile.mkdtemp(prefix=f"xcha-bench-{name}-"))
-    cluster = LoadedCluster(workdir, one_pair_plan())
+    cluster = LoadedCluster(workdir, plan or one_pair_plan(), coordinators, transactions)
     try:
         say(f"starting a deployment in {workdir}")
         if timeout is None:
@@ -85,7 +93,7 @@ def summary(values_ms: Sequence[float]) -> dict[str, float]:
     }
 
 
-def machine() -> dict[str, object]:
+def machine(flavor: str = "postgresql") -> dict[str, object]:
     memory_kb = 0
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -95,10 +103,13 @@ def machine() -> dict[str, object]:
         pass
     postgres = ""
     try:
+        from xcha.pg.flavor import check_flavor
         from xcha.pg.runner import find_bindir
 
         postgres = subprocess.run(
-            [str(find_bindir() / "postgres"), "--version"], capture_output=True, text=True
+            [str(find_bindir(flavor=check_flavor(flavor)) / "postgres"), "--version"],
+            capture_output=True,
+            text=True,
         ).stdout.strip()
     except Exception:
         postgres = "unknown"
@@ -130,6 +141,7 @@ class Result:
     figures: dict[str, object] = field(default_factory=dict)
     tables: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    flavor: str = "postgresql"  # whose server binaries the machine's description names
 
     def write(self) -> Path:
         RESULTS.mkdir(exist_ok=True)
@@ -137,7 +149,7 @@ class Result:
         data = {
             "benchmark": self.name,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine(),
+            "machine": machine(self.flavor),
             "settings": self.settings,
             "figures": self.figures,
             "notes": self.notes,

@@ -230,3 +230,12 @@ async def acknowledges_a_write(conninfo: str, statement: str) -> bool:
         print(f"  refused: {type(error).__name__}: {first_line}")
         return False
     return True
+
+
+def cmdline(pid: int) -> str:
+    """A process's command line, words joined by spaces ('' once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""

@@ -137,19 +137,35 @@ def _add_pg(commands: argparse._SubParsersAction[Parser]) -> None:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    workdir = Path(args.workdir) if args.workdir else None
+    if args.flavor:
+        from xcha.demo_pgxc import run_pgxc_demo
+
+        return asyncio.run(run_pgxc_demo(args.flavor, workdir=workdir, as_json=args.json))
     from xcha.demo import run_demo
 
-    return asyncio.run(
-        run_demo(
-            workdir=Path(args.workdir) if args.workdir else None, as_json=args.json, reroute=args.reroute
-        )
-    )
+    return asyncio.run(run_demo(workdir=workdir, as_json=args.json, reroute=args.reroute or "fdw"))
 
 
 def _up(args: argparse.Namespace) -> int:
     from xcha.demo import start_topology
 
-    return asyncio.run(start_topology(Path(args.workdir).absolute(), args.reroute))
+    return asyncio.run(start_topology(Path(args.workdir).absolute(), args.reroute, args.flavor))
+
+
+def _flavour_options(parser: Parser, reroute_help: str) -> None:
+    """--reroute, --xl and --xc: one of them at most (an XL / XC cluster has its own router)."""
+    choice = parser.add_mutually_exclusive_group()
+    choice.add_argument("--reroute", choices=REROUTES, help=reroute_help)
+    for flavor, product in (("xl", "Postgres-XL 10"), ("xc", "Postgres-XC 1.2")):
+        choice.add_argument(
+            f"--{flavor}",
+            dest="flavor",
+            action="store_const",
+            const=flavor,
+            help=f"a {product} cluster: a GTM, coordinators coord1 and coord2, the pgxc router "
+            f"(binaries from XCHA_{flavor.upper()}_BINDIR)",
+        )
 
 
 def _supervise(args: argparse.Namespace) -> int:
@@ -170,21 +186,14 @@ def _add_demo(commands: argparse._SubParsersAction[Parser]) -> None:
     d = commands.add_parser("demo", help="a failover under load on real processes, then tear it all down")
     d.add_argument("--workdir", help="build the demo here instead of a temporary directory")
     d.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    d.add_argument(
-        "--reroute",
-        choices=REROUTES,
-        default="fdw",
-        help="re-point the coordinator (fdw, default) or take over the old master's port",
-    )
+    _flavour_options(d, "re-point the coordinator (fdw, default) or take over the old master's port")
     d.set_defaults(handler=_demo)
     up = commands.add_parser(
         "up", help="start the demo topology (or what of it is not running) and leave it running, supervised"
     )
     up.add_argument("--workdir", required=True)
-    up.add_argument(
-        "--reroute",
-        choices=REROUTES,
-        help="as for demo (default fdw); a stopped deployment starts again with its own",
+    _flavour_options(
+        up, "as for demo (default fdw); a stopped deployment starts again with its own (also --xl, --xc)"
     )
     up.set_defaults(handler=_up)
     down = commands.add_parser("down", help="stop every process `xcha up` started there, by PID")

@@ -4,6 +4,7 @@ Every problem is collected with the key it belongs to, so `--check-config` can l
 all at once ("controller.failure_timeout: must be greater than 2 x heartbeat_interval").
 """
 
+import math
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -116,6 +117,9 @@ class Section:
         maximum: float | None = None,
     ) -> float:
         value = self._get(name, (int, float), default, "a number")
+        if isinstance(value, float) and not math.isfinite(value):  # TOML has nan and inf
+            self.problems.add(self.key(name), f"must be a finite number, not {value}")
+            return cast(float, None if default is _MISSING else default)
         self._bounded(name, value, minimum, maximum)
         return float(value) if isinstance(value, int | float) else cast(float, value)
 
@@ -192,6 +196,8 @@ def read_toml(path: Path) -> dict[str, object]:
         raise ConfigError(str(path), [("(file)", error.strerror or str(error))]) from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(str(path), [("(syntax)", str(error))]) from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(str(path), [("(syntax)", f"not UTF-8 text: {error}")]) from None
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,11 @@ def resolve_target(args: argparse.Namespace) -> ControllerTarget:
 
         config = load_controller_config(Path(args.controller_config))
         host, port = check_address(config.listen)
-        return ControllerTarget(f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}", config.tls)
+        address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        if config.tls.insecure:
+            return ControllerTarget(address, config.tls)
+        # The controller's own certificate may not call operator RPCs: an operator's may.
+        return _by_address(argparse.Namespace(**{**vars(args), "ca": args.ca or config.tls.ca_file}), address)
     if env.get("XCHA_CONTROLLER"):
         return _by_address(args, env["XCHA_CONTROLLER"])
     if env.get("XCHA_WORKDIR"):
@@ -78,7 +82,10 @@ def _by_address(args: argparse.Namespace, address: str) -> ControllerTarget:
         flag or env.get(name) for flag, name in zip(flags, ("XCHA_CA", "XCHA_CERT", "XCHA_KEY"), strict=True)
     ]
     if not all(files):
-        raise InvalidInput("with --controller, give --ca, --cert and --key (or --insecure for plaintext)")
+        raise InvalidInput(
+            "give the operator's --cert and --key (or XCHA_CERT, XCHA_KEY) and the CA's --ca "
+            "(or XCHA_CA), or --insecure for plaintext"
+        )
     paths = [Path(str(p)) for p in files]
     for path in paths:
         if not path.is_file():

@@ -18,9 +18,10 @@ import shutil
 import signal
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from xcha.ctl import status_table
 from xcha.errors import InvalidInput, XchaError
@@ -70,12 +71,16 @@ class Report:
     error: str | None = None  # what stopped the demo before it could finish
 
     def as_json(self) -> str:
-        return json.dumps(
-            {
-                key: (round(value, 1) if isinstance(value, float) else value)
-                for key, value in self.__dict__.items()
-            }
-        )
+        return json.dumps(_rounded(self.__dict__))
+
+
+def _rounded(value: object) -> object:
+    """Milliseconds to a tenth, also inside a per-coordinator mapping."""
+    if isinstance(value, float):
+        return round(value, 1)
+    if isinstance(value, dict):
+        return {key: _rounded(item) for key, item in value.items()}
+    return value
 
 
 class Progress:
@@ -88,28 +93,43 @@ class Progress:
             print(f"[{time.monotonic() - self.started:6.1f}s] {text}", flush=True)
 
 
-async def run_demo(workdir: Path | None = None, as_json: bool = False, reroute: str = "fdw") -> int:
-    """The demo; 0 when the failover completed and nothing was lost. With as_json, one JSON object
-    is the last line of the output whatever happened (`error` says what stopped it)."""
-    progress = Progress(quiet=as_json)
-    base = Path(tempfile.mkdtemp(prefix="xcha-demo-")) if workdir is None else workdir
-    cluster = LoadedCluster(base, demo_plan(reroute))
-    report = Report(router=reroute)
+R = TypeVar("R", bound=Report)
+Body = Callable[[LoadedCluster, Progress, R], Awaitable[None]]
+
+
+def demo_workdir(workdir: Path | None) -> Path:
+    return Path(tempfile.mkdtemp(prefix="xcha-demo-")) if workdir is None else workdir
+
+
+async def staged(
+    cluster: LoadedCluster, progress: Progress, report: R, body: Body[R], temporary: bool
+) -> None:
+    """Run a demo's body, keeping what stopped it in report.error; then, also on Ctrl-C or SIGTERM,
+    stop every process by PID (and remove a temporary workdir)."""
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
     if main is not None:
         loop.add_signal_handler(signal.SIGTERM, main.cancel)
     try:
-        await _run(cluster, progress, report)
-    except Exception as error:  # reported below, after the teardown; an interrupt goes on
+        await body(cluster, progress, report)
+    except Exception as error:  # reported after the teardown; an interrupt goes on
         report.error = str(error) if isinstance(error, XchaError) else f"{type(error).__name__}: {error}"
     finally:
         progress.say("tearing down: stopping every process by PID")
         stopped = await cluster.down()
         progress.say(f"  stopped {len(stopped)}: {', '.join(stopped)}")
-        if workdir is None:
-            shutil.rmtree(base, ignore_errors=True)
+        if temporary:
+            shutil.rmtree(cluster.topology.workdir, ignore_errors=True)
         loop.remove_signal_handler(signal.SIGTERM)
+
+
+async def run_demo(workdir: Path | None = None, as_json: bool = False, reroute: str = "fdw") -> int:
+    """The demo; 0 when the failover completed and nothing was lost. With as_json, one JSON object
+    is the last line of the output whatever happened (`error` says what stopped it)."""
+    progress = Progress(quiet=as_json)
+    cluster = LoadedCluster(demo_workdir(workdir), demo_plan(reroute))
+    report = Report(router=reroute)
+    await staged(cluster, progress, report, _run, temporary=workdir is None)
     ok = report.error is None and report.failed_over and report.lost == 0 and report.unexpected == 0
     if as_json:
         print(report.as_json())
@@ -223,21 +243,29 @@ def _operation_timings(cluster: LoadedCluster, fault_epoch: int, report: Report)
             report.promote_writable_ms = seconds * 1000 if isinstance(seconds, float) and seconds else None
 
 
-async def start_topology(workdir: Path, reroute: str | None) -> int:
-    """`xcha up`: the demo's deployment (router `reroute`, default fdw), left running under a
-    supervisor. On a directory that holds one, whatever of it is not running starts again, with
-    the router it was made with."""
+def made_with(plan: TopologyPlan) -> str:
+    """The `xcha up` option that makes a deployment of this plan."""
+    return f"--{plan.flavor}" if plan.flavor in ("xl", "xc") else f"--reroute {plan.router}"
+
+
+async def start_topology(workdir: Path, reroute: str | None, flavor: str | None = None) -> int:
+    """`xcha up`: the demo's deployment (router `reroute`, default fdw; or with flavor xl / xc a
+    Postgres-XL / XC cluster), left running under a supervisor. On a directory that holds one,
+    whatever of it is not running starts again, as it was made: another option is refused."""
     show = _showing(Progress(quiet=False))
     resumed = (workdir / TOPOLOGY_FILE).exists()
+    asked = f"--{flavor}" if flavor else f"--reroute {reroute}" if reroute else None
     if resumed:
         topology = Topology.load(workdir, supervise=True)
-        if reroute is not None and reroute != topology.plan.router:
+        made = made_with(topology.plan)
+        if asked is not None and asked != made:
             raise InvalidInput(
-                f"{workdir} holds a deployment made with --reroute {topology.plan.router}: "
-                f"leave out --reroute {reroute} to start it again, or use another --workdir"
+                f"{workdir} holds a deployment made with {made}: "
+                f"leave out {asked} to start it again, or use another --workdir"
             )
     else:
-        topology = Topology(workdir, demo_plan(reroute or "fdw"), supervise=True)
+        plan = pgxc_plan(flavor) if flavor else demo_plan(reroute or "fdw")
+        topology = Topology(workdir, plan, supervise=True)
     if resumed and (any(topology.alive(key) for key in topology.pids) or topology.supervised()):
         started, running = await topology.start_missing()
         if not started:
@@ -254,8 +282,9 @@ async def start_topology(workdir: Path, reroute: str | None) -> int:
     else:
         status = await topology.up(show, fresh=not resumed)
     print("\n" + status_table(status))
-    conninfo = topology.coordinator_app_conninfo("coord1").replace(topology.app_password, "***")
-    print(f"coordinator coord1: {conninfo} (password in {topology.secrets / 'app.password'})")
+    for name in topology.plan.coordinators:
+        conninfo = topology.coordinator_app_conninfo(name).replace(topology.app_password, "***")
+        print(f"coordinator {name}: {conninfo} (password in {topology.secrets / 'app.password'})")
     print(
         f"try:  xcha ctl status --workdir {workdir}\n      xcha ctl switchover dn1 --workdir {workdir}\n"
         f"      xcha down --workdir {workdir}"

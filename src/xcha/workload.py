@@ -4,6 +4,10 @@ It is the judge of "nothing lost": every id it saw committed must be on the surv
 master(s) afterwards, and no id may be there that it never sent. It also measures the
 write gap of a failover: from the fault to the first acknowledged insert after the first
 failed one (an insert already in flight can be acknowledged just after the fault).
+
+`TransactionWriter` writes one id to each of several datanodes in one transaction (through a
+Postgres-XL / XC coordinator: a two-phase commit) and judges each COMMIT by the rows, not by
+its answer: a COMMIT that returned without an error while rows are missing is a false commit.
 """
 
 import asyncio
@@ -19,6 +23,13 @@ from psycopg import sql
 from xcha.coordinator import SHARDED_TABLE, shard_table
 from xcha.errors import XchaError
 from xcha.pg.client import bounded, close, connect
+
+WRITE_ERRORS = (psycopg.Error, TimeoutError, OSError, ConnectionError)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 @dataclass
@@ -48,12 +59,17 @@ class Writer:
     failures: list[tuple[float, str]] = field(default_factory=list)
     ids: Iterator[int] = field(default_factory=lambda: itertools.count(1))
     refill: Callable[[], Awaitable[Iterable[int]]] | None = None
+    # psycopg's default; None never prepares a statement on the server (an XC coordinator's
+    # pgxc_pool_reload() drops every session's prepared statements).
+    prepare_threshold: int | None = 5
     error: str = ""  # why run() ended early, if it did
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
 
     async def _writable(self, conninfo: str) -> psycopg.AsyncConnection[tuple[object, ...]]:
-        conn = await connect(conninfo, self.attempt_timeout, autocommit=True)
+        conn = await connect(
+            conninfo, self.attempt_timeout, autocommit=True, prepare_threshold=self.prepare_threshold
+        )
         try:
             cur = await bounded(conn, conn.execute("SELECT pg_is_in_recovery()"), self.attempt_timeout)
             row = await cur.fetchone()
@@ -97,12 +113,9 @@ class Writer:
             await conn.execute(shard_table(self.table))
 
     async def next_id(self) -> int:
-        ident = next(self.ids, None)
-        if ident is None and self.refill is not None:
-            self.ids = iter(await self.refill())
-            ident = next(self.ids, None)
-        if ident is None:
-            raise XchaError("the writer ran out of ids to insert (and has no refill, or it gave none)")
+        stream = IdStream(self.ids, self.refill)
+        ident = await stream.take()
+        self.ids = stream.ids
         return ident
 
     async def write_one(self) -> bool:
@@ -114,20 +127,21 @@ class Writer:
             self.sent.add(ident)
             insert = sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(sql.Identifier(self.table))
             await bounded(self._conn, self._conn.execute(insert, [ident]), self.statement_timeout)
-        except (psycopg.Error, TimeoutError, OSError, ConnectionError) as error:
-            self.failures.append(
-                (
-                    time.time(),
-                    str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__,
-                )
-            )
-            if self._conn is not None:
-                with contextlib.suppress(Exception):
-                    await close(self._conn)
-            self._conn = None
+        except WRITE_ERRORS as error:
+            await self._failed(error)
             return False
         self.acknowledged[ident] = time.time()
         return True
+
+    async def _failed(self, error: BaseException) -> str:
+        """Record a failed write and drop the connection; returns the error's first line."""
+        text = first_line(error)
+        self.failures.append((time.time(), text))
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await close(self._conn)
+        self._conn = None
+        return text
 
     async def run(self) -> None:
         try:
@@ -197,14 +211,145 @@ class Writer:
         return await verify_all([self], conninfos or self.conninfos)
 
 
+async def present_ids(conninfos: list[str], table: str = SHARDED_TABLE) -> set[int]:
+    """Every id in the table, read where writes go now (the first of conninfos that accepts them)."""
+    reader = Writer(conninfos, table=table)
+    conn = await reader._connect()
+    async with conn:
+        cur = await conn.execute(sql.SQL("SELECT id FROM {}").format(sql.Identifier(table)))
+        return {int(row[0]) for row in await cur.fetchall()}  # type: ignore[call-overload]
+
+
+def judge(writers: Sequence[Writer], present: set[int], also_sent: Iterable[int] = ()) -> Outcome:
+    """Every id any writer saw acknowledged is present; no id is present that none of them (nor
+    also_sent: other writers to the same table) sent."""
+    acknowledged = set().union(*(w.acknowledged for w in writers))
+    sent = set().union(*(w.sent for w in writers), also_sent)
+    return Outcome(len(acknowledged), len(present), sorted(acknowledged - present), sorted(present - sent))
+
+
 async def verify_all(writers: Sequence[Writer], conninfos: list[str]) -> Outcome:
     """For writers sharing one table: every id any of them saw acknowledged is there, and no id
     is there that none of them sent."""
-    reader = Writer(conninfos, table=writers[0].table)
-    conn = await reader._connect()
-    async with conn:
-        cur = await conn.execute(sql.SQL("SELECT id FROM {}").format(sql.Identifier(reader.table)))
-        present = {int(row[0]) for row in await cur.fetchall()}  # type: ignore[call-overload]
-    acknowledged = set().union(*(w.acknowledged for w in writers))
-    sent = set().union(*(w.sent for w in writers))
-    return Outcome(len(acknowledged), len(present), sorted(acknowledged - present), sorted(present - sent))
+    return judge(writers, await present_ids(conninfos, writers[0].table))
+
+
+# ---- transactions over several datanodes ------------------------------------------------------
+
+
+@dataclass
+class IdStream:
+    """Ids to insert: the given ones, then what `refill` gives when they run out."""
+
+    ids: Iterator[int]
+    refill: Callable[[], Awaitable[Iterable[int]]] | None = None
+
+    async def take(self) -> int:
+        ident = next(self.ids, None)
+        if ident is None and self.refill is not None:
+            self.ids = iter(await self.refill())
+            ident = next(self.ids, None)
+        if ident is None:
+            raise XchaError("the writer ran out of ids to insert (and has no refill, or it gave none)")
+        return ident
+
+
+@dataclass
+class Transaction:
+    """One BEGIN; INSERT ...; COMMIT, as its client saw it (wall-clock times)."""
+
+    ids: tuple[int, ...]
+    began: float
+    commit_sent: float = 0.0  # 0: it failed before its COMMIT was sent
+    ended: float = 0.0
+    answer: str = ""  # the COMMIT's command tag ("COMMIT", or "ROLLBACK" for an aborted one), or the error
+
+    @property
+    def returned(self) -> bool:
+        """COMMIT returned without an error, whatever its tag: what psycopg's conn.commit() and
+        most drivers report as committed."""
+        return self.commit_sent > 0 and self.answer in ("COMMIT", "ROLLBACK")
+
+
+# A failover as the transaction check sees it: (the fault, the start of the first re-point after it).
+Crash = tuple[float, float]
+
+
+@dataclass
+class TransactionOutcome:
+    """Every transaction whose COMMIT was sent, judged by its rows. A false commit: COMMIT returned
+    without an error while rows are missing; torn: some rows present and others not, whatever the
+    COMMIT answered. Each split by whether its COMMIT raced a crash (see `classify`)."""
+
+    transactions: int = 0
+    committed: int = 0  # COMMIT answered COMMIT and every row is present
+    false_commits: list[Transaction] = field(default_factory=list)  # xcha's to prevent
+    false_commits_at_crash: list[Transaction] = field(default_factory=list)
+    torn: list[Transaction] = field(default_factory=list)
+    torn_at_crash: list[Transaction] = field(default_factory=list)
+
+
+def raced_a_crash(transaction: Transaction, crashes: Sequence[Crash]) -> bool:
+    """Its COMMIT was sent before a re-point started and answered after the crash before it."""
+    return any(transaction.commit_sent < repoint and transaction.ended >= fault for fault, repoint in crashes)
+
+
+def classify(
+    transactions: Sequence[Transaction], present: set[int], crashes: Sequence[Crash]
+) -> TransactionOutcome:
+    """A COMMIT that raced a crash met the cluster's own two-phase commit at its weakest (the
+    node crashed between PREPARE and COMMIT PREPARED); any other false commit or torn
+    transaction spans a re-point, or none, and is xcha's to prevent."""
+    outcome = TransactionOutcome()
+    for transaction in transactions:
+        if not transaction.commit_sent:
+            continue
+        outcome.transactions += 1
+        found = [ident in present for ident in transaction.ids]
+        if all(found):
+            outcome.committed += transaction.answer == "COMMIT"
+            continue
+        racing = raced_a_crash(transaction, crashes)
+        if transaction.returned:
+            (outcome.false_commits_at_crash if racing else outcome.false_commits).append(transaction)
+        if any(found):
+            (outcome.torn_at_crash if racing else outcome.torn).append(transaction)
+    return outcome
+
+
+@dataclass
+class TransactionWriter(Writer):
+    """BEGIN; one INSERT per stream (ids the coordinator routes to one datanode each); COMMIT.
+    COMMIT is sent as a statement so that its tag is seen: a transaction the server aborted
+    answers ROLLBACK without an error. `acknowledged` holds the ids of those answered COMMIT."""
+
+    streams: list[IdStream] = field(default_factory=list)
+    transactions: list[Transaction] = field(default_factory=list)
+
+    async def write_one(self) -> bool:
+        ids = tuple([await stream.take() for stream in self.streams])
+        transaction = Transaction(ids, time.time())
+        self.transactions.append(transaction)
+        insert = sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(sql.Identifier(self.table))
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = await self._connect()
+            conn = self._conn
+            self.sent.update(ids)
+            await bounded(conn, conn.execute("BEGIN"), self.statement_timeout)
+            for ident in ids:
+                await bounded(conn, conn.execute(insert, [ident]), self.statement_timeout)
+            transaction.commit_sent = time.time()
+            cursor = await bounded(conn, conn.execute("COMMIT"), self.statement_timeout)
+            transaction.answer = cursor.statusmessage or ""
+        except WRITE_ERRORS as error:
+            transaction.answer = "error: " + await self._failed(error)
+            return False
+        finally:
+            transaction.ended = time.time()
+        if transaction.answer != "COMMIT":
+            self.failures.append((transaction.ended, f"COMMIT answered {transaction.answer}"))
+            return False
+        for ident in ids:
+            self.acknowledged[ident] = transaction.ended
+        return True

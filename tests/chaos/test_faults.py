@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import LoadedFactory, acknowledges_a_write, default_plan
+from tests.conftest import LoadedFactory, acknowledges_a_write, cmdline, default_plan
 from tests.conftest import assert_nothing_lost as assert_outcome
 from xcha.ctl import call
 from xcha.harness import LoadedCluster
@@ -201,7 +201,7 @@ async def test_lagging_async_standby_is_never_promoted_and_a_lost_pair_waits(loa
     master = cluster.master()
     sync_standby = next(m.name for m in cluster.group("dn1").members if m.sync_state == "sync")
     assert sync_standby != "dn1c"
-    receiver = next(pid for pid in topology.postgres_pids("dn1c") if "walreceiver" in _cmdline(pid))
+    receiver = next(pid for pid in topology.postgres_pids("dn1c") if "walreceiver" in cmdline(pid))
     os.kill(receiver, signal.SIGSTOP)  # dn1c stops receiving WAL: it lags
     try:
         await cluster.wait_for_writes(50, "dn1")
@@ -233,14 +233,6 @@ async def test_lagging_async_standby_is_never_promoted_and_a_lost_pair_waits(loa
     await cluster.wait_protected()
     await cluster.wait_for_writes(20, "dn1")
     await assert_nothing_lost(cluster)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 async def test_a_coordinator_unreachable_during_reroute_holds_the_barrier_until_it_is_back(

@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import acknowledges_a_write
 from tests.integration.conftest import Cluster, ClusterFactory
+from xcha.config import TlsConfig
 from xcha.rpc import channel
 from xcha.topology import DatanodePlan, TopologyPlan
 from xcha.v1 import xcha_pb2 as pb
@@ -97,7 +98,9 @@ async def test_controller_restart_is_no_failover_and_older_epochs_are_refused(
         "every agent to persist the new epoch",
     )
     info = cluster.topology.members[master]
-    async with channel(f"127.0.0.1:{info.agent_port}", cluster.topology.operator_tls) as agent_channel:
+    tls = cluster.topology.workdir / "tls"  # only a controller's certificate may send node-role messages
+    as_controller = TlsConfig(tls / "ca.pem", tls / "controller.pem", tls / "controller.key")
+    async with channel(f"127.0.0.1:{info.agent_port}", as_controller) as agent_channel:
         stub = pb_grpc.AgentStub(agent_channel)
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.Fence(
@@ -239,11 +242,11 @@ async def test_mtls_refuses_callers_without_a_valid_client_certificate(make_clus
     ca = (topology.workdir / "tls" / "ca.pem").read_bytes()
     agent_address = f"127.0.0.1:{topology.members['dn1a'].agent_port}"
     controller_address = f"127.0.0.1:{topology.controller_port}"
-    from xcha.tls import create_ca, issue
+    from xcha.tls import Identity, create_ca, issue
 
     rogue = topology.workdir / "rogue-ca"
     create_ca(rogue)
-    cert, key = issue(rogue, "intruder")
+    cert, key = issue(rogue, Identity("operator", "intruder"))
     attempts = {
         "no client certificate": grpc.ssl_channel_credentials(root_certificates=ca),
         "certificate from another CA": grpc.ssl_channel_credentials(

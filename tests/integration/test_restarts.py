@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import cmdline
 from tests.integration.conftest import ClusterFactory
 from xcha.ctl import find_group
 from xcha.topology import DatanodePlan, Topology, TopologyPlan
@@ -55,12 +56,18 @@ async def test_an_agent_restarted_while_its_master_is_stopped_starts_it_in_place
     topology = cluster.topology
     master = topology.master("dn1")
     epoch = topology.status().epoch
+    boot = _boot_id(topology.status(), master)
     topology.call(lambda stub: stub.SetPaused(pb.PauseRequest(datanode="dn1", paused=True), timeout=5))
     topology.stop_process(f"agent:{master}")
     await topology.instance(master).stop("fast")
     topology.start_agent(master)
     await cluster.wait_for(
-        lambda s: any(m.name == master and 0 <= m.heartbeat_age < 0.5 for m in _members(s)), "the agent back"
+        lambda s: (
+            _boot_id(s, master) not in (boot, "")
+            and next(m for m in _members(s) if m.name == master).status.postgres_status.role
+            == pb.ROLE_STOPPED
+        ),
+        "the new agent's report of its stopped PostgreSQL",
     )
     topology.call(lambda stub: stub.SetPaused(pb.PauseRequest(datanode="dn1", paused=False), timeout=5))
     await topology.wait_protected(60)
@@ -73,6 +80,11 @@ async def test_an_agent_restarted_while_its_master_is_stopped_starts_it_in_place
 
 def _members(status: pb.ClusterStatus) -> list[pb.MemberView]:
     return [m for g in status.groups for m in g.members]
+
+
+def _boot_id(status: pb.ClusterStatus, member: str) -> str:
+    """Which agent process reported last (a restarted agent has a new one)."""
+    return next(m for m in _members(status) if m.name == member).status.boot_id
 
 
 def _descendants(root: int) -> list[int]:
@@ -90,14 +102,6 @@ def _descendants(root: int) -> list[int]:
     return found
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return handle.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 async def test_a_standby_still_being_cloned_does_not_make_the_group_protected(workdir: Path) -> None:
     """pg_basebackup's WAL stream shows on the master while the copy runs: it must not count
     as the synchronous standby. The clone is held (SIGSTOP) to make it slow."""
@@ -113,7 +117,7 @@ async def test_a_standby_still_being_cloned_does_not_make_the_group_protected(wo
         agent = topology.start_agent("dn1b")
         deadline = time.monotonic() + 30
         while not stopped and time.monotonic() < deadline:
-            clone = [p for p in _descendants(agent) if "pg_basebackup" in _cmdline(p)]
+            clone = [p for p in _descendants(agent) if "pg_basebackup" in cmdline(p)]
             if clone:
                 stopped = [*clone, *(d for p in clone for d in _descendants(p))]
                 for pid in stopped:

@@ -17,6 +17,7 @@ from xcha.controller.fsm import Action, Decision, Step
 from xcha.controller.routing import Router
 from xcha.controller.store import SqliteStore
 from xcha.controller.views import GroupState
+from xcha.errors import Refused
 from xcha.metrics import _ControllerCollector
 from xcha.v1 import xcha_pb2 as pb
 
@@ -253,3 +254,18 @@ def test_after_a_start_nothing_is_judged_until_every_member_reported_at_its_epoc
             assert controller.view("dn1").in_grace, "dn1b not heard from: still learning"
             now[0] += 0.2
             assert not controller.view("dn1").in_grace, "startup_grace has passed"
+
+
+async def test_a_reply_in_another_members_name_is_refused(tmp_path: Path) -> None:
+    """An agent that reported another agent's address would answer node-role messages and
+    status requests meant for that member: the reply must name the member asked."""
+    controller = make_controller(tmp_path, ["dn1a", "dn1b"])
+    calls = recording_agents(controller)
+    controller.clients["dn1b"].stub.member = "dn1a"  # type: ignore[attr-defined]
+    with pytest.raises(Refused, match="answered as dn1/dn1a, not dn1/dn1b"):
+        await controller._get_status("dn1b", 1.0, "test")
+    assert controller.observations["dn1b"].status is None
+    assert await controller._fence("dn1b", "test") is None
+    assert controller.observations["dn1a"].status is None, "nothing observed in dn1a's name either"
+    assert [call[1] for call in calls] == ["GetStatus", "Fence"]
+    assert any("answered as dn1/dn1a" in e.message for e in controller.store.events(0, 100, ""))

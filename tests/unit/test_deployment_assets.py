@@ -30,9 +30,10 @@ def test_example_controller_configs_load(name: str) -> None:
     only_missing_files(error.value)
 
 
-def test_example_agent_config_loads() -> None:
+@pytest.mark.parametrize("name", ["agent.toml", "agent-xl.toml"])
+def test_example_agent_configs_load(name: str) -> None:
     with pytest.raises(ConfigError) as error:
-        load_agent_config(ROOT / "datanode_agent" / "agent.toml")
+        load_agent_config(ROOT / "datanode_agent" / name)
     only_missing_files(error.value)
 
 

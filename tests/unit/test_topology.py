@@ -65,7 +65,16 @@ def test_a_members_instance_is_read_from_its_agent_toml(workdir: Path) -> None:
 def test_topology_json_holds_no_keys_nobody_reads(workdir: Path) -> None:
     plaintext_topology(workdir)
     data = json.loads((workdir / TOPOLOGY_FILE).read_text())
-    assert set(data) == {"controller", "members", "coordinators", "metrics", "pids", "plan"}
+    assert set(data) == {
+        "controller",
+        "members",
+        "coordinators",
+        "metrics",
+        "pids",
+        "plan",
+        "gtm_port",
+        "pooler_ports",
+    }
 
 
 def test_down_stops_every_process_under_one_deadline_and_saves(

@@ -525,6 +525,14 @@ class Controller:
                 {"member": member},
             )
             return None
+        try:
+            self._check_reply(member, reply.status)
+        except Refused as error:
+            log.warning("%s to %s: %s", what, member, error)
+            self.event(
+                self.records[member].datanode, "error", f"{what} to {member}: {error}", {"member": member}
+            )
+            return None
         self.observe(member, reply.status, what)
         return reply
 
@@ -591,8 +599,19 @@ class Controller:
         status: pb.MemberStatus = await self._client(member).stub.GetStatus(
             pb.GetStatusRequest(), timeout=timeout
         )
+        self._check_reply(member, status)
         self.observe(member, status, reason)
         return status
+
+    def _check_reply(self, member: str, status: pb.MemberStatus) -> None:
+        """A reply must come from the member's own agent: one agent reporting itself with
+        another's address would otherwise answer in the other's name."""
+        record = self.records[member]
+        if (status.member, status.datanode) != (member, record.datanode):
+            raise Refused(
+                f"the agent at {record.agent_address} answered as {status.datanode}/{status.member}, "
+                f"not {record.datanode}/{member}"
+            )
 
     async def _refresh(self, members: list[str]) -> None:
         async def one(member: str) -> None:

@@ -392,12 +392,7 @@ def _sync_satisfied(view: GroupView) -> bool:
 
 def _sync_names_differ(view: GroupView) -> bool:
     master = view.master_view
-    return (
-        _master_report_fresh(view)
-        and master is not None
-        and not master.busy
-        and not _sync_in_effect(view)
-    )
+    return _master_report_fresh(view) and master is not None and not master.busy and not _sync_in_effect(view)
 
 
 def _master_running(view: GroupView) -> bool:
