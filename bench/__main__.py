@@ -11,6 +11,7 @@ BENCHMARKS = {
     "switchover": "the write gap of planned switchovers",
     "scale": "one controller, 1,000 groups of simulated agents over real gRPC",
     "compare": "failover and hang against Patroni and pg_auto_failover on this machine",
+    "sim": "seeded simulation: the real controller against simulated agents, PostgreSQL and faults",
 }
 
 

@@ -9,6 +9,8 @@ dn1's master postmaster is killed with SIGKILL; the controller detects it, promo
 synchronous standby and re-points the coordinator (or, with --reroute takeover, the
 promoted standby takes over the old master's port); the old master rejoins as the new
 standby. Everything is torn down by PID at the end, also on Ctrl-C or error.
+
+`xcha demo --xl` / `--xc` runs the same on a Postgres-XL / XC cluster: xcha.demo_pgxc.
 """
 
 import asyncio
@@ -75,11 +77,13 @@ class Report:
 
 
 def _rounded(value: object) -> object:
-    """Milliseconds to a tenth, also inside a per-coordinator mapping."""
+    """Milliseconds to a tenth, also inside mappings and lists (per coordinator, per transaction)."""
     if isinstance(value, float):
         return round(value, 1)
     if isinstance(value, dict):
         return {key: _rounded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_rounded(item) for item in value]
     return value
 
 

@@ -29,6 +29,7 @@ from xcha.errors import XchaError
 from xcha.harness import LoadedCluster, Recovery
 from xcha.pg.flavor import PRODUCTS, check_flavor
 from xcha.topology import settling
+from xcha.workload import Transaction
 
 COORDINATORS = ("coord1", "coord2")
 # A join not on the distribution key: one side's rows must move to where the other's are.
@@ -61,7 +62,11 @@ class PgxcReport(Report):
     join_plan: str = ""  # the plan line that says where the rows meet
     join_ok: bool = False
     prepared_left: int | None = None  # prepared transactions on the datanodes at the end
+    prepared_gids: list[str] = field(default_factory=list)  # theirs, as "datanode: gid"
     rejoin_ms: float | None = None  # the old master's Follow, as its agent timed it (XC: a re-clone)
+    # Each false commit and torn transaction: its kind, ids, rows present, the COMMIT's answer,
+    # and when it began, sent its COMMIT and was answered (ms from the kill).
+    bad_transactions: list[dict[str, object]] = field(default_factory=list)
 
 
 async def run_pgxc_demo(flavor: str, workdir: Path | None = None, as_json: bool = False) -> int:
@@ -162,6 +167,13 @@ async def _run(cluster: LoadedCluster, progress: Progress, report: PgxcReport) -
         len(judged.false_commits_at_crash),
     )
     report.torn, report.torn_at_crash = len(judged.torn), len(judged.torn_at_crash)
+    for kind, listed in (
+        ("false commit spanning the re-point", judged.false_commits),
+        ("false commit racing the crash", judged.false_commits_at_crash),
+        ("torn", judged.torn),
+        ("torn racing the crash", judged.torn_at_crash),
+    ):
+        report.bad_transactions += [_described(kind, t, fault.at, present) for t in listed]
     report.dn2_failed_writes = sum(
         len([t for t, _ in through["dn2"].failures if t >= fault.at])
         for through in cluster.writers_through.values()
@@ -209,14 +221,13 @@ async def _checks(cluster: LoadedCluster, present: set[int], report: PgxcReport)
         plan = [str(row[0]) for row in await (await conn.execute("EXPLAIN " + JOIN_QUERY)).fetchall()]
         row = await (await conn.execute(JOIN_QUERY)).fetchone()
         report.join_rows = int(str(row[0])) if row else None
-        left = 0
         for datanode in cluster.datanodes:
             statement = sql.SQL("EXECUTE DIRECT ON ({}) {}").format(
-                sql.Identifier(datanode), sql.Literal("SELECT count(*) FROM pg_prepared_xacts")
+                sql.Identifier(datanode), sql.Literal("SELECT gid FROM pg_prepared_xacts")
             )
-            counted = await (await conn.execute(statement)).fetchone()
-            left += int(str(counted[0])) if counted else 0
-        report.prepared_left = left
+            gids = await (await conn.execute(statement)).fetchall()
+            report.prepared_gids += [f"{datanode}: {gid[0]}" for gid in gids]
+        report.prepared_left = len(report.prepared_gids)
     report.join_expected = sum(1 for ident in present if ident + 1 in present)
     moved = [line.strip() for line in plan if "Distribute results by" in line]
     shipped = [line.strip() for line in plan if "Data Node Scan" in line]
@@ -227,6 +238,18 @@ async def _checks(cluster: LoadedCluster, present: set[int], report: PgxcReport)
         report.join_plan = f"{len(shipped)} Data Node Scans, joined on the coordinator"
         redistributed = len(shipped) >= 2
     report.join_ok = redistributed and report.join_rows == report.join_expected
+
+
+def _described(kind: str, transaction: Transaction, fault_at: float, present: set[int]) -> dict[str, object]:
+    return {
+        "kind": kind,
+        "ids": list(transaction.ids),
+        "present": [ident in present for ident in transaction.ids],
+        "answer": transaction.answer,
+        "began_ms": (transaction.began - fault_at) * 1000,
+        "commit_sent_ms": (transaction.commit_sent - fault_at) * 1000,
+        "answered_ms": (transaction.ended - fault_at) * 1000,
+    }
 
 
 def _ms(value: float | None, text: str = "") -> str:
@@ -246,7 +269,7 @@ def _print(report: PgxcReport, member: str, present: int) -> None:
         lines.append((f"{name} re-pointed", report.repointed_ms.get(name), note))
     if report.flavor == "xl":
         lines.append(("datanode catalogs updated (via coord1)", report.catalogs_ms, ""))
-    said = f': "{report.cleanup}"' if report.cleanup else ""
+    said = f' (last line of its output: "{report.cleanup}")' if report.cleanup else ""
     lines.append(("in-doubt cleanup done (pgxc_clean -a)", report.cleanup_ms, said))
     for name in report.coordinators:
         lines.append((f"first write through {name}", report.first_write_ms.get(name), ""))
@@ -279,12 +302,20 @@ def _print(report: PgxcReport, member: str, present: int) -> None:
         f"{report.false_commits_at_crash} racing the crash; torn: {report.torn} (+{report.torn_at_crash} "
         "racing the crash)"
     )
+    for bad in report.bad_transactions:
+        print(
+            f"  {bad['kind']}: began {bad['began_ms']:+.0f} ms, COMMIT sent {bad['commit_sent_ms']:+.0f} ms, "
+            f"answered {bad['answer']!r} {bad['answered_ms']:+.0f} ms from the kill; rows present: "
+            f"{bad['present']}"
+        )
     routed = report.rows_checked - report.misrouted
     print(f"rows on the datanode their id was routed to: {routed} of {report.rows_checked}")
     print(
         f"join on a.id = b.id - 1: {report.join_rows} rows, {report.join_expected} expected from the ids "
         f"read back; plan: {report.join_plan}"
     )
-    print(f"prepared transactions left on the datanodes: {report.prepared_left}")
+    left = ", ".join(report.prepared_gids)
+    unresolved = f" (in doubt, not resolved by the cleanup: {left})" if left else ""
+    print(f"prepared transactions left on the datanodes: {report.prepared_left}{unresolved}")
     rejoined = "yes" if report.old_master_rejoined else "no"
     print(f"old master {member} rejoined as synchronous standby: {rejoined}; epoch {report.epoch}")

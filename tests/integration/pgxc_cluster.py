@@ -14,10 +14,14 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import struct
+import subprocess
+import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -175,10 +179,10 @@ class PgxcCluster:
         self.topology = topology
         self.flavor = topology.plan.flavor
         self.order: list[str] = []  # the table's datanodes in the order its hash indexes them
-        self.writers: list[Writers] = []
         self.stopped_hosts: set[str] = set()
         self._next_id = 1_000_000
         self._next_probe = -1
+        self._crashes_reported = 0
 
     @property
     def product(self) -> str:
@@ -219,7 +223,7 @@ class PgxcCluster:
         self._next_probe -= 1
         return self._next_probe
 
-    async def fresh_range(self, span: int) -> range:
+    def fresh_range(self, span: int) -> range:
         """Consecutive fresh ids: their rows lie on every datanode."""
         start = self._next_id
         self._next_id += span
@@ -274,13 +278,13 @@ class PgxcCluster:
 
     # ---- faults -------------------------------------------------------------------------------
 
-    def _before(self, datanode: str) -> tuple[str, int]:
+    def master_and_epoch(self, datanode: str) -> tuple[str, int]:
         status = self.status()
         return find_group(status, datanode).master, status.epoch
 
     def kill_master(self, datanode: str = "dn1") -> Fault:
         """kill -9 of the datanode master's postmaster."""
-        member, epoch = self._before(datanode)
+        member, epoch = self.master_and_epoch(datanode)
         pid = self.topology.postmaster_pid(member)
         assert pid is not None, f"{member} has no postmaster to kill"
         at = time.time()
@@ -289,7 +293,7 @@ class PgxcCluster:
 
     def hang_master(self, datanode: str = "dn1") -> Fault:
         """A hung host: SIGSTOP of the master's agent and of all its PostgreSQL processes."""
-        member, epoch = self._before(datanode)
+        member, epoch = self.master_and_epoch(datanode)
         self.stopped_hosts.add(member)
         at = time.time()
         self.topology.host_signal(member, signal.SIGSTOP)
@@ -321,10 +325,34 @@ class PgxcCluster:
 
         return Failover(new, rerouted[0], since("detected_at"), since("promoted_at"), since("rerouted_at"))
 
-    def new_writers(self) -> Writers:
+    def crashes(self) -> list[str]:
+        """Every "server process ... was terminated by signal" line in the coordinators' logs:
+        a backend crash makes the whole coordinator restart (measured on XC under load, around
+        the reload of a re-point)."""
+        found = []
+        for name in COORDINATORS:
+            log = self.topology.coordinator_spec(name).log_file
+            text = log.read_text(errors="replace") if log.exists() else ""
+            found += [f"{name}: {line}" for line in text.splitlines() if "was terminated by signal" in line]
+        return found
+
+    def report_crashes(self) -> None:
+        """Print the coordinator crashes since the last report, for the log."""
+        crashes = self.crashes()
+        for line in crashes[self._crashes_reported :]:
+            print(f"  coordinator backend crash (the coordinator restarted): {line}")
+        self._crashes_reported = len(crashes)
+
+    @asynccontextmanager
+    async def writing(self, coordinators: tuple[str, ...]) -> AsyncIterator[Writers]:
+        """Writers through these coordinators, stopped at the end whatever happened (a failed
+        scenario must not go on writing into the next one)."""
         writers = Writers(self)
-        self.writers.append(writers)
-        return writers
+        try:
+            await writers.start(coordinators)
+            yield writers
+        finally:
+            await writers.stop()
 
     # ---- checks -------------------------------------------------------------------------------
 
@@ -335,7 +363,8 @@ class PgxcCluster:
         for coordinator in coordinators:
             routes = await self.routes(coordinator)
             assert routes[datanode] == self.endpoint(member), (
-                f"{coordinator} sends {datanode} to {routes[datanode]}, not to {member} {self.endpoint(member)}"
+                f"{coordinator} sends {datanode} to {routes[datanode]}, not to {member} "
+                f"{self.endpoint(member)}"
             )
 
     async def assert_join(self, coordinator: str, ids: range) -> None:
@@ -366,17 +395,11 @@ class PgxcCluster:
         assert follows, f"no follow event for {fault.member} after epoch {fault.epoch}"
         return status, follows[-1].message
 
-    async def cleanup(self) -> None:
-        """Whatever a scenario left behind: writers, a stopped host, a stopped coordinator."""
-        for writers in self.writers:
-            await writers.stop()
-        self.writers.clear()
+    def cleanup(self) -> None:
+        """A host a failed scenario left stopped is resumed (stopped processes would only be
+        killed by the teardown, never reaped)."""
         for member in list(self.stopped_hosts):
             self.resume(member)
-        for name in COORDINATORS:
-            if self.topology.coordinator(name).postmaster_pid() is None:
-                await self.topology.start_coordinators()
-                break
 
 
 async def coordinator_write(host: str, port: int, statement: str, timeout: float = 2.0) -> str | None:
@@ -460,7 +483,8 @@ async def running_cluster(flavor: str) -> AsyncIterator[PgxcCluster]:
         yield cluster
     finally:
         try:
-            await cluster.cleanup()
+            cluster.cleanup()
+            cluster.report_crashes()
         finally:
             await topology.down()
 
@@ -474,74 +498,134 @@ async def crash_failover(cluster: PgxcCluster) -> str:
     the datanodes, the old master back as the synchronous standby, nothing acknowledged
     lost. Returns the old master's follow event (how it rejoined)."""
     await cluster.settled()
-    joined = await cluster.fresh_range(100)
+    joined = cluster.fresh_range(100)
     await cluster.insert(COORDINATORS[0], joined)
-    writers = cluster.new_writers()
-    await writers.start(COORDINATORS)
-    fault = cluster.kill_master("dn1")
-    failover = await cluster.failover(fault)
-    assert sorted(failover.coordinators) == sorted(COORDINATORS), failover.coordinators
-    recovered = await writers.recovery_ms(fault)
-    await cluster.assert_routes("dn1", failover.new_master)
-    await writers.wait_for_acks(10)
-    print(
-        f"\n  kill -9 of {fault.member}: {failover.line()}; writes to dn1 again through "
-        + ", ".join(f"{c} +{ms:.0f} ms" for c, ms in recovered.items())
+    async with cluster.writing(COORDINATORS) as writers:
+        fault = cluster.kill_master("dn1")
+        failover = await cluster.failover(fault)
+        assert sorted(failover.coordinators) == sorted(COORDINATORS), failover.coordinators
+        recovered = await writers.recovery_ms(fault)
+        await cluster.assert_routes("dn1", failover.new_master)
+        await writers.wait_for_acks(10)
+        print(
+            f"\n  kill -9 of {fault.member}: {failover.line()}; writes to dn1 again through "
+            + ", ".join(f"{c} +{ms:.0f} ms" for c, ms in recovered.items())
+        )
+        _, follow = await cluster.assert_rejoined(fault, failover.new_master)
+        print(f"  {follow}")
+        for coordinator in COORDINATORS:
+            await cluster.assert_join(coordinator, joined)
+        assert_nothing_lost(await writers.finish())
+        return follow
+
+
+@dataclass
+class HungHost:
+    """What a hung master host did to the writes through each coordinator."""
+
+    member: str
+    promoted_ms: float  # from SIGSTOP until the status names a new master
+    hung_for_ms: float  # from SIGSTOP until SIGCONT
+    # Per coordinator, ms from SIGSTOP to the first write to dn1 acknowledged after a failed
+    # one while the old master's host was still stopped (None: none was).
+    while_hung: dict[str, float | None]
+    pending_while_hung: list[str]
+
+
+def pooler_blocked(hung: HungHost) -> str:
+    """Why writes did not resume while the old master's host was stopped, as measured: a
+    coordinator's pooler connects to datanodes and cancels their queries with blocking libpq
+    calls without a timeout (PQconnectdb, PQcancel). Against a stopped host, which accepts TCP
+    in the kernel and never answers, it blocks, and with it every session of that coordinator
+    that needs a connection, and the re-point (pgxc_pool_reload waits for the pooler). The
+    barrier completes once the old master's host resumes (or dies)."""
+    return (
+        f"writes to dn1 did not resume through every coordinator while {hung.member}'s host was "
+        f"stopped (per coordinator: {hung.while_hung}; reroute pending: {hung.pending_while_hung}): "
+        "each coordinator's pooler blocks on the hung old master (PQconnectdb / PQcancel without "
+        "a timeout) until its host resumes"
     )
-    _, follow = await cluster.assert_rejoined(fault, failover.new_master)
-    print(f"  {follow}")
-    for coordinator in COORDINATORS:
-        await cluster.assert_join(coordinator, joined)
-    assert_nothing_lost(await writers.finish())
-    return follow
 
 
-async def hung_master(cluster: PgxcCluster) -> None:
-    """SIGSTOP of dn1's master host (agent and every PostgreSQL process): failover after about
-    failure_timeout; after SIGCONT the old master acknowledges no write sent to it as a
-    coordinator would send it, and rejoins as the synchronous standby."""
+HUNG_WAIT = 6.0  # s after the promotion for the writes to resume while the old host is stopped
+
+
+async def hung_master(cluster: PgxcCluster) -> HungHost:
+    """SIGSTOP of dn1's master host (agent and every PostgreSQL process) under writes through
+    both coordinators: a promotion after about failure_timeout; whether writes to dn1 resume
+    through each coordinator while the host is still stopped (HUNG_WAIT); then SIGCONT: the
+    barrier completes, the old master acknowledges no write sent to it as a coordinator would
+    send it, and rejoins as the synchronous standby; nothing acknowledged is lost."""
     await cluster.settled()
-    writers = cluster.new_writers()
-    await writers.start(COORDINATORS)
-    master = cluster.group("dn1").master
-    host, port = cluster.endpoint(master)
-    control = cluster.probe_id()
-    assert await coordinator_write(host, port, _insert(control)) == "INSERT 0 1", (
-        f"the probe cannot write even to the healthy master {master}: it would prove nothing"
-    )
-    fault = cluster.hang_master("dn1")
-    try:
+    async with cluster.writing(COORDINATORS) as writers:
+        master = cluster.group("dn1").master
+        host, port = cluster.endpoint(master)
+        control = cluster.probe_id()
+        assert await coordinator_write(host, port, _insert(control)) == "INSERT 0 1", (
+            f"the probe cannot write even to the healthy master {master}: it would prove nothing"
+        )
+        fault = cluster.hang_master("dn1")
+        try:
+            await cluster.wait_for(
+                lambda s: find_group(s, "dn1").master not in ("", fault.member), "a promotion in dn1"
+            )
+            promoted_ms = (time.time() - fault.at) * 1000
+            to_dn1 = writers.to("dn1")
+            deadline = time.monotonic() + HUNG_WAIT
+            while time.monotonic() < deadline:
+                if all(w.recovery_seconds(fault.at) is not None for w in to_dn1.values()):
+                    break
+                await asyncio.sleep(0.05)
+            while_hung = {
+                c: None if (seconds := w.recovery_seconds(fault.at)) is None else seconds * 1000
+                for c, w in to_dn1.items()
+            }
+            pending = list(cluster.group("dn1").reroute_pending)
+        finally:
+            pid = cluster.topology.postmaster_pid(fault.member)
+            resumed = time.monotonic()
+            hung_for_ms = (time.time() - fault.at) * 1000
+            cluster.resume(fault.member)
+
+        async def probe(delay: float) -> tuple[int, str | None]:
+            await asyncio.sleep(delay)
+            ident = cluster.probe_id()
+            return ident, await coordinator_write(host, port, _insert(ident), timeout=2.0)
+
+        probes = asyncio.gather(*(probe(0.05 * n) for n in range(40)))
+        while cluster.topology.postmaster_pid(fault.member) == pid and time.monotonic() - resumed < 30:
+            await asyncio.sleep(0.005)
+        stopped_ms = (time.monotonic() - resumed) * 1000
+        acknowledged = [(ident, tag) for ident, tag in await probes if tag is not None]
         failover = await cluster.failover(fault)
         recovered = await writers.recovery_ms(fault)
         await cluster.assert_routes("dn1", failover.new_master)
-    finally:
-        pid = cluster.topology.postmaster_pid(fault.member)
-        resumed = time.monotonic()
-        cluster.resume(fault.member)
-    print(
-        f"\n  SIGSTOP of {fault.member}'s host (failure_timeout {cluster.topology.plan.failure_timeout:g} s): "
-        f"{failover.line()}; writes to dn1 again through "
-        + ", ".join(f"{c} +{ms:.0f} ms" for c, ms in recovered.items())
-    )
+        print(
+            f"\n  SIGSTOP of {fault.member}'s host: a new master after {promoted_ms:.0f} ms; writes to dn1 "
+            "while it was stopped through "
+            + ", ".join(f"{c} {_ms(ms)}" for c, ms in while_hung.items())
+            + f"; reroute pending then: {pending or 'nothing'}"
+        )
+        print(
+            f"  SIGCONT after {hung_for_ms:.0f} ms: {failover.line()}; writes to dn1 through "
+            + ", ".join(f"{c} +{ms:.0f} ms" for c, ms in recovered.items())
+        )
+        print(
+            f"  {fault.member}'s postmaster {pid} gone {stopped_ms:.0f} ms after SIGCONT; "
+            f"{len(acknowledged)} of 40 writes sent to it over 2 s acknowledged"
+        )
+        assert acknowledged == [], f"{fault.member} acknowledged writes after SIGCONT: {acknowledged}"
+        assert await cluster.present(COORDINATORS[0], [control]) == [control], (
+            "the acknowledged probe is kept"
+        )
+        _, follow = await cluster.assert_rejoined(fault, failover.new_master)
+        print(f"  {follow}")
+        assert_nothing_lost(await writers.finish())
+        return HungHost(fault.member, promoted_ms, hung_for_ms, while_hung, pending)
 
-    async def probe(delay: float) -> tuple[int, str | None]:
-        await asyncio.sleep(delay)
-        ident = cluster.probe_id()
-        return ident, await coordinator_write(host, port, _insert(ident), timeout=2.0)
 
-    probes = asyncio.gather(*(probe(0.05 * n) for n in range(40)))
-    while cluster.topology.postmaster_pid(fault.member) == pid and time.monotonic() - resumed < 30:
-        await asyncio.sleep(0.005)
-    stopped_ms = (time.monotonic() - resumed) * 1000
-    acknowledged = [(ident, tag) for ident, tag in await probes if tag is not None]
-    assert acknowledged == [], f"{fault.member} acknowledged writes after SIGCONT: {acknowledged}"
-    print(
-        f"  after SIGCONT: {fault.member}'s postmaster {pid} gone after {stopped_ms:.0f} ms; 40 writes sent to it over 2 s, 0 acknowledged"
-    )
-    assert await cluster.present(COORDINATORS[0], [control]) == [control], "the acknowledged probe is kept"
-    _, follow = await cluster.assert_rejoined(fault, failover.new_master)
-    print(f"  {follow}")
-    assert_nothing_lost(await writers.finish())
+def _ms(value: float | None) -> str:
+    return "none" if value is None else f"+{value:.0f} ms"
 
 
 def _insert(ident: int) -> str:
@@ -552,28 +636,27 @@ async def switchover(cluster: PgxcCluster) -> str:
     """A planned switchover of dn1 under writes through both coordinators: the write gap per
     coordinator, the old master following the new one, nothing lost. Returns its follow event."""
     await cluster.settled()
-    writers = cluster.new_writers()
-    await writers.start(COORDINATORS)
-    old, epoch = cluster._before("dn1")
-    requested = time.time()
-    reply = cluster.topology.call(
-        lambda stub: stub.Switchover(pb.SwitchoverRequest(datanode="dn1"), timeout=30)
-    )
-    fault = Fault("dn1", old, requested, epoch)
-    failover = await cluster.failover(fault)
-    assert json.loads(failover.rerouted.details_json)["switchover"] is True
-    await cluster.assert_routes("dn1", failover.new_master)
-    await writers.wait_for_acks(10, datanode="dn1")
-    gaps = {c: w.write_gap(requested) for c, w in writers.to("dn1").items()}
-    print(
-        f"\n  switchover {old} -> {failover.new_master} ({reply.detail}): every coordinator re-pointed "
-        f"+{failover.reroute_ms or 0:.0f} ms; dn1 write gap "
-        + ", ".join(f"{c} {ms:.0f} ms" for c, ms in gaps.items())
-    )
-    _, follow = await cluster.assert_rejoined(fault, failover.new_master)
-    print(f"  {follow}")
-    assert_nothing_lost(await writers.finish())
-    return follow
+    async with cluster.writing(COORDINATORS) as writers:
+        old, epoch = cluster.master_and_epoch("dn1")
+        requested = time.time()
+        reply = cluster.topology.call(
+            lambda stub: stub.Switchover(pb.SwitchoverRequest(datanode="dn1"), timeout=30)
+        )
+        fault = Fault("dn1", old, requested, epoch)
+        failover = await cluster.failover(fault)
+        assert json.loads(failover.rerouted.details_json)["switchover"] is True
+        await cluster.assert_routes("dn1", failover.new_master)
+        await writers.wait_for_acks(10, datanode="dn1")
+        gaps = {c: w.write_gap(requested) for c, w in writers.to("dn1").items()}
+        print(
+            f"\n  switchover {old} -> {failover.new_master} ({reply.detail}): every coordinator re-pointed "
+            f"+{failover.reroute_ms or 0:.0f} ms; dn1 write gap "
+            + ", ".join(f"{c} {ms:.0f} ms" for c, ms in gaps.items())
+        )
+        _, follow = await cluster.assert_rejoined(fault, failover.new_master)
+        print(f"  {follow}")
+        assert_nothing_lost(await writers.finish())
+        return follow
 
 
 async def coordinator_down_during_the_barrier(cluster: PgxcCluster) -> None:
@@ -583,50 +666,69 @@ async def coordinator_down_during_the_barrier(cluster: PgxcCluster) -> None:
     await cluster.settled()
     topology = cluster.topology
     await topology.coordinator("coord2").stop("fast")
-    writers = cluster.new_writers()
-    await writers.start(("coord1",))
-    fault = cluster.kill_master("dn1")
+    try:
+        async with cluster.writing(("coord1",)) as writers:
+            fault = cluster.kill_master("dn1")
 
-    def waiting(status: pb.ClusterStatus) -> bool:
-        group = find_group(status, "dn1")
-        return (
-            group.state == "rerouting"
-            and group.master != fault.member
-            and any(p.startswith("coord2 ") for p in group.reroute_pending)
-        )
+            def waiting(status: pb.ClusterStatus) -> bool:
+                group = find_group(status, "dn1")
+                return (
+                    group.state == "rerouting"
+                    and group.master != fault.member
+                    and any(p.startswith("coord2 ") for p in group.reroute_pending)
+                )
 
-    status = await cluster.wait_for(waiting, "the barrier to wait for coord2")
-    new = find_group(status, "dn1").master
-    await cluster.assert_routes("dn1", new, ("coord1",))
-    recovered = await writers.recovery_ms(fault)
-    await asyncio.sleep(2.0)  # coord1 carries writes all along; the barrier keeps waiting
-    await writers.wait_for_acks(20, datanode="dn1")
-    group = cluster.group("dn1")
-    assert group.state == "rerouting", group.reason
-    assert [p.split()[0] for p in group.reroute_pending] == ["coord2"], list(group.reroute_pending)
-    print(
-        f"\n  coord2 down, kill -9 of {fault.member}: writes to dn1 through coord1 again "
-        f"+{recovered['coord1']:.0f} ms; pending: {list(group.reroute_pending)}"
-    )
-    back = time.monotonic()
-    await topology.start_coordinators()
-    started_ms = (time.monotonic() - back) * 1000
-    failover = await cluster.failover(fault)
-    completed_ms = (time.monotonic() - back) * 1000
-    coord2 = failover.coordinators["coord2"]
-    assert int(str(coord2["attempts"])) > 1 and "ALTER NODE" in str(coord2["detail"]), coord2
-    retries = [e for e in cluster.events("dn1", "reroute_retry", fault.epoch) if "coord2" in e.message]
-    assert retries, "no reroute_retry event for coord2"
-    await cluster.assert_routes("dn1", new)
-    ids = (await cluster.ids("dn1", 20))[:5]
-    await cluster.insert("coord2", ids)
-    assert await cluster.present("coord2", ids) == ids
-    print(
-        f"  coord2 started again in {started_ms:.0f} ms; the barrier completed {completed_ms:.0f} ms after "
-        f"the start began ({coord2['attempts']} attempts on coord2); writes to dn1 through coord2 work"
-    )
-    await cluster.assert_rejoined(fault, new)
-    assert_nothing_lost(await writers.finish())
+            status = await cluster.wait_for(waiting, "the barrier to wait for coord2")
+            new = find_group(status, "dn1").master
+            await cluster.assert_routes("dn1", new, ("coord1",))
+            recovered = await writers.recovery_ms(fault)
+            steady = time.time()
+            await asyncio.sleep(3.0)  # coord1 carries writes all along; the barrier keeps waiting
+            await writers.wait_for_acks(20, datanode="dn1")
+            group = cluster.group("dn1")
+            assert group.state == "rerouting", group.reason
+            pending = {p.split()[0]: p for p in group.reroute_pending}
+            assert "coord2" in pending, pending
+            # coord1 is re-pointed; it may stay pending only for the in-doubt cleanup, which asks
+            # every coordinator (pgxc_clean -a) and cannot finish while coord2 is down.
+            assert set(pending) <= {"coord1", "coord2"}, pending
+            assert "coord1" not in pending or "pgxc_clean" in pending["coord1"], pending["coord1"]
+            ended = [
+                (c, d, round(t - steady, 1), e)
+                for (c, d), w in writers.writers.items()
+                for t, e in w.failures
+                if t > steady and ("administrator command" in e or "closed the connection" in e)
+            ]
+            assert ended == [], f"coord1's sessions were ended again after its re-point: {ended}"
+            print(
+                f"\n  coord2 down, kill -9 of {fault.member}: writes to dn1 through coord1 again "
+                f"+{recovered['coord1']:.0f} ms; pending: {list(group.reroute_pending)}"
+            )
+            back = time.monotonic()
+            await topology.start_coordinators()
+            started_ms = (time.monotonic() - back) * 1000
+            failover = await cluster.failover(fault)
+            completed_ms = (time.monotonic() - back) * 1000
+            coord2 = failover.coordinators["coord2"]
+            assert int(str(coord2["attempts"])) > 1 and "ALTER NODE" in str(coord2["detail"]), coord2
+            retries = [
+                e for e in cluster.events("dn1", "reroute_retry", fault.epoch) if "coord2" in e.message
+            ]
+            assert retries, "no reroute_retry event for coord2"
+            await cluster.assert_routes("dn1", new)
+            ids = (await cluster.ids("dn1", 20))[:5]
+            await cluster.insert("coord2", ids)
+            assert await cluster.present("coord2", ids) == ids
+            print(
+                f"  coord2 started again in {started_ms:.0f} ms; the barrier completed {completed_ms:.0f} "
+                f"ms after the start began ({coord2['attempts']} attempts on coord2); writes to dn1 "
+                "through coord2 work"
+            )
+            await cluster.assert_rejoined(fault, new)
+            assert_nothing_lost(await writers.finish())
+    finally:  # the next scenario needs it
+        if topology.coordinator("coord2").postmaster_pid() is None:
+            await topology.start_coordinators()
 
 
 @dataclass
@@ -645,18 +747,23 @@ async def transactions_across_the_repoint(cluster: PgxcCluster) -> list[OpenTran
     """Write transactions open on the coordinators while dn1 fails over (one row on dn1 and one
     on dn2 through each coordinator; one with a row on dn2 only), committed once every
     coordinator is re-pointed: every COMMIT must fail, and none of their rows may exist (a
-    COMMIT that kept only the dn2 row is the trap the router's first step guards against)."""
+    COMMIT that kept only the dn2 row is the trap the router's first step guards against).
+    A read-only transaction is open too; what its COMMIT answered is returned for the flavour's
+    own check (the last one)."""
     await cluster.settled()
     one, two = await cluster.ids("dn1", 40), await cluster.ids("dn2", 40)
-    plans = [("coord1", [one[0], two[0]]), ("coord2", [one[1], two[1]]), ("coord1", [two[2]])]
-    opened = []
-    for coordinator, ids in plans:
-        conn = await psycopg.AsyncConnection.connect(cluster.conninfo(coordinator), autocommit=True)
-        opened.append(OpenTransaction(coordinator, ids, conn))
-        await conn.execute("BEGIN")
-        for ident in ids:
-            await conn.execute(_insert(ident))
+    # The last one only reads: it holds no transaction id (XL leaves it alone).
+    plans = [("coord1", [one[0], two[0]]), ("coord2", [one[1], two[1]]), ("coord1", [two[2]]), ("coord2", [])]
+    opened: list[OpenTransaction] = []
     try:
+        for coordinator, ids in plans:
+            conn = await psycopg.AsyncConnection.connect(cluster.conninfo(coordinator), autocommit=True)
+            opened.append(OpenTransaction(coordinator, ids, conn))
+            await conn.execute("BEGIN")
+            for ident in ids:
+                await conn.execute(_insert(ident))
+            if not ids:
+                await conn.execute("SELECT count(*) FROM xcha_writes")
         fault = cluster.kill_master("dn1")
         failover = await cluster.failover(fault)
         for transaction in opened:
@@ -671,9 +778,13 @@ async def transactions_across_the_repoint(cluster: PgxcCluster) -> list[OpenTran
             await transaction.conn.close()
     print(f"\n  kill -9 of {fault.member} with transactions open; {failover.line()}")
     for transaction in opened:
+        if not transaction.ids:
+            print(f"  {transaction.coordinator} read-only transaction: COMMIT -> {transaction.answer}")
+            continue
         present = await cluster.present(transaction.coordinator, transaction.ids)
         print(
-            f"  {transaction.coordinator} rows {transaction.ids}: COMMIT -> {transaction.answer}; present {present}"
+            f"  {transaction.coordinator} rows {transaction.ids}: COMMIT -> {transaction.answer}; "
+            f"present {present}"
         )
         assert transaction.failed, f"COMMIT through {transaction.coordinator} answered {transaction.answer!r}"
         assert present == [], f"rows {present} of a transaction whose COMMIT failed exist"
@@ -682,3 +793,248 @@ async def transactions_across_the_repoint(cluster: PgxcCluster) -> list[OpenTran
         assert "ended)" in ended[coordinator], ended[coordinator]
     await cluster.assert_rejoined(fault, failover.new_master)
     return opened
+
+
+async def add_and_remove_standby(cluster: PgxcCluster, datanode: str = "dn2", member: str = "dn2c") -> str:
+    """`xcha ctl add-standby` (a new member's agent, then AddStandby): the agent clones the
+    master (pg_basebackup of an XL / XC datanode) and streams as a potential synchronous
+    standby that replays rows written through a coordinator; then `remove-standby`: it leaves
+    synchronous_standby_names and stops. Returns its follow event (how it was cloned)."""
+    await cluster.settled()
+    topology = cluster.topology
+    topology.add_member(datanode, member)
+    topology.save()
+    topology.start_agent(member)
+    requested = time.monotonic()
+    reply = topology.call(
+        lambda stub: stub.AddStandby(
+            pb.AddStandbyRequest(datanode=datanode, member=member, mode="sync"), timeout=10
+        )
+    )
+
+    def view(status: pb.ClusterStatus) -> pb.MemberView | None:
+        return next((m for m in find_group(status, datanode).members if m.name == member), None)
+
+    def streaming(status: pb.ClusterStatus) -> bool:
+        found = view(status)
+        return (
+            found is not None
+            and found.status.activity == "idle"
+            and found.status.postgres_status.role == pb.ROLE_STANDBY
+            and found.sync_state == "potential"
+        )
+
+    status = await cluster.wait_for(streaming, f"{member} to stream as a potential synchronous standby")
+    joined_ms = (time.monotonic() - requested) * 1000
+    master = find_group(status, datanode).master
+    names = next(m for m in find_group(status, datanode).members if m.name == master)
+    assert member in names.status.postgres_status.synchronous_standby_names, names.status
+    follows = [
+        e for e in cluster.events(datanode, "follow") if json.loads(e.details_json).get("member") == member
+    ]
+    assert follows, f"no follow event for {member}"
+    ids = (await cluster.ids(datanode, 40))[:10]
+    await cluster.insert(COORDINATORS[0], ids)
+    deadline = time.monotonic() + 60
+    statement = sql.SQL("SELECT count(*) FROM xcha_writes WHERE id = ANY({})").format(sql.Literal(ids))
+    while True:  # a direct session to a datanode standby reads its own rows
+        async with await topology.superuser(member) as conn:
+            row = await (await conn.execute(statement)).fetchone()
+        if row == (len(ids),):
+            break
+        assert time.monotonic() < deadline, f"{member} has {row} of the {len(ids)} rows written to {datanode}"
+        await asyncio.sleep(0.1)
+    print(f"\n  {reply.detail}; a potential sync standby after {joined_ms:.0f} ms: {follows[-1].message}")
+
+    topology.call(
+        lambda stub: stub.RemoveStandby(pb.RemoveStandbyRequest(datanode=datanode, member=member), timeout=10)
+    )
+
+    def removed(status: pb.ClusterStatus) -> bool:
+        group = find_group(status, datanode)
+        sync_names = next(m for m in group.members if m.name == group.master).status.postgres_status
+        return member not in sync_names.synchronous_standby_names and group.state == "protected"
+
+    await cluster.wait_for(removed, f"{member} to leave synchronous_standby_names")
+    deadline = time.monotonic() + 60
+    while topology.postgres_pids(member):
+        assert time.monotonic() < deadline, f"the removed standby {member} still runs"
+        await asyncio.sleep(0.1)
+    await cluster.insert(COORDINATORS[1], (await cluster.ids(datanode, 20))[:3])  # writes go on
+    return follows[-1].message
+
+
+def render(flavor: str, *options: str) -> str:
+    """`xcha pg render --flavor FLAVOR OPTIONS...`, as an operator runs it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "xcha", "pg", "render", "--flavor", flavor, *options],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return result.stdout
+
+
+def setting(text: str, name: str) -> str | None:
+    """The value of `name = value` in a rendered file (quotes kept, comment dropped); None when
+    the setting is not there."""
+    found = re.search(rf"^{re.escape(name)}\s*=\s*('(?:[^']|'')*'|\S+)", text, re.MULTILINE)
+    return found.group(1) if found else None
+
+
+def rendered_file(text: str, name: str) -> str:
+    """One file's part of `xcha pg render` output (`==> name` up to the next file)."""
+    parts = re.split(r"^==> ", text, flags=re.MULTILINE)
+    return next(part for part in parts if part.startswith(name))
+
+
+async def running_settings(cluster: PgxcCluster, member: str, names: list[str]) -> dict[str, str]:
+    """What a running member's server says of these settings."""
+    async with await cluster.topology.superuser(member) as conn:
+        cursor = await conn.execute(
+            "SELECT name, setting, unit FROM pg_settings WHERE name = ANY(%s)", [names]
+        )
+        return {
+            str(name): str(value) + (str(unit) if unit in ("ms", "s") else "")
+            for name, value, unit in await cursor.fetchall()
+        }
+
+
+@dataclass
+class Rendered:
+    """`xcha pg render --role standby` for the cluster's flavour, and what a running standby
+    of the cluster has: its include file, its recovery.conf and its server's settings."""
+
+    conf: str
+    recovery: str
+    running_conf: str
+    running_recovery: str
+    settings: dict[str, str]
+
+
+RENDER_OPTIONS = (
+    "--role", "standby", "--name", "dn1b", "--node-name", "dn1", "--port", "6433", "--pooler-port", "6668",
+    "--gtm-host", "10.0.0.5", "--gtm-port", "6666", "--primary-host", "10.0.0.4", "--primary-port", "6432",
+)  # fmt: skip
+SETTINGS = [
+    "port",
+    "pooler_port",
+    "gtm_host",
+    "gtm_port",
+    "pgxc_node_name",
+    "max_prepared_transactions",
+    "synchronous_standby_names",
+    "wal_level",
+    "hot_standby",
+    "wal_retrieve_retry_interval",
+]
+
+
+async def rendered_standby(cluster: PgxcCluster) -> Rendered:
+    """The key lines of a rendered XL / XC standby, both from the command and on a running
+    standby of this cluster (the agents write the same rendering): its ports, the GTM, the
+    node name, prepared transactions for the implicit two-phase commit, no synchronous
+    standbys of its own, and recovery.conf streaming from its master."""
+    text = render(cluster.flavor, *RENDER_OPTIONS)
+    conf, recovery = rendered_file(text, "postgresql.xcha.conf"), rendered_file(text, "recovery.conf")
+    expected = {
+        "port": "6433",
+        "pooler_port": "6668",
+        "gtm_host": "'10.0.0.5'",
+        "gtm_port": "6666",
+        "pgxc_node_name": "'dn1'",
+        "synchronous_standby_names": "''",
+        "hot_standby": "on",
+    }
+    assert {name: setting(conf, name) for name in expected} == expected, conf
+    assert int(str(setting(conf, "max_prepared_transactions"))) > 0, conf
+    assert setting(recovery, "standby_mode") == "'on'", recovery
+    assert setting(recovery, "recovery_target_timeline") == "'latest'", recovery
+    conninfo = str(setting(recovery, "primary_conninfo"))
+    for part in ("host=10.0.0.4", "port=6432", "application_name=dn1b"):
+        assert part in conninfo, conninfo
+    assert "%f %p'" in str(setting(recovery, "restore_command")), recovery
+
+    status = await cluster.settled()
+    group = find_group(status, "dn2")
+    member = next(m.name for m in group.members if m.name != group.master)
+    topology = cluster.topology
+    data = topology.instance(member).data_dir
+    running_conf = (data / "postgresql.xcha.conf").read_text()
+    running_recovery = (data / "recovery.conf").read_text()
+    layout = {
+        "port": str(topology.members[member].port),
+        "pooler_port": str(topology.pooler_ports[member]),
+        "gtm_port": str(topology.gtm_port),
+        "pgxc_node_name": "'dn2'",
+        "synchronous_standby_names": "''",
+    }
+    assert {name: setting(running_conf, name) for name in layout} == layout, running_conf
+    conninfo = str(setting(running_recovery, "primary_conninfo"))
+    for part in (f"port={topology.members[group.master].port}", f"application_name={member}"):
+        assert part in conninfo, running_recovery
+    settings = await running_settings(cluster, member, SETTINGS)
+    assert settings["synchronous_standby_names"] == "", settings
+    assert (settings["port"], settings["pooler_port"], settings["gtm_port"]) == (
+        layout["port"],
+        layout["pooler_port"],
+        layout["gtm_port"],
+    ), settings
+    assert int(settings["max_prepared_transactions"]) > 0, settings
+    return Rendered(conf, recovery, running_conf, running_recovery, settings)
+
+
+@dataclass
+class PreparedClients:
+    """What each client connection answered after the re-point, statement by statement."""
+
+    prepared: list[str]  # opened before the fault, psycopg's default prepare_threshold (5)
+    unprepared: list[str]  # opened before the fault, prepare_threshold=None
+    new: list[str]  # opened after the re-point, default prepare_threshold
+
+
+async def prepared_statements_across_the_repoint(cluster: PgxcCluster, tries: int = 8) -> PreparedClients:
+    """Clients of coord1 that inserted into dn1 often enough for psycopg to prepare the INSERT
+    (and one that never prepares), across a crash failover of dn1: what each of `tries`
+    further inserts answers on the same connection, and on a new one."""
+    await cluster.settled()
+    ids = iter(await cluster.ids("dn1", 400))
+    insert = "INSERT INTO xcha_writes (id) VALUES (%s)"
+    conninfo = cluster.conninfo(COORDINATORS[0])
+    connections: list[psycopg.AsyncConnection[tuple[object, ...]]] = []
+    try:
+        prepared = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        connections.append(prepared)
+        unprepared = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, prepare_threshold=None)
+        connections.append(unprepared)
+        for _ in range(8):  # past the threshold: psycopg prepares it as _pg3_0
+            await prepared.execute(insert, [next(ids)])
+            await unprepared.execute(insert, [next(ids)])
+        fault = cluster.kill_master("dn1")
+        failover = await cluster.failover(fault)
+
+        async def answers(conn: psycopg.AsyncConnection[tuple[object, ...]]) -> list[str]:
+            found = []
+            for _ in range(tries):
+                try:
+                    found.append(str((await conn.execute(insert, [next(ids)])).statusmessage))
+                except psycopg.Error as error:
+                    found.append(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}")
+            return found
+
+        new = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        connections.append(new)
+        clients = PreparedClients(await answers(prepared), await answers(unprepared), await answers(new))
+    finally:
+        for conn in connections:
+            await conn.close()
+    print(f"\n  kill -9 of {fault.member}: {failover.line()}; then {tries} inserts each through coord1:")
+    for label, found in (
+        ("connection that prepared the INSERT", clients.prepared),
+        ("connection with prepare_threshold=None", clients.unprepared),
+        ("new connection", clients.new),
+    ):
+        print(f"    {label}: " + "; ".join(f"{n} x {a}" for a, n in Counter(found).items()))
+    await cluster.assert_rejoined(fault, failover.new_master)
+    return clients

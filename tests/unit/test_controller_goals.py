@@ -180,14 +180,14 @@ async def test_the_fence_beside_a_promotion_is_best_effort_and_a_stray_master_fe
     assert not controller.observations["dn1b"].busy
 
 
-def test_a_failed_switchover_is_remembered_until_the_group_leaves_the_switchover(
+async def test_a_failed_switchover_is_remembered_until_the_group_leaves_the_switchover(
     controller: Controller,
 ) -> None:
     controller.groups["dn1"] = replace(
         controller.groups["dn1"], state=GroupState.SWITCHOVER, master="dn1a", candidate="dn1b"
     )
     assert not controller.view("dn1").switchover_failed
-    controller._switchover_failed("dn1", "dn1b did not catch up")
+    await controller._switchover_failed("dn1", "dn1b", "dn1b did not catch up")
     assert controller.groups["dn1"].reason == "switchover failed: dn1b did not catch up"
     assert controller.view("dn1").switchover_failed
     controller._apply(controller.view("dn1"), Decision(GroupState.SWITCHOVER, (), "still switching over"))
@@ -269,3 +269,40 @@ async def test_a_reply_in_another_members_name_is_refused(tmp_path: Path) -> Non
     assert controller.observations["dn1a"].status is None, "nothing observed in dn1a's name either"
     assert [call[1] for call in calls] == ["GetStatus", "Fence"]
     assert any("answered as dn1/dn1a" in e.message for e in controller.store.events(0, 100, ""))
+
+
+async def test_a_switchover_whose_promote_reply_was_lost_never_restarts_the_old_master(
+    tmp_path: Path,
+) -> None:
+    """The target promoted but its reply was lost (found by the simulator: the old master was
+    restarted at the same epoch, two masters). Until the target says it is a standby, the
+    switchover stalls instead of failing; then it fails and the old master may restart."""
+    controller = make_controller(tmp_path, ["dn1a", "dn1b"])
+    recording_agents(controller)
+    controller.groups["dn1"] = replace(
+        controller.groups["dn1"],
+        state=GroupState.SWITCHOVER,
+        master="dn1a",
+        candidate="dn1b",
+        promote_sent=True,
+    )
+    stub = controller.clients["dn1b"].stub  # type: ignore[attr-defined]
+
+    async def unreachable(request: pb.GetStatusRequest, timeout: float) -> pb.MemberStatus:
+        raise Refused("connection reset")
+
+    stub.GetStatus = unreachable
+    await controller._switchover_failed("dn1", "dn1b", "dn1b did not become master")
+    assert not controller.groups["dn1"].switchover_failed
+    assert "switchover stalled" in controller.store.events(0, 100, "dn1")[-1].message
+
+    async def standby(request: pb.GetStatusRequest, timeout: float) -> pb.MemberStatus:
+        status = pb.MemberStatus(member="dn1b", datanode="dn1", sequence=99)
+        status.postgres_status.role = pb.ROLE_STANDBY
+        return status
+
+    stub.GetStatus = standby
+    await controller._switchover_failed("dn1", "dn1b", "dn1b did not become master")
+    assert controller.groups["dn1"].switchover_failed
+    controller._apply(controller.view("dn1"), Decision(GroupState.SINGLE, (), "restarting dn1a"))
+    assert not controller.groups["dn1"].promote_sent

@@ -339,15 +339,15 @@ CASES: dict[int, Case] = {
         (), ("master dn1a is back",), sync_set=(),
     ),
     24: Case(
-        "candidate_ready", None, lambda: master_lost(S.NO_CANDIDATE, master_failed_for=3.0), S.FAILOVER,
+        "master_failed", "candidate_ready", lambda: master_lost(S.NO_CANDIDATE, master_failed_for=3.0), S.FAILOVER,
         promote(), ("promoting dn1b (synchronous standby)",), **PROMOTED,
     ),
     25: Case(
-        "reports_stale", None, lambda: master_lost(S.NO_CANDIDATE, master_failed_for=0.0), S.NO_CANDIDATE,
+        "master_failed", "reports_stale", lambda: master_lost(S.NO_CANDIDATE, master_failed_for=0.0), S.NO_CANDIDATE,
         (Step(Action.REFRESH, "dn1b"),), ("asking the standbys for their positions",),
     ),
     26: Case(
-        "data_loss_candidate", None,
+        "master_failed", "data_loss_candidate",
         lambda: replace(lost_unprotected(allow_data_loss=True), state=S.NO_CANDIDATE), S.FAILOVER,
         promote(), ("dn1b is the most advanced standby; up to 4096 bytes may be lost",), **PROMOTED,
     ),
@@ -440,7 +440,7 @@ def row(event: str, guard: str | None = None, state: GroupState | None = None) -
 
 
 ALWAYS = row("always")
-FAILOVER_ROW = row("master_failed", "candidate_ready")
+FAILOVER_ROW = row("master_failed", "candidate_ready", S.PROTECTED)
 
 
 def test_a_failover_under_way_is_not_resent_while_the_promotion_runs() -> None:
@@ -482,7 +482,7 @@ def test_a_synchronous_standby_not_heard_since_a_controller_restart_is_asked_bef
     view = group(members=(crashed(master()), gone(standby())), master_failed_for=0.3)
     decision = decide(view)
     assert (decision.row, decision.steps) == (
-        row("master_failed", "reports_stale"),
+        row("master_failed", "reports_stale", S.PROTECTED),
         (Step(Action.REFRESH, "dn1b"),),
     )
     later = decide(replace(view, master_failed_for=TIMEOUT))
@@ -556,7 +556,7 @@ def step(view: GroupView, **world: Any) -> tuple[GroupView, Decision]:
 
 def test_a_whole_failover_from_protected_back_to_protected() -> None:
     view, refresh = step(group(), members=(silent(master()), cut_off(standby())), master_failed_for=0.0)
-    assert (refresh.row, view.state) == (row("master_failed", "reports_stale"), S.PROTECTED)
+    assert (refresh.row, view.state) == (row("master_failed", "reports_stale", S.PROTECTED), S.PROTECTED)
     view, failover = step(view, master_failed_for=0.5)
     assert failover.row == FAILOVER_ROW
     assert (view.state, view.master, view.candidate, view.epoch) == (S.FAILOVER, "dn1b", "dn1b", 2)
@@ -588,11 +588,9 @@ def test_a_crash_reported_by_the_agent_fails_without_a_timeout() -> None:
 
 
 @pytest.mark.parametrize(
-    "change",
-    [{"activity": "starting"}, {"has_data": False}, {"fenced": True}],
-    ids=["not-idle", "no-data", "fenced"],
+    "change", [{"activity": "starting"}, {"has_data": False}], ids=["not-idle", "no-data"]
 )
-def test_a_stopped_master_is_no_crash_unless_idle_with_data_and_unfenced(change: dict[str, Any]) -> None:
+def test_a_stopped_master_is_no_crash_unless_idle_with_data(change: dict[str, Any]) -> None:
     verdict = master_failure(group(members=(replace(crashed(master()), **change), standby())))
     assert (verdict.failed, verdict.crashed) == (False, False)
 
@@ -939,3 +937,54 @@ def test_a_setting_in_an_older_spelling_is_the_same_setting() -> None:
     assert decide(replace(view, state=S.PROTECTED)).steps == ()
     differing = decide(replace(view, members=(master(sync_names="dn1c"), standby())))
     assert [step.action for step in differing.steps] == [Action.SET_SYNC]
+
+
+def test_a_master_fenced_by_its_own_agent_has_failed() -> None:
+    """It lost the controller and every synchronous standby and fenced itself; when the
+    controller hears it again nothing serves writes: fail over to a standby that holds every
+    commit, else start it in place (found by the simulator: the group stayed 'protected')."""
+    view = group(members=(fenced(master()), cut_off(standby())), master_failed_for=1.0)
+    verdict = master_failure(view)
+    assert (verdict.failed, verdict.crashed) == (True, True)
+    assert "fenced by its agent" in verdict.inputs
+    assert decide(view).row == FAILOVER_ROW
+    alone = decide(group(members=(fenced(master()), gone(standby())), master_failed_for=TIMEOUT))
+    assert alone.steps == (Step(Action.START_MASTER, "dn1a"),)
+
+
+def test_no_candidate_keeps_a_master_that_serves_again() -> None:
+    """The master hung, then its agent died and its PostgreSQL resumed: its agent is silent
+    but the probe answers and the standby streams from it again. It may have acknowledged
+    commits the other standby lacks: nothing is promoted (found by the simulator)."""
+    serving = replace(master(), heartbeat_age=5.0, probe_ok=True, probe_age=0.1)
+    view = group(S.NO_CANDIDATE, (serving, standby()), master_failed_for=3.0)
+    assert not master_failure(view).failed
+    assert decide(view).steps == ()
+
+
+def test_no_candidate_promotes_nothing_while_a_restart_of_the_master_runs() -> None:
+    """A START_MASTER in flight (the group is busy) must finish before any promotion (found by
+    the simulator: the old master came up as master beside the promoted standby)."""
+    view = master_lost(S.NO_CANDIDATE, master_failed_for=3.0, busy=True)
+    assert decide(view).steps == ()
+    assert not CONDITIONS["master_restartable"](
+        group(S.NO_CANDIDATE, (crashed(master()), gone(standby())), busy=True)
+    )
+
+
+def test_a_candidate_whose_promotion_failed_is_promoted_again_when_it_holds_every_commit() -> None:
+    """Promote failed three times: no_candidate with the candidate recorded as master. It is
+    a running standby that was synchronous: promote it again (found by the simulator: the
+    group stayed no_candidate for ever)."""
+    view = group(
+        S.NO_CANDIDATE,
+        (fenced(master()), cut_off(standby())),
+        master="dn1b",
+        candidate="dn1b",
+        epoch=2,
+        master_failed_for=3.0,
+    )
+    assert master_failure(view).failed, "a standby recorded as the master serves no writes"
+    decision = decide(view)
+    assert (decision.next_state, decision.new_master) == (S.FAILOVER, "dn1b")
+    assert decision.steps == (Step(Action.PROMOTE, "dn1b"),)

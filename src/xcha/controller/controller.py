@@ -420,6 +420,7 @@ class Controller:
             request=None if decision.clear_request else group.request,
             reason=decision.reason if decision.steps or decision.next_state != group.state else group.reason,
             switchover_failed=group.switchover_failed and decision.next_state == GroupState.SWITCHOVER,
+            promote_sent=group.promote_sent and decision.next_state == GroupState.SWITCHOVER,
         )
         if updated != group:
             self._save_group(updated)  # before any message goes out
@@ -699,26 +700,39 @@ class Controller:
         try:
             master = await self._get_status(old, 2, "switchover")
         except (grpc.aio.AioRpcError, XchaError) as error:
-            self._switchover_failed(datanode, f"cannot read {old}'s position: {error}")
+            await self._switchover_failed(datanode, target, f"cannot read {old}'s position: {error}")
             return
         if not await self._reaches(target, master.postgres_status.current_lsn, 10):
-            self._switchover_failed(datanode, f"{target} did not catch up with {old} within 10 s")
+            await self._switchover_failed(
+                datanode, target, f"{target} did not catch up with {old} within 10 s"
+            )
             return
         reply = await self._fence(old, f"switchover to {target}", clean=True, timeout=CLEAN_STOP_TIMEOUT)
         if reply is None:
-            self._switchover_failed(datanode, f"could not stop {old} cleanly")
+            await self._switchover_failed(datanode, target, f"could not stop {old} cleanly")
             return
         if not await self._reaches(target, reply.final_lsn + 1, 30):
             position = self.observations[target].pg.position
-            self._switchover_failed(
+            await self._switchover_failed(
                 datanode,
+                target,
                 f"{target} did not receive WAL past {format_lsn(reply.final_lsn)} "
                 f"(it has {format_lsn(position)})",
             )
             return
+        self._save_group(replace(self.groups[datanode], promote_sent=True))  # before it goes out
         await self._promote(datanode, target, None, failover=True)
         if not self.observations[target].pg.running or self.observations[target].pg.in_recovery:
-            self._switchover_failed(datanode, f"{target} did not become master")
+            await self._switchover_failed(datanode, target, f"{target} did not become master")
+
+    async def _still_standby(self, member: str, attempts: int = 3) -> bool:
+        """Whether the member's agent says, now, that its PostgreSQL runs in recovery."""
+        for _ in range(attempts):
+            with contextlib.suppress(grpc.aio.AioRpcError, XchaError):
+                status = await self._get_status(member, 2, "switchover")
+                return status.postgres_status.role == pb.ROLE_STANDBY
+            await asyncio.sleep(0.1)
+        return False
 
     async def _reaches(self, member: str, position: int, timeout: float) -> bool:
         """Whether member reports (flushed or replayed) WAL up to position within timeout."""
@@ -731,9 +745,19 @@ class Controller:
             await asyncio.sleep(0.01)
         return False
 
-    def _switchover_failed(self, datanode: str, why: str) -> None:
+    async def _switchover_failed(self, datanode: str, target: str, why: str) -> None:
         """The state machine's switchover_failed row starts the old master again (a no-op when
-        it was never stopped) and returns the group to service."""
+        it was never stopped) and returns the group to service. Once a Promote went to the
+        target, only when the target says it is a standby: its reply may have been lost after
+        it promoted, and two masters at one epoch would each acknowledge commits."""
+        if self.groups[datanode].promote_sent and not await self._still_standby(target):
+            message = (
+                f"switchover stalled: {why}; {target} may have been promoted (it does not say "
+                "it is a standby): the old master stays stopped until it answers"
+            )
+            log.warning("%s: %s", datanode, message)
+            self.event(datanode, "error", message)
+            return
         message = f"switchover failed: {why}"
         self._save_group(replace(self.groups[datanode], reason=message, switchover_failed=True))
         self.event(datanode, "error", message)

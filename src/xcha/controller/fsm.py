@@ -9,7 +9,7 @@ as pure functions. docs/design.md shows the diagram generated from TRANSITIONS.
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import TypeVar, cast
 
@@ -100,15 +100,23 @@ class FailureVerdict:
 
 @_per_view
 def master_failure(view: GroupView) -> FailureVerdict:
-    """Crash: the master's agent saw its postmaster exit (a fact, no timeout); one it found
-    stopped when it started is no crash (`master_found_stopped`).
+    """Crash: the master's agent reports, as facts acted on at once, that it saw its
+    postmaster exit; that it fenced it (it had lost the controller and every synchronous
+    standby: nothing serves writes until the controller acts); or that the recorded master is
+    a standby (a candidate whose promotion failed). A PostgreSQL the agent found stopped when
+    it started is no crash (`master_found_stopped`).
     Hang, host loss, partition: no heartbeat for failure_timeout AND the controller's own
     probe fails AND every reachable standby reports it no longer receives WAL."""
     master = view.master_view
     if master is None:
         return FailureVerdict(False, False, "no master")
     timeout = view.failure_timeout
-    crashed = _master_stopped(view, master) and master.postmaster_died
+    answering = master.reachable(timeout) and master.activity == "idle" and master.has_data
+    stopped = answering and not master.pg.running
+    died = stopped and master.postmaster_died and not master.fenced
+    fenced = stopped and master.fenced
+    standby = answering and master.pg.running and master.pg.in_recovery is True
+    crashed = died or fenced or standby
     silent = not master.reachable(timeout)
     probe_failed = master.probe_ok is False and master.probe_age < timeout
     reachable_standbys = [m for m in view.standbys if m.reachable(timeout) and m.pg.running]
@@ -122,8 +130,17 @@ def master_failure(view: GroupView) -> FailureVerdict:
         )
         or "no standby reachable"
     )
+    report = (
+        "postmaster gone"
+        if died
+        else "fenced by its agent"
+        if fenced
+        else "a standby, not a master"
+        if standby
+        else ""
+    )
     inputs = f"heartbeat {heartbeat}; probe {probe}; {views}" + (
-        "; postmaster gone (agent report)" if crashed else ""
+        f"; {report} (agent report)" if report else ""
     )
     failed = not view.in_grace and (crashed or (silent and probe_failed and standbys_lost))
     return FailureVerdict(failed, crashed, inputs)
@@ -215,7 +232,12 @@ def choose_candidate(
 
 @_per_view
 def _candidate(view: GroupView) -> CandidateChoice:
-    """The candidate of an automatic failover (no data loss)."""
+    """The candidate of an automatic failover (no data loss). In no_candidate, a recorded
+    master that is a running standby (its promotion failed) may be the one that holds every
+    commit: it is a candidate too."""
+    master = view.master_view
+    if view.state == S.NO_CANDIDATE and master is not None and master.pg.running and master.pg.in_recovery:
+        return choose_candidate(replace(view, master=None))
     return choose_candidate(view)
 
 
@@ -453,7 +475,8 @@ def _master_found_stopped(view: GroupView) -> bool:
 def _master_restartable(view: GroupView) -> bool:
     master = view.master_view
     return (
-        master is not None
+        not view.busy
+        and master is not None
         and master.reachable(view.failure_timeout)
         and not master.pg.running
         and master.has_data
@@ -581,11 +604,13 @@ _TABLE: tuple[tuple[tuple[str, ...] | str, str, str | None, str, Action, str], .
      "master {master} lost ({failure}) and no standby is safe to promote: {candidate_reason}"),
     (S.NO_CANDIDATE, "master_running", None, S.SINGLE, Action.NONE,
      "master {master} is back"),
-    (S.NO_CANDIDATE, "candidate_ready", None, S.FAILOVER, Action.PROMOTE,
+    # Only while the failure rule holds: a master that serves again is kept (it may have
+    # acknowledged commits the candidate lacks), and never while a restart of it runs.
+    (S.NO_CANDIDATE, "master_failed", "candidate_ready", S.FAILOVER, Action.PROMOTE,
      "promoting {candidate_choice} ({candidate_reason})"),
-    (S.NO_CANDIDATE, "reports_stale", None, SAME, Action.REFRESH,
+    (S.NO_CANDIDATE, "master_failed", "reports_stale", SAME, Action.REFRESH,
      "asking the standbys for their positions"),
-    (S.NO_CANDIDATE, "data_loss_candidate", None, S.FAILOVER, Action.PROMOTE,
+    (S.NO_CANDIDATE, "master_failed", "data_loss_candidate", S.FAILOVER, Action.PROMOTE,
      "{data_loss_reason}"),
     (S.NO_CANDIDATE, "master_restartable", None, SAME, Action.START_MASTER,
      "no standby is safe to promote ({candidate_reason}): restarting {master}"),

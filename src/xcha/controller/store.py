@@ -43,6 +43,9 @@ class GroupRecord:
     handover_member: str | None = None  # ... and the former master, rejoining, takes
     handover_port: int = 0  # the new master's former port
     switchover_failed: bool = False  # the switchover under way failed (cleared when leaving it)
+    # A Promote went to the switchover's target: the old master may serve again only once the
+    # target is known not to be a master (its reply may have been lost after it promoted).
+    promote_sent: bool = False
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,7 @@ STOP_SIGNALS: dict[StopMode, signal.Signals] = {
 # synchronous_standby_names would hang every commit.
 NODE_LOCAL_AUTO_SETTINGS = ("synchronous_standby_names", "primary_conninfo", "restore_command")
 log = logging.getLogger(__name__)
+STREAM_WAIT = 5.0  # a restarted standby that does not stream by then cannot follow: rewind it
 
 
 def _process_state(pid: int) -> str | None:
@@ -368,8 +369,9 @@ class PostgresInstance:
             await close(session)
 
     async def control_data(self) -> dict[str, str]:
-        """pg_controldata of the (stopped) instance, as a dict of its lines."""
-        result = await self.runner.run("pg_controldata", "-D", str(self.data_dir))
+        """pg_controldata of the (stopped) instance, as a dict of its lines. The data directory
+        is given positionally: 9.3's pg_controldata (Postgres-XC) has no -D."""
+        result = await self.runner.run("pg_controldata", str(self.data_dir))
         fields = (line.partition(":") for line in result.output.splitlines())
         return {key.strip(): value.strip() for key, sep, value in fields if sep}
 
@@ -744,6 +746,22 @@ class PostgresInstance:
         self.data_dir.rename(aside)
         return aside
 
+    async def _streams_from(self, upstream: Endpoint, timeout: float) -> bool:
+        """Whether this standby's WAL receiver streams from upstream within timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(PostgresError, psycopg.Error, OSError, TimeoutError):
+                receiver = (await self.status(timeout=1.0)).wal_receiver
+                if (
+                    receiver is not None
+                    and receiver.status == "streaming"
+                    and (receiver.upstream_host, receiver.upstream_port) == (upstream.host, upstream.port)
+                ):
+                    return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+
     async def follow(
         self, upstream: Endpoint, method: CloneMethod = "basebackup", source_data_dir: Path | None = None
     ) -> Timings:
@@ -763,10 +781,15 @@ class PostgresInstance:
             self.configure("standby", upstream)
             try:
                 steps.append(("restart", await self.start()))
-                return Timings(tuple(steps))
+                if await self._streams_from(upstream, STREAM_WAIT):
+                    return Timings(tuple(steps))
+                # It runs but cannot follow: it holds WAL past the point where the new master's
+                # timeline forked off (an async standby ahead of the promoted one). Restarting
+                # again would loop; pg_rewind takes it back to the fork point.
+                steps.append((f"not streaming within {STREAM_WAIT:g} s", STREAM_WAIT))
             except PostgresError:
-                await self.stop("immediate")  # e.g. it cannot follow the new timeline: rewind
                 steps.append(("restart failed", 0.0))
+            await self.stop("immediate")
         if not self.can_rewind:
             await self.stop("immediate")
             steps.append((f"set aside {self.set_aside()}", 0.0))

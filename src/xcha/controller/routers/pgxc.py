@@ -10,10 +10,10 @@ On every coordinator, in ONE session, each statement its own autocommit transact
      clients get an error instead of a COMMIT that kept only part of the rows
      (configurable, on by default). XL: sessions holding a transaction id (`backend_xid`);
      a write transaction spanning the re-point otherwise got COMMIT with only the rows of
-     the other datanode. XC: every session inside a transaction (`xact_start`; 9.3 has no
-     backend_xid), because XC's reload silently rolls back the open transaction of EVERY
-     session on the coordinator and the client's COMMIT then returns the tag ROLLBACK
-     without an error;
+     the other datanode. XC: every session inside a transaction (by `state`: 9.3 has no
+     backend_xid, and XC 1.2.1 coordinators leave `xact_start` NULL even inside one),
+     because XC's reload silently rolls back the open transaction of EVERY session on the
+     coordinator and the client's COMMIT then returns the tag ROLLBACK without an error;
   2. `ALTER NODE dn WITH (HOST = 'h', PORT = p)`;
   3. `SELECT pgxc_pool_reload()` (in the same transaction as the ALTER it fails; as one query
      string with it the ALTER is rolled back; from another session it returns t and changes
@@ -59,9 +59,11 @@ WRITERS = {
         "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND "
         + _CLIENTS
     ),
+    # XC 1.2.1 coordinators report xact_start NULL in every session (measured: idle in
+    # transaction after an INSERT, and active): the state says it.
     "xc": sql.SQL(
-        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE xact_start IS NOT NULL AND "
-        + _CLIENTS
+        "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity WHERE (xact_start IS NOT NULL OR "
+        "state IN ('active', 'idle in transaction', 'idle in transaction (aborted)')) AND " + _CLIENTS
     ),
 }
 CLEAN_ATTEMPTS = 3
@@ -113,6 +115,11 @@ class PgxcTarget:
         self.clean_command = clean_command
         self.timeout = timeout
         self.terminated_total = 0
+        # The re-point (steps 1-4; 5-6 on the first XL coordinator) that already took effect
+        # here, as (datanode, new, epoch): a retry after a later step failed (the cleanup,
+        # while another coordinator is down) must not end this coordinator's sessions again.
+        self._repointed: tuple[str, Endpoint, int] | None = None
+        self._datanodes_repointed: tuple[str, Endpoint, int] | None = None
 
     @property
     def attempt_timeout(self) -> float:
@@ -135,7 +142,10 @@ class PgxcTarget:
             steps.append(f"{label} {(time.monotonic() - started) * 1000:.1f} ms")
             return rows
 
-        if self.terminate_writers:
+        key = (datanode, new, epoch)
+        if self._repointed == key:
+            steps.append("re-pointed by an earlier attempt")
+        elif self.terminate_writers:
             ended = [
                 row for row in await step("end open transactions", WRITERS[self.flavor]) if row[1] is True
             ]
@@ -149,8 +159,9 @@ class PgxcTarget:
                     ", ".join(str(row[0]) for row in ended),
                 )
                 steps[-1] += f" ({len(ended)} ended)"
-        await step("ALTER NODE", alter_node(datanode, new))
-        await step("pgxc_pool_reload", sql.SQL("SELECT pgxc_pool_reload()"))
+        if self._repointed != key:
+            await step("ALTER NODE", alter_node(datanode, new))
+            await step("pgxc_pool_reload", sql.SQL("SELECT pgxc_pool_reload()"))
         if self.flavor == "xl":
             check = await step("pgxc_pool_check", sql.SQL("SELECT pgxc_pool_check()"))
             if not check or check[0][0] is not True:
@@ -160,7 +171,8 @@ class PgxcTarget:
                 )
         else:
             await self._check_routed(datanode, new, step)
-        if self.first and self.flavor == "xl":
+        self._repointed = key
+        if self.first and self.flavor == "xl" and self._datanodes_repointed != key:
             for on in self.datanodes:
                 await step(
                     f"EXECUTE DIRECT ON ({on}) ALTER NODE",
@@ -170,6 +182,7 @@ class PgxcTarget:
                     f"EXECUTE DIRECT ON ({on}) pgxc_pool_reload",
                     execute_direct(self.session, on, sql.SQL("SELECT pgxc_pool_reload()")),
                 )
+            self._datanodes_repointed = key
         if self.first and self.clean_command:
             steps.append(await self._clean())
         return f"{datanode} -> {new}: " + "; ".join(steps)
