@@ -379,7 +379,7 @@ class PgxcCluster:
 
     async def assert_rejoined(self, fault: Fault, new_master: str) -> tuple[pb.ClusterStatus, str]:
         """The old master is back as the synchronous standby of the new one; returns the
-        status and the follow event that brought it back."""
+        status and the follow events that brought it back."""
         status = await self.wait_for(
             lambda s: settled(s) and find_group(s, fault.datanode).master == new_master,
             f"{fault.member} to rejoin {fault.datanode} as the synchronous standby",
@@ -393,7 +393,8 @@ class PgxcCluster:
             if json.loads(e.details_json).get("member") == fault.member
         ]
         assert follows, f"no follow event for {fault.member} after epoch {fault.epoch}"
-        return status, follows[-1].message
+        # A Follow can be sent again (a standby not streaming yet is re-done): every one counts.
+        return status, " / ".join(e.message for e in follows)
 
     def cleanup(self) -> None:
         """A host a failed scenario left stopped is resumed (stopped processes would only be
@@ -496,7 +497,7 @@ async def crash_failover(cluster: PgxcCluster) -> str:
     """kill -9 of dn1's master under writes through both coordinators: a new master, both
     coordinators re-pointed (the barrier), writes to dn1 through each again, a join across
     the datanodes, the old master back as the synchronous standby, nothing acknowledged
-    lost. Returns the old master's follow event (how it rejoined)."""
+    lost. Returns the old master's follow events (how it rejoined)."""
     await cluster.settled()
     joined = cluster.fresh_range(100)
     await cluster.insert(COORDINATORS[0], joined)
@@ -634,7 +635,7 @@ def _insert(ident: int) -> str:
 
 async def switchover(cluster: PgxcCluster) -> str:
     """A planned switchover of dn1 under writes through both coordinators: the write gap per
-    coordinator, the old master following the new one, nothing lost. Returns its follow event."""
+    coordinator, the old master following the new one, nothing lost. Returns its follow events."""
     await cluster.settled()
     async with cluster.writing(COORDINATORS) as writers:
         old, epoch = cluster.master_and_epoch("dn1")
@@ -799,7 +800,7 @@ async def add_and_remove_standby(cluster: PgxcCluster, datanode: str = "dn2", me
     """`xcha ctl add-standby` (a new member's agent, then AddStandby): the agent clones the
     master (pg_basebackup of an XL / XC datanode) and streams as a potential synchronous
     standby that replays rows written through a coordinator; then `remove-standby`: it leaves
-    synchronous_standby_names and stops. Returns its follow event (how it was cloned)."""
+    synchronous_standby_names and stops. Returns its follow events (how it was cloned)."""
     await cluster.settled()
     topology = cluster.topology
     topology.add_member(datanode, member)
@@ -837,14 +838,17 @@ async def add_and_remove_standby(cluster: PgxcCluster, datanode: str = "dn2", me
     await cluster.insert(COORDINATORS[0], ids)
     deadline = time.monotonic() + 60
     statement = sql.SQL("SELECT count(*) FROM xcha_writes WHERE id = ANY({})").format(sql.Literal(ids))
+    row: object = None
     while True:  # a direct session to a datanode standby reads its own rows
-        async with await topology.superuser(member) as conn:
-            row = await (await conn.execute(statement)).fetchone()
+        with contextlib.suppress(psycopg.OperationalError, TimeoutError):  # a Follow sent again restarts it
+            async with await topology.superuser(member) as conn:
+                row = await (await conn.execute(statement)).fetchone()
         if row == (len(ids),):
             break
         assert time.monotonic() < deadline, f"{member} has {row} of the {len(ids)} rows written to {datanode}"
         await asyncio.sleep(0.1)
-    print(f"\n  {reply.detail}; a potential sync standby after {joined_ms:.0f} ms: {follows[-1].message}")
+    joined = " / ".join(e.message for e in follows)
+    print(f"\n  {reply.detail}; a potential sync standby after {joined_ms:.0f} ms: {joined}")
 
     topology.call(
         lambda stub: stub.RemoveStandby(pb.RemoveStandbyRequest(datanode=datanode, member=member), timeout=10)
@@ -861,7 +865,7 @@ async def add_and_remove_standby(cluster: PgxcCluster, datanode: str = "dn2", me
         assert time.monotonic() < deadline, f"the removed standby {member} still runs"
         await asyncio.sleep(0.1)
     await cluster.insert(COORDINATORS[1], (await cluster.ids(datanode, 20))[:3])  # writes go on
-    return follows[-1].message
+    return joined
 
 
 def render(flavor: str, *options: str) -> str:

@@ -136,7 +136,7 @@ async def test_one_coordinator_gets_the_exact_sequence_on_one_autocommit_session
         target = PgxcTarget("c1", session, flavor="xl", datanodes=("dn1", "dn2"), first=False)
         detail = await target.apply("dn1", NEW, Endpoint("127.0.0.1", 5432), 7)
         writers = WRITERS["xl"].as_string(session.conn)
-        assert session.texts == [writers, ALTER, RELOAD, CHECK]
+        assert session.texts == [writers, ALTER, RELOAD, writers, CHECK]
         assert writers.startswith("SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity")
         assert "backend_xid IS NOT NULL" in writers and "pg_backend_pid()" in writers
         assert {conn_id for _, conn_id, _ in session.statements} == {id(session.conn)}
@@ -167,14 +167,21 @@ async def test_xl_first_coordinator_re_points_every_datanode_through_execute_dir
         detail = await target.apply("dn1", new, None, 3)
         alter = f"ALTER NODE \"dn1\" WITH (HOST = '{host}', PORT = 5433)"
         direct = [text for on in datanodes for text in expected_direct(on, host)]
-        assert session.texts == [WRITERS["xl"].as_string(session.conn), alter, RELOAD, CHECK, *direct]
+        assert session.texts == [
+            WRITERS["xl"].as_string(session.conn),
+            alter,
+            RELOAD,
+            WRITERS["xl"].as_string(session.conn),
+            CHECK,
+            *direct,
+        ]
         assert {conn_id for _, conn_id, _ in session.statements} == {id(session.conn)}
         assert all(autocommit for _, _, autocommit in session.statements)
         assert all(";" not in text for text in session.texts)
         # The real parser reads the quoted statement back as exactly the coordinator's ALTER NODE.
         prefix = 'EXECUTE DIRECT ON ("dn2") '
-        assert session.texts[6].startswith(prefix)
-        cursor = await session.conn.execute("SELECT " + session.texts[6].removeprefix(prefix))
+        assert session.texts[7].startswith(prefix)
+        cursor = await session.conn.execute("SELECT " + session.texts[7].removeprefix(prefix))
         assert await cursor.fetchall() == [(alter,)]
         for on in datanodes:
             assert f"EXECUTE DIRECT ON ({on}) ALTER NODE " in detail
@@ -192,7 +199,13 @@ async def test_no_execute_direct_on_an_xl_coordinator_that_is_not_the_first(
     try:
         target = PgxcTarget("c2", session, flavor="xl", datanodes=("dn1", "dn2"), first=False)
         await target.apply("dn1", NEW, None, 1)
-        assert session.texts == [WRITERS["xl"].as_string(session.conn), ALTER, RELOAD, CHECK]
+        assert session.texts == [
+            WRITERS["xl"].as_string(session.conn),
+            ALTER,
+            RELOAD,
+            WRITERS["xl"].as_string(session.conn),
+            CHECK,
+        ]
     finally:
         await session.conn.close()
 
@@ -236,7 +249,13 @@ async def test_pool_check_false_is_not_acknowledged(make_instance: InstanceFacto
         with pytest.raises(RuntimeError, match=r"pgxc_pool_check\(\) returned False"):
             await target.apply("dn1", NEW, None, 1)
         # Nothing goes through the datanodes before the coordinator's pooler acknowledged.
-        assert session.texts == [WRITERS["xl"].as_string(session.conn), ALTER, RELOAD, CHECK]
+        assert session.texts == [
+            WRITERS["xl"].as_string(session.conn),
+            ALTER,
+            RELOAD,
+            WRITERS["xl"].as_string(session.conn),
+            CHECK,
+        ]
     finally:
         await session.conn.close()
 
@@ -264,7 +283,17 @@ async def test_barrier_retries_a_coordinator_until_pool_check_returns_true(
         # Every attempt is the whole sequence again, on the same session.
         attempts = session.texts.count(CHECK)
         assert attempts == progress.attempts >= 4
-        assert session.texts == [WRITERS["xl"].as_string(session.conn), ALTER, RELOAD, CHECK] * attempts
+        assert (
+            session.texts
+            == [
+                WRITERS["xl"].as_string(session.conn),
+                ALTER,
+                RELOAD,
+                WRITERS["xl"].as_string(session.conn),
+                CHECK,
+            ]
+            * attempts
+        )
         assert [rows for text, rows in zip(session.texts, session.results, strict=True) if text == CHECK] == [
             [(False,)]
         ] * (attempts - 1) + [[(True,)]]
@@ -398,9 +427,13 @@ async def test_in_doubt_cleanup_runs_on_the_first_coordinator_only(
         assert run_count(runs) == 1
         last = detail.rsplit("; ", 1)[-1]
         assert last.startswith("in-doubt cleanup ")
-        assert last.endswith(" ms: resolved 2 in-doubt transactions")
+        # The last lines, joined: pgxc_clean's messages span lines.
+        assert last.endswith(
+            " ms: checking prepared transactions on 2 nodes warning: to stderr "
+            "resolved 2 in-doubt transactions"
+        )
         # After every statement, the EXECUTE DIRECT ones included.
-        assert len(first.texts) == 4 + 2 * 2
+        assert len(first.texts) == 5 + 2 * 2
     finally:
         await first.conn.close()
         await other.conn.close()
@@ -469,3 +502,36 @@ async def test_coordinator_session_sends_the_statements_to_the_server(make_insta
         assert "ALTER NODE" in instance.spec.log_file.read_text()
     finally:
         await target.close()
+
+
+async def test_xl_ends_a_transaction_that_took_an_id_between_the_first_pass_and_the_reload(
+    make_instance: InstanceFactory,
+) -> None:
+    """The first pass finds no writer; a session takes a transaction id before the reload. It
+    spans the re-point as surely as the others: the pass after the reload ends it."""
+    instance = await coordinator(make_instance)
+    session = await recorder(instance)
+    late = await instance.connect()
+    run = session.run
+
+    async def run_with_a_late_writer(
+        query: Query, params: Sequence[object] | None = None
+    ) -> list[tuple[object, ...]]:
+        text = query.as_string(session.conn) if isinstance(query, sql.Composable) else query
+        if text == RELOAD:
+            await late.execute("BEGIN")
+            await late.execute("CREATE TEMP TABLE t (x int)")
+        return await run(query, params)
+
+    session.run = run_with_a_late_writer  # type: ignore[method-assign]
+    try:
+        target = PgxcTarget("c1", session, flavor="xl", datanodes=("dn1",), first=False)
+        detail = await target.apply("dn1", NEW, None, 1)
+        assert session.results[0] == [], "nobody held a transaction id at the first pass"
+        assert target.terminated_total == 1
+        assert "end transactions begun meanwhile" in detail and "(1 ended)" in detail
+        with pytest.raises(psycopg.OperationalError):
+            await late.execute("INSERT INTO t VALUES (1)")
+    finally:
+        await late.close()
+        await session.conn.close()

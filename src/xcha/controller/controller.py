@@ -561,6 +561,10 @@ class Controller:
             request.synchronous_standbys.CopyFrom(sync_to_proto(sync))  # type: ignore[arg-type]
         started = time.time()
         reply = await self._call(member, "Promote", lambda stub: stub.Promote(request, timeout=120))
+        if reply is None:
+            # The group stays busy a moment: an agent that refuses at once (it is restarting)
+            # would otherwise be asked again hundreds of times a second, an event each time.
+            await asyncio.sleep(self.config.heartbeat_interval)
         if reply is not None and failover:
             marks = self.marks.setdefault(datanode, FailoverMarks())
             marks.promoted_at = time.time()

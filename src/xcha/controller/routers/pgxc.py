@@ -17,7 +17,8 @@ On every coordinator, in ONE session, each statement its own autocommit transact
   2. `ALTER NODE dn WITH (HOST = 'h', PORT = p)`;
   3. `SELECT pgxc_pool_reload()` (in the same transaction as the ALTER it fails; as one query
      string with it the ALTER is rolled back; from another session it returns t and changes
-     nothing);
+     nothing); on XL, step 1 again: a session that took a transaction id between step 1 and
+     the reload spans the re-point too;
   4. the acknowledgement, else the barrier retries: XL: `SELECT pgxc_pool_check()` is t.
      XC, where pgxc_pool_check() returned f in fresh sessions before any fault and once after
      a reload that did take effect: the catalog row holds the new address and a statement
@@ -124,7 +125,7 @@ class PgxcTarget:
     @property
     def attempt_timeout(self) -> float:
         """How long one attempt may take: every statement may take `timeout`, the cleanup more."""
-        statements = 5 + (2 * len(self.datanodes) if self.first and self.flavor == "xl" else 0)
+        statements = 6 + (2 * len(self.datanodes) if self.first and self.flavor == "xl" else 0)
         cleanup = CLEAN_ATTEMPTS * CLEAN_TIMEOUT + (CLEAN_ATTEMPTS - 1) * CLEAN_RETRY
         return self.timeout * statements + (cleanup if self.first and self.clean_command else 0.0)
 
@@ -142,26 +143,31 @@ class PgxcTarget:
             steps.append(f"{label} {(time.monotonic() - started) * 1000:.1f} ms")
             return rows
 
-        key = (datanode, new, epoch)
-        if self._repointed == key:
-            steps.append("re-pointed by an earlier attempt")
-        elif self.terminate_writers:
-            ended = [
-                row for row in await step("end open transactions", WRITERS[self.flavor]) if row[1] is True
-            ]
+        async def end_transactions(label: str) -> None:
+            ended = [row for row in await step(label, WRITERS[self.flavor]) if row[1] is True]
             if ended:
                 self.terminated_total += len(ended)
                 log.warning(
-                    "%s: ended %d session(s) inside a transaction before re-pointing %s: %s",
+                    "%s: ended %d session(s) inside a transaction while re-pointing %s: %s",
                     self.name,
                     len(ended),
                     datanode,
                     ", ".join(str(row[0]) for row in ended),
                 )
                 steps[-1] += f" ({len(ended)} ended)"
-        if self._repointed != key:
+
+        key = (datanode, new, epoch)
+        if self._repointed == key:
+            steps.append("re-pointed by an earlier attempt")
+        else:
+            if self.terminate_writers:
+                await end_transactions("end open transactions")
             await step("ALTER NODE", alter_node(datanode, new))
             await step("pgxc_pool_reload", sql.SQL("SELECT pgxc_pool_reload()"))
+            if self.terminate_writers and self.flavor == "xl":
+                # A session that took a transaction id after the first pass, before the reload,
+                # spans the re-point too (XC's reload already rolled every one back).
+                await end_transactions("end transactions begun meanwhile")
         if self.flavor == "xl":
             check = await step("pgxc_pool_check", sql.SQL("SELECT pgxc_pool_check()"))
             if not check or check[0][0] is not True:
@@ -218,7 +224,9 @@ class PgxcTarget:
                 log.warning("%s: in-doubt cleanup failed (attempt %d): %s", self.name, attempt, error)
                 await asyncio.sleep(CLEAN_RETRY)
         log.info("%s: in-doubt cleanup: %s", self.name, text or "nothing reported")
-        last = text.splitlines()[-1] if text else "nothing reported"
+        # pgxc_clean's messages span lines (a lone ")" can end one): the last few, joined.
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        last = " ".join(lines[-3:])[-300:] if lines else "nothing reported"
         tries = f", {attempt} attempts" if attempt > 1 else ""
         return f"in-doubt cleanup {(time.monotonic() - started) * 1000:.0f} ms{tries}: {last}"
 
