@@ -197,7 +197,8 @@ def status_table(status: pb.ClusterStatus) -> str:
             f"{group.name}: {group.state}{flags}, master {group.master or '-'}, {group.synchronous} "
             f"{group.sync_policy}: {group.reason}{pending}"
         )
-    return "\n".join([*_aligned(rows), "", *notes, f"epoch {status.epoch}"]) + "\n"
+    warnings = [f"WARNING: {warning}" for warning in status.warnings]
+    return "\n".join([*_aligned(rows), "", *notes, f"epoch {status.epoch}", *warnings]) + "\n"
 
 
 def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -282,7 +283,12 @@ def status_json(status: pb.ClusterStatus) -> dict[str, object]:
                 "members": members,
             }
         )
-    return {"epoch": status.epoch, "paused": status.paused, "groups": groups}
+    return {
+        "epoch": status.epoch,
+        "paused": status.paused,
+        "groups": groups,
+        "warnings": list(status.warnings),
+    }
 
 
 def get_status(target: ControllerTarget, channel: grpc.Channel | None = None) -> pb.ClusterStatus:

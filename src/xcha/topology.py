@@ -451,7 +451,9 @@ class Topology:
     def coordinator_spec(self, name: str) -> InstanceSpec:
         """A coordinator has no configuration file: this topology alone lays it out."""
         base = self.workdir / "coordinators" / name
-        pgxc = self.pgxc_layout.settings(name, name, "coordinator") if self.plan.flavor != "postgresql" else None
+        pgxc = (
+            self.pgxc_layout.settings(name, name, "coordinator") if self.plan.flavor != "postgresql" else None
+        )
         return InstanceSpec.under(
             base,
             name,

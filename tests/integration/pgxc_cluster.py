@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from tests.conftest import SESSION_BASE, assert_nothing_lost
@@ -183,6 +184,7 @@ class PgxcCluster:
         self._next_id = 1_000_000
         self._next_probe = -1
         self._crashes_reported = 0
+        self.broken = ""  # why the tests after a failed one cannot use this cluster
 
     @property
     def product(self) -> str:
@@ -395,6 +397,20 @@ class PgxcCluster:
         assert follows, f"no follow event for {fault.member} after epoch {fault.epoch}"
         # A Follow can be sent again (a standby not streaming yet is re-done): every one counts.
         return status, " / ".join(e.message for e in follows)
+
+    def check_usable(self) -> None:
+        """Fail at once when an earlier test left the cluster unsettled (instead of each later
+        test waiting out its own timeout)."""
+        if self.broken:
+            pytest.fail(self.broken)
+
+    async def after_test(self, test: str) -> None:
+        """The cluster settles again after every test, or the tests after it cannot use it."""
+        self.cleanup()
+        try:
+            await self.settled(60)
+        except XchaError as error:
+            self.broken = f"the shared cluster did not settle again after {test}: {error}"
 
     def cleanup(self) -> None:
         """A host a failed scenario left stopped is resumed (stopped processes would only be

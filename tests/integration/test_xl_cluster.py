@@ -2,7 +2,7 @@
 master with a synchronous standby under agents, the controller's `pgxc` router. One cluster
 serves the module; each test starts from a settled cluster (tests/integration/pgxc_cluster.py)."""
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -37,12 +37,14 @@ async def cluster(xl_bindir: Path) -> AsyncIterator[PgxcCluster]:
         yield running
 
 
-@pytest.fixture(autouse=True)
-def coordinator_crashes(cluster: PgxcCluster) -> Iterator[None]:
-    """Each test's log names the coordinator backend crashes it saw (each restarts the
-    coordinator: measured on XC around a re-point under load)."""
+@pytest_asyncio.fixture(autouse=True, loop_scope="module")
+async def shared(cluster: PgxcCluster, request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """Each test starts from a settled cluster, and its log names the coordinator backend
+    crashes it saw (each restarts that coordinator: measured on XC around a re-point)."""
+    cluster.check_usable()
     yield
     cluster.report_crashes()
+    await cluster.after_test(request.node.name)
 
 
 async def test_crash_of_a_datanode_master(cluster: PgxcCluster) -> None:

@@ -244,3 +244,45 @@ def test_an_expiring_certificate_warns_30_days_ahead(tmp_path: Path) -> None:
         info = certificate_info(x509.load_pem_x509_certificate(cert.read_bytes()))
         assert bool(info.expiry_warning(now + datetime.timedelta(minutes=1))) == warns, days
     assert "expired on" in info.expiry_warning(now + datetime.timedelta(days=2))
+
+
+def test_a_certificate_expiring_soon_is_a_warning_in_the_cluster_status(tmp_path: Path) -> None:
+    """`xcha ctl status` (text and JSON) says which certificate to renew, 30 days ahead."""
+    import datetime
+    import json as json_module
+
+    from xcha.controller.config import load_controller_config
+    from xcha.controller.controller import Controller
+    from xcha.controller.routing import Router
+    from xcha.controller.service import ControllerService
+    from xcha.controller.store import SqliteStore
+    from xcha.ctl import status_json, status_table
+    from xcha.tls import Identity, create_ca, issue
+
+    tls = tmp_path / "tls"
+    create_ca(tls)
+    issue(tls, Identity("controller", "controller"), validity=datetime.timedelta(days=10))
+    config = tmp_path / "controller.toml"
+    config.write_text(f"""
+[controller]
+listen = "127.0.0.1:7000"
+state_dir = "{tmp_path}/state"
+
+[[datanode]]
+name = "dn1"
+members = ["dn1a", "dn1b"]
+
+[tls]
+ca_file = "{tls}/ca.pem"
+cert_file = "{tls}/controller.pem"
+key_file = "{tls}/controller.key"
+""")
+    controller = Controller(
+        load_controller_config(config), SqliteStore(tmp_path / "state.sqlite3"), Router("none", [])
+    )
+    warnings = ControllerService(controller).certificate_warnings()
+    assert len(warnings) == 1 and "xcha://controller/controller expires in 9 day(s)" in warnings[0], warnings
+    status = controller.cluster_status()
+    status.warnings.extend(warnings)
+    assert f"WARNING: {warnings[0]}" in status_table(status)
+    assert json_module.loads(json_module.dumps(status_json(status)))["warnings"] == warnings

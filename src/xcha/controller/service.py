@@ -1,5 +1,7 @@
 """The controller's gRPC service: thin, it converts messages and delegates to `Controller`."""
 
+import time
+
 import grpc
 
 from xcha.authz import Guard, caller
@@ -28,6 +30,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         expiring become events of the controller's history (`xcha ctl events`), as do the
         controller's own certificate and CA expiring (at start and on every reload)."""
         self.controller = controller
+        self.guard = guard
         if guard is not None:
             guard.listeners.append(lambda kind, sentence: controller.event("", kind, sentence))
         if not controller.config.tls.insecure:
@@ -64,7 +67,22 @@ class ControllerService(pb_grpc.ControllerServicer):
     async def GetClusterStatus(
         self, request: pb.ClusterStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterStatus:
-        return await answer(context, self.controller.cluster_status)
+        status = await answer(context, self.controller.cluster_status)
+        status.warnings.extend(self.certificate_warnings())
+        return status
+
+    def certificate_warnings(self) -> list[str]:
+        """Certificates expiring within 30 days: this controller's, its CA's, and the peers'
+        its guard has seen (every agent heartbeats, so every agent's is among them)."""
+        if self.controller.config.tls.insecure:
+            return []
+        warnings = material(self.controller.config.tls).files.warnings()
+        if self.guard is not None:
+            now = time.time()
+            for identity, expiry in sorted(self.guard.peer_expiry.items()):
+                days = max(0, int((expiry - now) // 86400))
+                warnings.append(f"the certificate of {identity} expires in {days} day(s): renew it")
+        return warnings
 
     def _reply(self, detail: str) -> pb.OperationReply:
         return pb.OperationReply(detail=detail, epoch=self.controller.epoch)

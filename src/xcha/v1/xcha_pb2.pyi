@@ -850,12 +850,19 @@ class ClusterStatus(_message.Message):
     PAUSED_FIELD_NUMBER: _builtins.int
     CONTROLLER_VERSION_FIELD_NUMBER: _builtins.int
     UPTIME_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     paused: _builtins.bool
     controller_version: _builtins.str
     uptime: _builtins.float
     @_builtins.property
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupView]: ...
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What an operator must act on soon: certificates (the controller's own, its CA's, and
+        peers' it has seen) expiring within 30 days.
+        """
+
     def __init__(
         self,
         *,
@@ -864,10 +871,11 @@ class ClusterStatus(_message.Message):
         paused: _builtins.bool = ...,
         controller_version: _builtins.str = ...,
         uptime: _builtins.float = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["controller_version", b"controller_version", "epoch", b"epoch", "groups", b"groups", "paused", b"paused", "uptime", b"uptime"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controller_version", b"controller_version", "epoch", b"epoch", "groups", b"groups", "paused", b"paused", "uptime", b"uptime", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
