@@ -356,6 +356,7 @@ class History:
         else:
             self.world.send(CONTROLLER, host, arrive, lossy=False)
         deadline = loop.time() + timeout
+        boot = agent.boots  # the agent process the connection is to
         unhealthy_since: float | None = None
         try:
             while not answer.done():
@@ -365,6 +366,9 @@ class History:
                 await asyncio.wait({answer}, timeout=min(remaining, 1.0))
                 if answer.done():
                     break
+                if agent.boots != boot and agent.alive and not agent.hung:
+                    # A restarted agent's host answers the next keepalive ping with a reset.
+                    raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "connection reset (agent restarted)")
                 if self._connected(agent):
                     unhealthy_since = None
                 elif unhealthy_since is None:

@@ -42,6 +42,12 @@ from xcha.workload import Outcome, Writer
 COORDINATORS = ("coord1", "coord2")
 DATANODES = ("dn1", "dn2")
 ID_SPAN = 2000  # ids looked at per refill: about half of them go to each datanode
+# A coordinator restarting (crash recovery, start-up) refuses connections with these.
+RESTARTING = re.compile(r"in recovery mode|is starting up|shutting down|Connection refused|No such file")
+# ... or cuts a session off.
+CUT_OFF = re.compile(
+    r"closed the connection unexpectedly|crash of another server process|" + RESTARTING.pattern
+)
 
 
 def plan(flavor: str) -> TopologyPlan:
@@ -155,11 +161,8 @@ class Writers:
         """Stop writing, then read the table through a coordinator: every acknowledged id is
         there, no id of these writers is there that they never sent."""
         await self.stop()
-        async with await psycopg.AsyncConnection.connect(
-            self.cluster.topology.coordinator_app_conninfo(COORDINATORS[0]), autocommit=True
-        ) as conn:
-            cursor = await conn.execute("SELECT id FROM xcha_writes")
-            present = {int(row[0]) for row in await cursor.fetchall()}  # type: ignore[call-overload]
+        rows = await self.cluster.query(COORDINATORS[0], "SELECT id FROM xcha_writes")
+        present = {int(str(row[0])) for row in rows}
         writers = list(self.writers.values())
         acknowledged = set().union(*(w.acknowledged for w in writers))
         sent = set().union(*(w.sent for w in writers))
@@ -183,7 +186,7 @@ class PgxcCluster:
         self.stopped_hosts: set[str] = set()
         self._next_id = 1_000_000
         self._next_probe = -1
-        self._crashes_reported = 0
+        self._crashes_reported: set[str] = set()
         self.broken = ""  # why the tests after a failed one cannot use this cluster
 
     @property
@@ -201,16 +204,40 @@ class PgxcCluster:
             return self.topology.coordinator_conninfo(coordinator)
         return self.topology.coordinator_app_conninfo(coordinator)
 
+    async def connect(
+        self, coordinator: str, superuser: bool = False, **options: object
+    ) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        """An autocommit session on a coordinator for the test's own statements. A connection
+        refused while the coordinator restarts after a backend crash (measured on XC around a
+        re-point, see `crashes`) is tried again for up to 30 s; the writers under judgement
+        never retry."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                return await psycopg.AsyncConnection.connect(
+                    self.conninfo(coordinator, superuser), autocommit=True, connect_timeout=10, **options
+                )
+            except psycopg.OperationalError as error:
+                if not RESTARTING.search(str(error)) or time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
     async def query(
         self, coordinator: str, statement: sql.Composable | str, superuser: bool = False
     ) -> list[tuple[object, ...]]:
         """One autocommit statement through a coordinator (as the application, or the
-        superuser over the coordinator's private socket)."""
-        async with await psycopg.AsyncConnection.connect(
-            self.conninfo(coordinator, superuser), autocommit=True, connect_timeout=10
-        ) as conn:
-            cursor = await conn.execute(statement)  # type: ignore[arg-type]
-            return await cursor.fetchall() if cursor.description else []
+        superuser over the coordinator's private socket). The test's own statements only read,
+        so one cut off by a coordinator restart runs again."""
+        for attempt in range(3):
+            try:
+                async with await self.connect(coordinator, superuser) as conn:
+                    cursor = await conn.execute(statement)  # type: ignore[arg-type]
+                    return await cursor.fetchall() if cursor.description else []
+            except psycopg.OperationalError as error:
+                if not CUT_OFF.search(str(error)) or attempt == 2:
+                    raise
+                await asyncio.sleep(0.5)
+        raise AssertionError("unreachable")
 
     async def ids(self, datanode: str, span: int) -> list[int]:
         """Fresh ids (never handed out before in this cluster) that the table's hash sends to
@@ -232,10 +259,22 @@ class PgxcCluster:
         return range(start, start + span)
 
     async def insert(self, coordinator: str, ids: list[int] | range) -> None:
-        async with await psycopg.AsyncConnection.connect(
-            self.conninfo(coordinator), autocommit=True, connect_timeout=10
-        ) as conn:
-            await conn.execute("INSERT INTO xcha_writes (id) SELECT unnest(%s::bigint[])", [list(ids)])
+        """Rows through a coordinator; when a coordinator restart cuts the statement off,
+        whatever of it is missing is inserted again."""
+        wanted = list(ids)
+        for attempt in range(3):
+            try:
+                async with await self.connect(coordinator) as conn:
+                    await conn.execute("INSERT INTO xcha_writes (id) SELECT unnest(%s::bigint[])", [wanted])
+                return
+            except psycopg.OperationalError as error:
+                if not CUT_OFF.search(str(error)) or attempt == 2:
+                    raise
+                await asyncio.sleep(0.5)
+                present = set(await self.present(coordinator, wanted))
+                wanted = [ident for ident in wanted if ident not in present]
+                if not wanted:
+                    return
 
     async def present(self, coordinator: str, ids: list[int] | range) -> list[int]:
         rows = await self.query(
@@ -340,10 +379,10 @@ class PgxcCluster:
 
     def report_crashes(self) -> None:
         """Print the coordinator crashes since the last report, for the log."""
-        crashes = self.crashes()
-        for line in crashes[self._crashes_reported :]:
-            print(f"  coordinator backend crash (the coordinator restarted): {line}")
-        self._crashes_reported = len(crashes)
+        for line in self.crashes():
+            if line not in self._crashes_reported:
+                self._crashes_reported.add(line)
+                print(f"  coordinator backend crash (the coordinator restarted): {line}")
 
     @asynccontextmanager
     async def writing(self, coordinators: tuple[str, ...]) -> AsyncIterator[Writers]:
@@ -774,7 +813,7 @@ async def transactions_across_the_repoint(cluster: PgxcCluster) -> list[OpenTran
     opened: list[OpenTransaction] = []
     try:
         for coordinator, ids in plans:
-            conn = await psycopg.AsyncConnection.connect(cluster.conninfo(coordinator), autocommit=True)
+            conn = await cluster.connect(coordinator)
             opened.append(OpenTransaction(coordinator, ids, conn))
             await conn.execute("BEGIN")
             for ident in ids:
@@ -1021,12 +1060,11 @@ async def prepared_statements_across_the_repoint(cluster: PgxcCluster, tries: in
     await cluster.settled()
     ids = iter(await cluster.ids("dn1", 400))
     insert = "INSERT INTO xcha_writes (id) VALUES (%s)"
-    conninfo = cluster.conninfo(COORDINATORS[0])
     connections: list[psycopg.AsyncConnection[tuple[object, ...]]] = []
     try:
-        prepared = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        prepared = await cluster.connect(COORDINATORS[0])
         connections.append(prepared)
-        unprepared = await psycopg.AsyncConnection.connect(conninfo, autocommit=True, prepare_threshold=None)
+        unprepared = await cluster.connect(COORDINATORS[0], prepare_threshold=None)
         connections.append(unprepared)
         for _ in range(8):  # past the threshold: psycopg prepares it as _pg3_0
             await prepared.execute(insert, [next(ids)])
@@ -1043,7 +1081,7 @@ async def prepared_statements_across_the_repoint(cluster: PgxcCluster, tries: in
                     found.append(f"{type(error).__name__}: {str(error).strip().splitlines()[0]}")
             return found
 
-        new = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
+        new = await cluster.connect(COORDINATORS[0])
         connections.append(new)
         clients = PreparedClients(await answers(prepared), await answers(unprepared), await answers(new))
     finally:

@@ -373,7 +373,7 @@ def test_version_and_errors_without_a_controller(workdir: Path) -> None:
     assert_one_line_error(by_env, "unreachable")
     assert_one_line_error(xcha_cli("ctl", "status", cwd=workdir), "which controller?", "--controller")
     assert_one_line_error(
-        xcha_cli("ctl", "status", "--controller", f"127.0.0.1:{port}"), "give --ca, --cert and --key"
+        xcha_cli("ctl", "status", "--controller", f"127.0.0.1:{port}"), "give the operator's --cert and --key"
     )
     missing = workdir / "missing.pem"
     assert_one_line_error(

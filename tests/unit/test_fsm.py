@@ -339,11 +339,13 @@ CASES: dict[int, Case] = {
         (), ("master dn1a is back",), sync_set=(),
     ),
     24: Case(
-        "master_failed", "candidate_ready", lambda: master_lost(S.NO_CANDIDATE, master_failed_for=3.0), S.FAILOVER,
+        "master_failed", "candidate_ready",
+        lambda: master_lost(S.NO_CANDIDATE, master_failed_for=3.0), S.FAILOVER,
         promote(), ("promoting dn1b (synchronous standby)",), **PROMOTED,
     ),
     25: Case(
-        "master_failed", "reports_stale", lambda: master_lost(S.NO_CANDIDATE, master_failed_for=0.0), S.NO_CANDIDATE,
+        "master_failed", "reports_stale",
+        lambda: master_lost(S.NO_CANDIDATE, master_failed_for=0.0), S.NO_CANDIDATE,
         (Step(Action.REFRESH, "dn1b"),), ("asking the standbys for their positions",),
     ),
     26: Case(

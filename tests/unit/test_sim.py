@@ -14,6 +14,7 @@ from xcha.controller.fsm import Decision
 
 SEEDS = range(300)
 
+
 def test_a_few_hundred_seeded_histories_hold_every_invariant() -> None:
     violations = []
     for seed in SEEDS:
