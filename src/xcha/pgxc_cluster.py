@@ -9,7 +9,6 @@ datanode is protected: registration, then the application role and the table thr
 first coordinator (XL and XC run both on every node).
 """
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from xcha.pg.client import Conn, connect
 from xcha.pg.flavor import PgxcFlavor, PgxcSettings
 from xcha.pg.gtm import GtmInstance, GtmSpec
 from xcha.pg.runner import Runner
-from xcha.pgxc_nodes import KNOWN_NODES, RELOAD, PgxcNode, distributed_table, node_order, registration
+from xcha.pgxc_nodes import KNOWN_NODES, RELOAD, PgxcNode, distributed_table, registration
 
 LOOPBACK_NETWORKS = ("127.0.0.1/32",)
 STATEMENT_TIMEOUT = 30.0
@@ -36,18 +35,16 @@ class PgxcLayout:
     gtm_port: int
     pooler_ports: dict[str, int]  # every member and coordinator has its own
 
-    def settings(
-        self, name: str, node_name: str, node_type: str, networks: Sequence[str] = LOOPBACK_NETWORKS
-    ) -> PgxcSettings:
-        """The flavour settings of one member (node_name: its datanode) or coordinator.
-        networks: where coordinators connect from (their poolers log in without a password)."""
+    def settings(self, name: str, node_name: str, node_type: str) -> PgxcSettings:
+        """The flavour settings of one member (node_name: its datanode) or coordinator. The
+        coordinators connect from loopback here (their poolers log in without a password)."""
         return PgxcSettings(
             flavor=self.flavor,
             node_name=node_name,
             pooler_port=self.pooler_ports[name],
             gtm_host="127.0.0.1",
             gtm_port=self.gtm_port,
-            coordinator_networks=tuple(networks),
+            coordinator_networks=LOOPBACK_NETWORKS,
             node_type=node_type,  # type: ignore[arg-type]
         )
 
@@ -67,17 +64,15 @@ async def _session(conninfo: str) -> Conn:
     return await connect(conninfo, STATEMENT_TIMEOUT, autocommit=True)
 
 
-async def register_node(conninfo: str, itself: str, nodes: list[PgxcNode]) -> list[str]:
+async def register_node(conninfo: str, itself: str, nodes: list[PgxcNode]) -> None:
     """Make one node's catalog hold every node at its address, then reload its pooler (in the
-    same session: a reload from another session changes nothing). Returns what ran."""
+    same session: a reload from another session changes nothing)."""
     conn = await _session(conninfo)
     try:
         known = {str(row[0]) for row in await (await conn.execute(KNOWN_NODES)).fetchall()}
-        statements = registration(itself, nodes, known)
-        for statement in statements:
+        for statement in registration(itself, nodes, known):
             await conn.execute(statement)
         await conn.execute(RELOAD)
-        return [statement.as_string(conn) for statement in statements]
     finally:
         await conn.close()
 
@@ -100,9 +95,9 @@ async def register_cluster(
             raise XchaError(f"registering the nodes on {name} failed: {error}") from error
 
 
-async def create_table(conninfo: str, datanodes: list[str], user: str, password: str) -> list[str]:
+async def create_table(conninfo: str, datanodes: list[str], user: str, password: str) -> None:
     """The application role and the distributed table, through one coordinator (it runs the
-    DDL on every node). Returns the table's datanodes in the order its hash indexes them."""
+    DDL on every node)."""
     conn = await _session(conninfo)
     try:
         exists = await (await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", [user])).fetchone()
@@ -117,6 +112,5 @@ async def create_table(conninfo: str, datanodes: list[str], user: str, password:
                 sql.Identifier(SHARDED_TABLE), sql.Identifier(user)
             )
         )
-        return [str(row[0]) for row in await (await conn.execute(node_order())).fetchall()]
     finally:
         await conn.close()

@@ -214,9 +214,6 @@ class PostgresInstance:
             return pid
         return None
 
-    def is_child(self) -> bool:
-        return self._child is not None and self._child.poll() is None
-
     def reap(self) -> int | None:
         """Collect the exit status of a postmaster xcha started; None while it runs."""
         if self._child is None:
@@ -329,10 +326,6 @@ class PostgresInstance:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
         await self._wait_gone(victims, 10)
-
-    async def restart(self, timeout: float = 60) -> None:
-        await self.stop("fast")
-        await self.start(timeout)
 
     # ---- SQL ------------------------------------------------------------------------------
 

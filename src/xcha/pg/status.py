@@ -1,9 +1,6 @@
 """One immutable picture of a PostgreSQL instance, taken in one go."""
 
 from dataclasses import dataclass, field
-from typing import Literal
-
-SyncState = Literal["sync", "quorum", "potential", "async"]
 
 
 @dataclass(frozen=True)
