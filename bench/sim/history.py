@@ -17,7 +17,8 @@ from bench.sim.agent import WATCH_INTERVAL, SimAgent
 from bench.sim.loop import VirtualLoop
 from bench.sim.world import CONTROLLER, Postgres, Violation, World
 from xcha.config import TlsConfig
-from xcha.controller import controller as controller_module
+from xcha.controller import observing as observing_module
+from xcha.controller.agents import AgentStub
 from xcha.controller.config import ControllerConfig, DatanodeConfig, RouterConfig
 from xcha.controller.controller import Controller
 from xcha.controller.routing import Router
@@ -117,11 +118,6 @@ def _code(error: XchaError) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-class _Channel:
-    async def close(self) -> None:
-        return None
-
-
 class _Stub:
     """The controller's AgentStub: each call goes through the simulated network."""
 
@@ -155,14 +151,27 @@ class _Stub:
     async def Checkpoint(self, request: pb.CheckpointRequest, timeout: float) -> pb.RoleReply:
         return await self._role(request, timeout)
 
+    async def Remove(self, request: pb.RemoveRequest, timeout: float) -> pb.RoleReply:
+        return await self._role(request, timeout)
 
-@dataclass
-class _Client:
-    """Stands in for controller.AgentClient."""
 
-    address: str
-    stub: _Stub
-    channel: _Channel = field(default_factory=_Channel)
+class _Agents:
+    """The controller's `Agents`: every member's stub goes through the simulated network."""
+
+    def __init__(self, history: "History") -> None:
+        self.history = history
+
+    def stub(self, member: str, address: str) -> AgentStub:
+        return _Stub(self.history, self.history.agents[member])
+
+    async def close(self) -> None:
+        return None
+
+
+class _Term:
+    """The simulated controller always leads with the store's first term (token 0)."""
+
+    token = 0
 
 
 class _Coordinator:
@@ -224,7 +233,7 @@ class History:
             router=RouterConfig("none"),
             tls=TlsConfig(insecure=True),
         )
-        self.store = SqliteStore(Path(":memory:"))
+        self.store = SqliteStore(Path(":memory:"), _Term())
         self.controller: Controller | None = None
         self.controller_task: asyncio.Task[None] | None = None
         self.coordinators_down: set[str] = set()
@@ -246,10 +255,10 @@ class History:
 
     def start_controller(self) -> None:
         router = Router("none", [_Coordinator(name, self) for name in COORDINATORS], 0.1, 5.0)
-        controller = Controller(self.config, self.store, router, clock=self.loop.time)
+        controller = Controller(
+            self.config, self.store, self.store.snapshot(), router, _Agents(self), clock=self.loop.time
+        )
         controller.on_event = self._event
-        for name, agent in self.agents.items():
-            controller.clients[name] = _Client(agent.address, _Stub(self, agent))  # type: ignore[assignment]
         self.controller = controller
         self.controller_task = asyncio.ensure_future(controller.run())
         self.trace(f"controller started, epoch {controller.epoch}")
@@ -387,7 +396,7 @@ class History:
 
     def _target(self) -> SimAgent:
         """The master as the controller last recorded it, more often than not."""
-        master = self.store.groups().get(DATANODE)
+        master = self.store.snapshot().groups.get(DATANODE)
         if master is not None and master.master and self.rng.random() < 0.6:
             return self.agents[master.master]
         return self.agents[self.rng.choice(sorted(self.agents))]
@@ -592,12 +601,12 @@ class History:
 
     def run(self) -> Outcome:
         # The controller's probe, as the controller module holds it (xcha.pg.probe.ping).
-        with _quiet(), mock.patch.object(controller_module, "ping", self.ping):
+        with _quiet(), mock.patch.object(observing_module, "ping", self.ping):
             try:
                 recovered = self.loop.run_until_complete(self._run())
             finally:
+                self.loop.run_until_complete(self.store.close())
                 self.loop.close()
-                self.store.close()
         return Outcome(
             seed=self.seed,
             shape=self.shape_name,

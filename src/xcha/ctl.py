@@ -18,7 +18,7 @@ from xcha.config import TlsConfig
 from xcha.errors import InvalidInput, XchaError
 from xcha.names import check_address, check_name
 from xcha.pg.lsn import format_lsn
-from xcha.rpc import blocking_channel
+from xcha.rpc import LEADER_METADATA, blocking_channel
 from xcha.supervisor import SupervisorStatus, read_status
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
@@ -121,7 +121,8 @@ def call(
     channel: grpc.Channel | None = None,
 ) -> T:
     """One RPC to the controller, over `channel` when given (callers that poll keep one), else
-    over a channel of its own; a gRPC failure becomes one operator-readable XchaError."""
+    over a channel of its own; a gRPC failure becomes one operator-readable XchaError. A
+    controller that does not lead names the leader: the call goes there once."""
     with open_channel(target, channel) as opened:
         try:
             return work(pb_grpc.ControllerStub(opened))
@@ -130,7 +131,10 @@ def call(
             details = error.details()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise XchaError(f"controller at {target.address} unreachable: {details}") from None
-            raise XchaError(details) from None
+            leader = dict(error.trailing_metadata() or ()).get(LEADER_METADATA)
+            if code != grpc.StatusCode.FAILED_PRECONDITION or not isinstance(leader, str) or not leader:
+                raise XchaError(details) from None
+    return call(replace(target, address=leader), work)
 
 
 def _age(seconds: float) -> str:
@@ -198,7 +202,15 @@ def status_table(status: pb.ClusterStatus) -> str:
             f"{group.sync_policy}: {group.reason}{pending}"
         )
     warnings = [f"WARNING: {warning}" for warning in status.warnings]
-    return "\n".join([*_aligned(rows), "", *notes, f"epoch {status.epoch}", *warnings]) + "\n"
+    leader = f"leader {status.leader or 'none'}"
+    if status.leader_address:
+        leader += f" at {status.leader_address} (term {status.term})"
+    if not status.leading:
+        leader += f"; answered by {status.controller}, which does not lead: groups as last recorded"
+    several = len(status.controllers) > 1 or not status.leading
+    controllers = f"controllers: {', '.join(status.controllers)}; {leader}" if several else ""
+    lines = [*_aligned(rows), "", *notes, f"epoch {status.epoch}", *([controllers] if controllers else [])]
+    return "\n".join([*lines, *warnings]) + "\n"
 
 
 def _aligned(rows: Sequence[Sequence[str]]) -> list[str]:
@@ -288,13 +300,24 @@ def status_json(status: pb.ClusterStatus) -> dict[str, object]:
         "paused": status.paused,
         "groups": groups,
         "warnings": list(status.warnings),
+        "controller": status.controller,
+        "leading": status.leading,
+        "leader": status.leader,
+        "leader_address": status.leader_address,
+        "term": status.term,
+        "controllers": list(status.controllers),
     }
 
 
 def get_status(target: ControllerTarget, channel: grpc.Channel | None = None) -> pb.ClusterStatus:
+    """The leader's status; a follower's own (the groups as last recorded) when the leader it
+    names cannot be asked."""
     status: pb.ClusterStatus = call(
         target, lambda stub: stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=5), channel
     )
+    if not status.leading and status.leader_address and status.leader_address != target.address:
+        with contextlib.suppress(XchaError):
+            return get_status(replace(target, address=status.leader_address))
     return status
 
 

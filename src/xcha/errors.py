@@ -27,3 +27,12 @@ class StaleEpoch(Refused):
 
 class AgentFailed(XchaError):
     """One of the agent's loops ended unexpectedly: the agent stops so that it is restarted."""
+
+
+class NotLeader(Refused):
+    """Asked of a controller that does not lead; `leader_address` says where the leader is
+    (empty when no controller leads now)."""
+
+    def __init__(self, message: str, leader_address: str = "") -> None:
+        super().__init__(message)
+        self.leader_address = leader_address

@@ -12,7 +12,7 @@ objects (PgStatus, its state, the upstream check), each once, so one scrape is c
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from xcha.authz import Guard
     from xcha.config import TlsConfig
     from xcha.controller.controller import Controller
+    from xcha.controller.node import ControllerNode
     from xcha.v1 import xcha_pb2 as pb
 
 ROLE_NAMES = ("master", "standby", "stopped")
@@ -149,15 +150,21 @@ class _ControllerSnapshot:
 
 class _ControllerCollector(Collector):
     def __init__(
-        self, controller: "Controller", metrics: "ControllerMetrics", loop: asyncio.AbstractEventLoop
+        self,
+        leading: "Callable[[], Controller | None]",
+        metrics: "ControllerMetrics",
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
-        self.controller = controller
+        """leading: the controller of this term, None while this process does not lead."""
+        self.current = leading
         self.metrics = metrics
         self.loop = loop
 
     def _take(self) -> _ControllerSnapshot:
         """On the event loop's thread: nothing changes while it runs."""
-        controller, metrics = self.controller, self.metrics
+        controller, metrics = self.current(), self.metrics
+        if controller is None:
+            return _ControllerSnapshot(0, (), dict(metrics.failovers), dict(metrics.switchovers), {})
         return _ControllerSnapshot(
             controller.epoch,
             tuple(controller.group_status(datanode) for datanode in controller.groups),
@@ -248,7 +255,7 @@ class _ControllerCollector(Collector):
 class ControllerMetrics:
     def __init__(
         self,
-        controller: "Controller",
+        node: "ControllerNode",
         address: str,
         loop: asyncio.AbstractEventLoop | None = None,
         guard: "Guard | None" = None,
@@ -259,7 +266,7 @@ class ControllerMetrics:
         self.switchovers: dict[str, int] = {}
         self.last_failover: dict[str, dict[str, float]] = {}
         self.registry = CollectorRegistry()
-        self.registry.register(_ControllerCollector(controller, self, loop or asyncio.get_running_loop()))
+        self.registry.register(_ControllerCollector(node.leading, self, loop or asyncio.get_running_loop()))
         if guard is not None and tls is not None:
             self.registry.register(_SecurityCollector(guard, tls))
         self.heartbeat_seconds = Histogram(
@@ -268,9 +275,12 @@ class ControllerMetrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
         )
-        controller.on_event = self._count
-        controller.heartbeat_observer = self.heartbeat_seconds.observe
+        node.term_listeners.append(self._subscribe)
         self.server = _serve(self.registry, address)
+
+    def _subscribe(self, controller: "Controller") -> None:
+        controller.ledger.subscribers.append(self._count)
+        controller.heartbeat_observer = self.heartbeat_seconds.observe
 
     def _count(self, event: object) -> None:
         from xcha.controller.store import EventRecord

@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from xcha.authz import Guard
 from xcha.config import TlsConfig
-from xcha.errors import InvalidInput, NotFound, Refused, XchaError
+from xcha.errors import InvalidInput, NotFound, NotLeader, Refused, XchaError
 from xcha.names import Endpoint
 from xcha.pg.status import Downstream, PgStatus, WalReceiver
 from xcha.tls import Material, material
@@ -55,6 +55,9 @@ MAX_DETAILS = 1000
 RETIRED_CHANNEL_GRACE = 60.0
 
 
+LEADER_METADATA = "xcha-leader-address"  # on NotLeader refusals: where the leader is
+
+
 async def answer(context: grpc.aio.ServicerContext, work: Callable[[], T | Awaitable[T]]) -> T:
     """Run a servicer's work; an xcha error becomes the matching gRPC status code with the
     operator-readable message (both servers map errors the same way), a PostgreSQL error that
@@ -65,6 +68,8 @@ async def answer(context: grpc.aio.ServicerContext, work: Callable[[], T | Await
     except XchaError as error:
         code = next(code for kind, code in STATUS_CODES if isinstance(error, kind))
         details = str(error)
+        if isinstance(error, NotLeader) and error.leader_address:
+            context.set_trailing_metadata(((LEADER_METADATA, error.leader_address),))
     except psycopg.Error as error:  # PostgreSQL gone or refusing: an answer, not a crash
         code, details = grpc.StatusCode.ABORTED, f"PostgreSQL: {str(error).strip() or type(error).__name__}"
     if len(details) > MAX_DETAILS:

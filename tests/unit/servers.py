@@ -25,10 +25,10 @@ from xcha.agent.state import StateFile
 from xcha.authz import Guard
 from xcha.config import TlsConfig
 from xcha.controller.config import load_controller_config
-from xcha.controller.controller import Controller
+from xcha.controller.node import ControllerNode
 from xcha.controller.routing import Router
 from xcha.controller.service import ControllerService
-from xcha.controller.store import SqliteStore
+from xcha.controller.store import SqliteLeadership, SqliteStore
 from xcha.pg.instance import PostgresInstance
 from xcha.pg.runner import OsUser, Runner
 from xcha.rpc import blocking_channel, create_server, mark_serving
@@ -161,13 +161,18 @@ class Servers:
         self.run(self._start())
 
     async def _start(self) -> None:
-        self.controller = self._controller()
+        self.node = self._node()
+        self.node_task = asyncio.ensure_future(self.node.run())
+        while self.node.leading() is None:
+            await asyncio.sleep(0.01)
+        self.controller = self.node.leading()
         self.controller.set_paused(None, True)  # fuzzed heartbeats must not start a bootstrap
+        await self.controller.ledger.flush()
         self.agent = self._agent()
         self.guards = {"controller": Guard(), "agent": Guard()}
         server, port, health = create_server("127.0.0.1:0", self.tls("controller"), self.guards["controller"])
         pb_grpc.add_ControllerServicer_to_server(
-            ControllerService(self.controller, self.guards["controller"]), server
+            ControllerService(self.node, self.guards["controller"]), server
         )
         await server.start()
         await mark_serving(health, "xcha.v1.Controller")
@@ -178,7 +183,7 @@ class Servers:
         await mark_serving(health, "xcha.v1.Agent")
         self.agent_server, self.agent_address = server, f"127.0.0.1:{port}"
 
-    def _controller(self) -> Controller:
+    def _node(self) -> ControllerNode:
         tls = self.tls("controller")
         path = self.directory / "controller.toml"
         path.write_text(
@@ -198,7 +203,9 @@ key_file = "{tls.key_file}"
 """
         )
         config = load_controller_config(path)
-        return Controller(config, SqliteStore(self.directory / "controller.sqlite3"), Router("none", []))
+        leadership = SqliteLeadership(self.directory / "controller.sqlite3")
+        store = SqliteStore(self.directory / "controller.sqlite3", leadership)
+        return ControllerNode(config, store, leadership, router=lambda: Router("none", []))
 
     def _agent(self) -> Agent:
         tls = self.tls("dn1a")
@@ -266,9 +273,10 @@ key_file = "{tls.key_file}"
 
     async def _state(self) -> tuple[object, ...]:
         controller, agent = self.controller, self.agent
+        await controller.ledger.flush()
         events = [
             (e.datanode, e.kind, e.message)
-            for e in controller.store.events(limit=100000)
+            for e in await controller.ledger.store.events(limit=100000)
             if e.kind not in ("refused", "certificate")
         ]
         observed = {
@@ -294,8 +302,9 @@ key_file = "{tls.key_file}"
         async def stop() -> None:
             await self.controller_server.stop(None)
             await self.agent_server.stop(None)
-            await self.controller.stop()
-            self.controller.store.close()  # type: ignore[attr-defined]
+            await self.node.stop()
+            await self.node_task
+            await self.node.store.close()
 
         self.run(stop())
         self.loop.call_soon_threadsafe(self.loop.stop)

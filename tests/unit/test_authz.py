@@ -127,7 +127,8 @@ def test_refusals_are_counted_and_reported_once_a_minute(servers: Servers) -> No
 
 
 async def _events(servers: Servers) -> list[object]:
-    return list(servers.controller.store.events(limit=100000))
+    await servers.controller.ledger.flush()
+    return list(await servers.controller.ledger.store.events(limit=100000))
 
 
 def test_a_report_names_the_certificate_that_made_it(servers: Servers) -> None:

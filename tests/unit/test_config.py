@@ -193,6 +193,7 @@ def test_minimal_controller_config_has_the_defaults(tmp_path: Path) -> None:
         ),
         router=RouterConfig(kind="none"),
         tls=TlsConfig(insecure=True),
+        advertise="127.0.0.1:7000",  # the listen address; the store is SQLite, the name "controller"
     )
     assert config.datanode("dn1") is config.datanodes[0]
     assert config.datanode("dn2") is None

@@ -8,14 +8,16 @@ import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from xcha.controller.config import load_controller_config
-from xcha.controller.controller import BEST_EFFORT_FENCE_TIMEOUT, FENCE_TIMEOUT, Controller
+from xcha.controller.controller import Controller
 from xcha.controller.fsm import Action, Decision, Step
 from xcha.controller.routing import Router
-from xcha.controller.store import SqliteStore
+from xcha.controller.steps import BEST_EFFORT_FENCE_TIMEOUT, FENCE_TIMEOUT
+from xcha.controller.store import EventRecord, Snapshot, SqliteLeadership, SqliteStore
 from xcha.controller.views import GroupState
 from xcha.errors import Refused
 from xcha.metrics import _ControllerCollector
@@ -37,9 +39,22 @@ members = {json.dumps(members)}
 [tls]
 insecure = true
 """)
+    path = tmp_path / "state.sqlite3"
+    store = SqliteStore(path, SqliteLeadership(path))
     return Controller(
-        load_controller_config(config), SqliteStore(tmp_path / "state.sqlite3"), Router("none", [])
+        load_controller_config(config), store, Snapshot(), Router("none", []), RecordingAgents()
     )
+
+
+def put_group(controller: Controller, **changes: Any) -> None:
+    """A group record as if it had been written: both the working and the durable copy."""
+    record = replace(controller.groups["dn1"], **changes)
+    controller.groups["dn1"] = controller.ledger.groups["dn1"] = record
+
+
+async def durable_events(controller: Controller, datanode: str = "") -> list[EventRecord]:
+    await controller.ledger.flush()
+    return await controller.ledger.store.events(0, 100, datanode)
 
 
 @pytest.fixture
@@ -54,7 +69,7 @@ def goal(controller: Controller, member: str) -> int:
 def test_the_master_is_told_master_and_the_others_wait_until_its_address_is_known(
     controller: Controller,
 ) -> None:
-    controller.groups["dn1"] = replace(controller.groups["dn1"], state=GroupState.PROTECTED, master="dn1a")
+    put_group(controller, state=GroupState.PROTECTED, master="dn1a")
     assert goal(controller, "dn1a") == pb.GOAL_MASTER
     assert goal(controller, "dn1b") == pb.GOAL_WAIT
 
@@ -62,9 +77,7 @@ def test_the_master_is_told_master_and_the_others_wait_until_its_address_is_know
 def test_a_switchover_target_is_the_master_from_its_promotion_on(controller: Controller) -> None:
     """Before the group record names it, a heartbeat of the just promoted target must not be
     answered "standby": its agent would fence it (measured in a switchover benchmark)."""
-    controller.groups["dn1"] = replace(
-        controller.groups["dn1"], state=GroupState.SWITCHOVER, master="dn1a", candidate="dn1b"
-    )
+    put_group(controller, state=GroupState.SWITCHOVER, master="dn1a", candidate="dn1b")
     assert goal(controller, "dn1b") == pb.GOAL_MASTER
     assert goal(controller, "dn1a") == pb.GOAL_MASTER, "stopped cleanly by the switchover, not by itself"
 
@@ -75,7 +88,7 @@ def test_a_removed_member_is_told_so(controller: Controller) -> None:
 
 
 async def test_addresses_come_from_the_last_report_kept_in_the_member_record(controller: Controller) -> None:
-    controller.groups["dn1"] = replace(controller.groups["dn1"], state=GroupState.PROTECTED, master="dn1a")
+    put_group(controller, state=GroupState.PROTECTED, master="dn1a")
     for sequence, port in ((1, 5432), (2, 5442)):
         status = pb.MemberStatus(
             member="dn1a",
@@ -89,14 +102,13 @@ async def test_addresses_come_from_the_last_report_kept_in_the_member_record(con
         reply = controller.goal(controller.records["dn1b"])
         assert reply.goal == pb.GOAL_STANDBY and reply.upstream_member == "dn1a"
         assert (reply.upstream.host, reply.upstream.port) == ("10.0.0.1", port)
-    assert [(r.host, r.port, r.agent_address) for r in controller.store.members() if r.name == "dn1a"] == [
+    await controller.ledger.flush()
+    members = (await controller.ledger.store.load()).members
+    assert [(r.host, r.port, r.agent_address) for r in members if r.name == "dn1a"] == [
         ("10.0.0.1", 5442, "10.0.0.1:7001")
     ]
-    client = controller._client("dn1a")
-    try:
-        assert client.address == "10.0.0.1:7001"
-    finally:
-        await client.channel.close()
+    controller._stub("dn1a")
+    assert controller.agents.stubs["dn1a"]  # type: ignore[attr-defined]
 
 
 # ---- carrying out steps, with recording agents ----------------------------------------------
@@ -122,24 +134,28 @@ class RecordingStub:
 
 
 @dataclass
-class RecordingAgent:
-    """Stands in for controller.AgentClient."""
+class RecordingAgents:
+    """The controller's `Agents`: a recording stub per member."""
 
-    address: str
-    stub: RecordingStub
-    channel: object = field(default=None)
+    calls: list[tuple[str, str, float]] = field(default_factory=list)
+    stubs: dict[str, RecordingStub] = field(default_factory=dict)
+
+    def stub(self, member: str, address: str) -> RecordingStub:
+        return self.stubs.setdefault(member, RecordingStub(member, self.calls))
+
+    async def close(self) -> None:
+        return None
 
 
 def recording_agents(controller: Controller) -> list[tuple[str, str, float]]:
-    calls: list[tuple[str, str, float]] = []
+    assert isinstance(controller.agents, RecordingAgents)
+    calls = controller.agents.calls
     for index, name in enumerate(controller.records):
         address = f"127.0.0.1:{7100 + index}"
         controller.records[name] = replace(controller.records[name], agent_address=address)
-        controller.clients[name] = RecordingAgent(address, RecordingStub(name, calls))  # type: ignore[assignment]
+        controller.agents.stub(name, address)
     # Paused: the evaluations the answers cause decide nothing of their own.
-    controller.groups["dn1"] = replace(
-        controller.groups["dn1"], state=GroupState.PROTECTED, master="dn1a", paused=True
-    )
+    put_group(controller, state=GroupState.PROTECTED, master="dn1a", paused=True)
     return calls
 
 
@@ -183,9 +199,7 @@ async def test_the_fence_beside_a_promotion_is_best_effort_and_a_stray_master_fe
 async def test_a_failed_switchover_is_remembered_until_the_group_leaves_the_switchover(
     controller: Controller,
 ) -> None:
-    controller.groups["dn1"] = replace(
-        controller.groups["dn1"], state=GroupState.SWITCHOVER, master="dn1a", candidate="dn1b"
-    )
+    put_group(controller, state=GroupState.SWITCHOVER, master="dn1a", candidate="dn1b")
     assert not controller.view("dn1").switchover_failed
     await controller._switchover_failed("dn1", "dn1b", "dn1b did not catch up")
     assert controller.groups["dn1"].reason == "switchover failed: dn1b did not catch up"
@@ -194,7 +208,8 @@ async def test_a_failed_switchover_is_remembered_until_the_group_leaves_the_swit
     assert controller.view("dn1").switchover_failed
     controller._apply(controller.view("dn1"), Decision(GroupState.SINGLE, (), "restarting dn1a"))
     assert not controller.groups["dn1"].switchover_failed
-    assert controller.store.groups()["dn1"] == controller.groups["dn1"]
+    await controller.ledger.flush()
+    assert (await controller.ledger.store.load()).groups["dn1"] == controller.groups["dn1"]
 
 
 async def test_a_scrape_from_another_thread_reads_the_controller_on_its_event_loop(
@@ -211,7 +226,7 @@ async def test_a_scrape_from_another_thread_reads_the_controller_on_its_event_lo
 
     controller.group_status = recording_group_status  # type: ignore[method-assign]
     metrics = SimpleNamespace(failovers={"dn1": 2}, switchovers={}, last_failover={"dn1": {"reroute": 0.5}})
-    collector = _ControllerCollector(controller, metrics, asyncio.get_running_loop())  # type: ignore[arg-type]
+    collector = _ControllerCollector(lambda: controller, metrics, asyncio.get_running_loop())  # type: ignore[arg-type]
     for families in (
         await asyncio.to_thread(lambda: list(collector.collect())),  # the HTTP thread
         list(collector.collect()),  # on the loop itself: no waiting for itself
@@ -261,14 +276,14 @@ async def test_a_reply_in_another_members_name_is_refused(tmp_path: Path) -> Non
     status requests meant for that member: the reply must name the member asked."""
     controller = make_controller(tmp_path, ["dn1a", "dn1b"])
     calls = recording_agents(controller)
-    controller.clients["dn1b"].stub.member = "dn1a"  # type: ignore[attr-defined]
+    controller.agents.stubs["dn1b"].member = "dn1a"  # type: ignore[attr-defined]
     with pytest.raises(Refused, match="answered as dn1/dn1a, not dn1/dn1b"):
         await controller._get_status("dn1b", 1.0, "test")
     assert controller.observations["dn1b"].status is None
     assert await controller._fence("dn1b", "test") is None
     assert controller.observations["dn1a"].status is None, "nothing observed in dn1a's name either"
     assert [call[1] for call in calls] == ["GetStatus", "Fence"]
-    assert any("answered as dn1/dn1a" in e.message for e in controller.store.events(0, 100, ""))
+    assert any("answered as dn1/dn1a" in e.message for e in await durable_events(controller))
 
 
 async def test_a_switchover_whose_promote_reply_was_lost_never_restarts_the_old_master(
@@ -286,7 +301,7 @@ async def test_a_switchover_whose_promote_reply_was_lost_never_restarts_the_old_
         candidate="dn1b",
         promote_sent=True,
     )
-    stub = controller.clients["dn1b"].stub  # type: ignore[attr-defined]
+    stub = controller.agents.stubs["dn1b"]  # type: ignore[attr-defined]
 
     async def unreachable(request: pb.GetStatusRequest, timeout: float) -> pb.MemberStatus:
         raise Refused("connection reset")
@@ -294,7 +309,7 @@ async def test_a_switchover_whose_promote_reply_was_lost_never_restarts_the_old_
     stub.GetStatus = unreachable
     await controller._switchover_failed("dn1", "dn1b", "dn1b did not become master")
     assert not controller.groups["dn1"].switchover_failed
-    assert "switchover stalled" in controller.store.events(0, 100, "dn1")[-1].message
+    assert "switchover stalled" in (await durable_events(controller, "dn1"))[-1].message
 
     async def standby(request: pb.GetStatusRequest, timeout: float) -> pb.MemberStatus:
         status = pb.MemberStatus(member="dn1b", datanode="dn1", sequence=99)

@@ -645,11 +645,24 @@ def test_unreachable_or_stopped_standbys_do_not_vote() -> None:
 
 
 @pytest.mark.parametrize(
-    "lost", [master_lost(), group(members=(crashed(master()), standby()))], ids=["hang", "crash"]
+    "lost",
+    [master_lost(epoch=2), group(members=(crashed(master()), standby()), epoch=2)],
+    ids=["hang", "crash reported at an older epoch"],
 )
 def test_nothing_fails_during_the_startup_grace(lost: GroupView) -> None:
     assert master_failure(lost).failed
     assert not master_failure(replace(lost, in_grace=True)).failed
+    assert decide(replace(lost, in_grace=True)).steps == ()
+
+
+def test_a_crash_reported_at_the_new_epoch_is_acted_on_during_the_grace() -> None:
+    """A controller take-over: the master's agent, already answered by the new leader, reports
+    its postmaster gone. That is a fact: no need to wait out the grace (silence would be none)."""
+    members = (crashed(replace(master(), epoch=2)), standby(epoch=2))
+    view = group(members=members, epoch=2, in_grace=True, master_failed_for=1.0)
+    assert master_failure(view).failed
+    decision = decide(view)
+    assert decision.next_state == S.FAILOVER and decision.steps == promote(), decision
 
 
 def test_a_master_found_stopped_by_a_fresh_agent_is_no_failure_and_starts_in_place() -> None:

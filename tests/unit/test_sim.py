@@ -9,7 +9,7 @@ import pytest
 
 from bench.sim.history import run_history
 from bench.sim.world import Postgres, World
-from xcha.controller import controller as controller_module
+from xcha.controller import loop as loop_module
 from xcha.controller.fsm import Decision
 
 SEEDS = range(300)
@@ -165,6 +165,6 @@ def test_a_controller_that_decides_nothing_leaves_the_group_stuck(monkeypatch: p
     def idle(view: object) -> Decision:
         return Decision(view.state, (), "deciding nothing")  # type: ignore[attr-defined]
 
-    monkeypatch.setattr(controller_module, "decide", idle)
+    monkeypatch.setattr(loop_module, "decide", idle)
     outcome = run_history(0)
     assert outcome.violation is not None and outcome.violation.invariant == "stuck"

@@ -1,13 +1,23 @@
-"""SqliteStore: what the controller must not forget survives closing and reopening the file."""
+"""SqliteStore and SqliteLeadership: what the controller must not forget survives closing and
+reopening the file; every write is fenced by the term and the epoch and group records are
+compare-and-set."""
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
-from xcha.controller.store import EventRecord, GroupRecord, MemberRecord, SqliteStore
+from xcha.controller.store import (
+    Conflict,
+    Deposed,
+    EventRecord,
+    GroupRecord,
+    MemberRecord,
+    SqliteLeadership,
+    SqliteStore,
+)
 from xcha.controller.views import GroupState, Request
 
 
@@ -17,89 +27,64 @@ def path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def store(path: Path) -> Iterator[SqliteStore]:
-    opened = SqliteStore(path)
+async def store(path: Path) -> AsyncIterator[SqliteStore]:
+    leadership = SqliteLeadership(path, "c1", "127.0.0.1:7000")
+    assert await leadership.campaign() == 1
+    opened = SqliteStore(path, leadership)
     yield opened
-    opened.close()
+    await opened.close()
+    await leadership.close()
 
 
-def reopen(store: SqliteStore, path: Path) -> SqliteStore:
-    store.close()
-    return SqliteStore(path)
+async def reopen(store: SqliteStore, path: Path) -> SqliteStore:
+    await store.close()
+    return SqliteStore(path, store.leadership)
 
 
-def test_a_new_store_starts_at_epoch_zero_unpaused_and_empty(store: SqliteStore, path: Path) -> None:
+async def test_a_new_store_starts_at_epoch_zero_unpaused_and_empty(store: SqliteStore, path: Path) -> None:
     assert path.is_file()
-    assert store.epoch() == 0
-    assert store.cluster_paused() is False
-    assert store.groups() == {}
-    assert store.members() == []
-    assert store.events() == []
+    snapshot = await store.load()
+    assert (snapshot.epoch, snapshot.paused, snapshot.groups, snapshot.members) == (0, False, {}, ())
+    assert await store.events() == []
 
 
-def test_epoch_persists_across_reopen(store: SqliteStore, path: Path) -> None:
-    store.set_epoch(3)
-    store.set_epoch(7)
-    store = reopen(store, path)
+async def test_the_epoch_is_compare_and_set_and_only_grows(store: SqliteStore, path: Path) -> None:
+    await store.set_epoch(0, 3)
+    await store.set_epoch(3, 7)
+    with pytest.raises(Conflict, match="epoch is 7, not 3"):
+        await store.set_epoch(3, 8)
+    with pytest.raises(Conflict, match="the epoch only grows"):
+        await store.set_epoch(7, 6)
+    store = await reopen(store, path)
     try:
-        assert store.epoch() == 7
+        assert (await store.load()).epoch == 7
     finally:
-        store.close()
+        await store.close()
 
 
-def test_epoch_refuses_to_go_backwards(store: SqliteStore, path: Path) -> None:
-    store.set_epoch(5)
-    with pytest.raises(ValueError, match="the epoch only grows"):
-        store.set_epoch(4)
-    assert store.epoch() == 5
-    store.set_epoch(5)  # the same epoch again is not going backwards
-    assert store.epoch() == 5
-    store = reopen(store, path)
-    try:
-        with pytest.raises(ValueError):
-            store.set_epoch(0)
-        assert store.epoch() == 5
-    finally:
-        store.close()
-
-
-def test_groups_round_trip_across_reopen(store: SqliteStore, path: Path) -> None:
-    failing_over = GroupRecord(
-        name="dn1",
-        state=GroupState.REROUTING,
-        master="dn1b",
-        candidate="dn1b",
-        sync_set=("dn1b", "dn1c"),
-        paused=True,
-        promote_attempts=2,
-        rerouted_epoch=6,
-        request=Request("switchover", target="dn1b", allow_data_loss=True),
-        reason="operator asked",
-    )
-    fresh = GroupRecord(name="dn2")
-    store.save_group(failing_over)
-    store.save_group(fresh)
-    store = reopen(store, path)
-    try:
-        groups = store.groups()
-        assert groups == {"dn1": failing_over, "dn2": fresh}
-        loaded = groups["dn1"]
-        assert isinstance(loaded.state, GroupState) and loaded.state is GroupState.REROUTING
-        assert isinstance(loaded.sync_set, tuple)
-        assert isinstance(loaded.request, Request)
-        assert groups["dn2"].request is None and groups["dn2"].state is GroupState.INITIALIZING
-    finally:
-        store.close()
-
-
-def test_a_failed_switchover_round_trips_and_a_row_written_before_the_flag_loads_without_it(
+async def test_groups_round_trip_across_reopen_and_are_compare_and_set(
     store: SqliteStore, path: Path
 ) -> None:
-    failed = GroupRecord(
-        name="dn1", state=GroupState.SWITCHOVER, master="dn1a", candidate="dn1b", switchover_failed=True
+    first = GroupRecord(
+        "dn1", GroupState.PROTECTED, "dn1a", None, ("dn1b",), request=Request("switchover", "dn1b")
     )
-    store.save_group(failed)
-    # A row saved by a version without switchover_failed (and without the takeover fields).
+    await store.save_group(first, None)
+    with pytest.raises(Conflict, match="changed under me"):
+        await store.save_group(GroupRecord("dn1"), None)
+    second = GroupRecord("dn1", GroupState.FAILOVER, "dn1a", "dn1b", ("dn1b",), promote_attempts=1)
+    with pytest.raises(Conflict):
+        await store.save_group(second, GroupRecord("dn1"))
+    await store.save_group(second, first)
+    store = await reopen(store, path)
+    try:
+        assert (await store.load()).groups == {"dn1": second}
+    finally:
+        await store.close()
+
+
+async def test_a_row_written_before_newer_fields_loads_with_their_defaults(
+    store: SqliteStore, path: Path
+) -> None:
     reason = "switchover failed: dn2b did not catch up with dn2a within 10 s"
     old = {
         "name": "dn2",
@@ -114,113 +99,85 @@ def test_a_failed_switchover_round_trips_and_a_row_written_before_the_flag_loads
         "reason": reason,
     }
     store.db.execute("INSERT INTO groups VALUES (?, ?)", ("dn2", json.dumps(old)))
-    store = reopen(store, path)
+    assert (await store.load()).groups["dn2"] == GroupRecord(
+        name="dn2",
+        state=GroupState.SWITCHOVER,
+        master="dn2a",
+        candidate="dn2b",
+        sync_set=("dn2b",),
+        rerouted_epoch=3,
+        reason=reason,
+    )
+
+
+async def test_members_round_trip_in_insertion_order(store: SqliteStore, path: Path) -> None:
+    members = [MemberRecord("dn1", "dn1b", "async"), MemberRecord("dn1", "dn1a", host="h", port=5432)]
+    for member in members:
+        await store.save_member(member)
+    await store.save_member(MemberRecord("dn1", "dn1b", "sync", removed=True))
+    store = await reopen(store, path)
     try:
-        groups = store.groups()
-        assert groups["dn1"] == failed and groups["dn1"].switchover_failed is True
-        assert groups["dn2"] == GroupRecord(
-            name="dn2",
-            state=GroupState.SWITCHOVER,
-            master="dn2a",
-            candidate="dn2b",
-            sync_set=("dn2b",),
-            rerouted_epoch=3,
-            reason=reason,
-        )
-        assert groups["dn2"].switchover_failed is False
+        assert list((await store.load()).members) == [
+            MemberRecord("dn1", "dn1b", "sync", removed=True),
+            members[1],
+        ]
     finally:
-        store.close()
+        await store.close()
 
 
-def test_saving_a_group_again_replaces_it(store: SqliteStore, path: Path) -> None:
-    store.save_group(GroupRecord(name="dn1", state=GroupState.PROTECTED, master="dn1a", sync_set=("dn1b",)))
-    updated = GroupRecord(name="dn1", state=GroupState.UNPROTECTED, master="dn1a", sync_set=())
-    store.save_group(updated)
-    store = reopen(store, path)
-    try:
-        assert store.groups() == {"dn1": updated}
-    finally:
-        store.close()
-
-
-def test_members_round_trip_across_reopen_in_insertion_order(store: SqliteStore, path: Path) -> None:
-    first = MemberRecord("dn1", "dn1a", host="10.0.0.1", port=5432, agent_address="10.0.0.1:7001")
-    second = MemberRecord("dn1", "dn1b", mode="async")
-    other = MemberRecord("dn2", "dn2a", removed=True)
-    for member in (first, second, other):
-        store.save_member(member)
-    moved = MemberRecord("dn1", "dn1a", host="10.0.0.9", port=5433, agent_address="10.0.0.9:7001")
-    store.save_member(moved)  # same (datanode, name): replaced, keeps its place
-    store = reopen(store, path)
-    try:
-        assert store.members() == [moved, second, other]
-    finally:
-        store.close()
-
-
-def test_events_get_increasing_ids_and_persist(store: SqliteStore, path: Path) -> None:
+async def test_events_get_increasing_ids_and_are_filtered(store: SqliteStore) -> None:
     before = time.time()
-    added = [
-        store.add_event("dn1", "failover", 1, "master dn1a lost", {"candidate": "dn1b"}),
-        store.add_event("dn2", "protected", 1, "dn2 protected"),
-        store.add_event("dn1", "reroute_ack", 2, "co1 acknowledged", {"coordinator": "co1", "n": 3}),
-    ]
-    assert [event.id for event in added] == sorted({event.id for event in added})
-    assert added[0].id >= 1
-    assert all(before <= event.time <= time.time() for event in added)
-    assert added[1].details == {}
-    store = reopen(store, path)
-    try:
-        assert store.events() == added
-        newer = store.add_event("dn1", "protected", 2, "dn1 protected")
-        assert newer.id > added[-1].id
-    finally:
-        store.close()
+    for index in range(150):
+        await store.add_event(f"dn{index % 2 + 1}", "state", 1, f"event {index}", {"i": index})
+    events = await store.events()
+    assert len(events) == 100, "the default limit"
+    assert [e.id for e in events] == list(range(1, 101))
+    assert isinstance(events[0], EventRecord) and events[0].time >= before and events[0].details == {"i": 0}
+    assert [e.id for e in await store.events(after_id=140, limit=5)] == [141, 142, 143, 144, 145]
+    assert all(e.datanode == "dn2" for e in await store.events(datanode="dn2", limit=1000))
+    assert [e.id for e in await store.events(limit=3, newest=True)] == [148, 149, 150]
 
 
-def test_events_are_filtered_by_after_id_limit_and_datanode(store: SqliteStore) -> None:
-    added = [store.add_event(f"dn{i % 2 + 1}", "note", i, f"event {i}") for i in range(10)]
-    ids = [event.id for event in added]
-
-    assert [e.id for e in store.events()] == ids
-    assert [e.id for e in store.events(after_id=ids[3])] == ids[4:]
-    assert store.events(after_id=ids[-1]) == []
-    assert [e.id for e in store.events(limit=3)] == ids[:3]
-    assert [e.id for e in store.events(after_id=ids[2], limit=2)] == ids[3:5]
-
-    dn2 = store.events(datanode="dn2")
-    assert [e.id for e in dn2] == ids[1::2]
-    assert all(isinstance(e, EventRecord) and e.datanode == "dn2" for e in dn2)
-    assert [e.id for e in store.events(after_id=ids[4], limit=2, datanode="dn1")] == [ids[6], ids[8]]
-    assert store.events(datanode="dn9") == []
-
-
-def test_events_default_limit_is_100(store: SqliteStore) -> None:
-    for i in range(105):
-        store.add_event("dn1", "note", 0, f"event {i}")
-    assert len(store.events()) == 100
-    assert len(store.events(limit=200)) == 105
-
-
-def test_cluster_pause_persists(store: SqliteStore, path: Path) -> None:
-    store.set_cluster_paused(True)
-    assert store.cluster_paused() is True
-    store = reopen(store, path)
-    assert store.cluster_paused() is True
-    store.set_cluster_paused(False)
-    store = reopen(store, path)
-    try:
-        assert store.cluster_paused() is False
-    finally:
-        store.close()
+async def test_a_deposed_term_writes_nothing(path: Path) -> None:
+    """The lock released, another controller takes over: the term grows, and every write of
+    the first (the epoch, a group, a member, an event) is refused."""
+    first = SqliteLeadership(path, "c1", "127.0.0.1:7000")
+    second = SqliteLeadership(path, "c2", "127.0.0.1:7001")
+    assert await first.campaign() == 1
+    old = SqliteStore(path, first)
+    await old.save_group(GroupRecord("dn1", GroupState.PROTECTED, "dn1a"), None)
+    await first.resign()
+    assert not first.leading()
+    assert await second.campaign() == 2
+    assert await second.leader() == (await first.leader()) and (await second.leader()).name == "c2"  # type: ignore[union-attr]
+    new = SqliteStore(path, second)
+    await new.set_epoch(0, 5)
+    for write in (
+        old.set_epoch(5, 6),
+        old.save_group(
+            GroupRecord("dn1", GroupState.FAILOVER), GroupRecord("dn1", GroupState.PROTECTED, "dn1a")
+        ),
+        old.save_member(MemberRecord("dn1", "dn1a")),
+        old.add_event("dn1", "failover", 4, "promoting", {}),
+    ):
+        with pytest.raises(Deposed, match="term 2 is not mine"):
+            await write
+    snapshot = await new.load()
+    assert snapshot.epoch == 5 and snapshot.groups["dn1"].master == "dn1a" and snapshot.members == ()
+    assert await new.events() == []
+    for each in (old, new):
+        await each.close()
+    await second.close()
 
 
-def test_epoch_and_pause_are_independent_settings(store: SqliteStore, path: Path) -> None:
-    store.set_epoch(4)
-    store.set_cluster_paused(True)
-    store.set_epoch(9)
-    store = reopen(store, path)
-    try:
-        assert (store.epoch(), store.cluster_paused()) == (9, True)
-    finally:
-        store.close()
+async def test_a_second_controller_waits_for_the_lock(path: Path) -> None:
+    import asyncio
+
+    first, second = SqliteLeadership(path, "c1"), SqliteLeadership(path, "c2")
+    await first.campaign()
+    waiting = asyncio.ensure_future(second.campaign())
+    await asyncio.sleep(0.5)
+    assert not waiting.done() and not second.leading()
+    await first.resign()
+    assert await asyncio.wait_for(waiting, 5) == 2 and second.leading()
+    await second.close()

@@ -251,11 +251,13 @@ def test_a_certificate_expiring_soon_is_a_warning_in_the_cluster_status(tmp_path
     import datetime
     import json as json_module
 
+    from xcha.controller.agents import GrpcAgents
     from xcha.controller.config import load_controller_config
     from xcha.controller.controller import Controller
+    from xcha.controller.node import ControllerNode
     from xcha.controller.routing import Router
     from xcha.controller.service import ControllerService
-    from xcha.controller.store import SqliteStore
+    from xcha.controller.store import Snapshot, SqliteLeadership, SqliteStore
     from xcha.ctl import status_json, status_table
     from xcha.tls import Identity, create_ca, issue
 
@@ -277,10 +279,12 @@ ca_file = "{tls}/ca.pem"
 cert_file = "{tls}/controller.pem"
 key_file = "{tls}/controller.key"
 """)
-    controller = Controller(
-        load_controller_config(config), SqliteStore(tmp_path / "state.sqlite3"), Router("none", [])
-    )
-    warnings = ControllerService(controller).certificate_warnings()
+    loaded = load_controller_config(config)
+    path = tmp_path / "state.sqlite3"
+    leadership = SqliteLeadership(path)
+    store = SqliteStore(path, leadership)
+    controller = Controller(loaded, store, Snapshot(), Router("none", []), GrpcAgents(loaded.tls))
+    warnings = ControllerService(ControllerNode(loaded, store, leadership)).certificate_warnings()
     assert len(warnings) == 1 and "xcha://controller/controller expires in 9 day(s)" in warnings[0], warnings
     status = controller.cluster_status()
     status.warnings.extend(warnings)

@@ -56,6 +56,7 @@ class Agent:
         self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
         self.failure_timeout = DEFAULT_FAILURE_TIMEOUT
         self.controller_ok_at: float | None = None
+        self._ignored_epoch = 0  # the last older epoch whose replies were ignored (logged once)
         self._operation_lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._change_reason = ""
@@ -282,34 +283,65 @@ class Agent:
     # ---- heartbeats ---------------------------------------------------------------------
 
     async def _heartbeats(self) -> None:
-        async with channel(self.config.controller, self.config.tls) as controller_channel:
-            stub = pb_grpc.ControllerStub(controller_channel)
-            unreachable_logged = False
+        """Heartbeats to the leading controller. With several controllers, a failed call moves
+        to the next address and a follower's reply ("not the leader") to the leader it names;
+        only the leader's replies count as contact and are acted on."""
+        addresses = list(self.config.controller_addresses)
+        channels: dict[str, pb_grpc.ControllerStub] = {}
+        opened = []
+        current = 0
+        unreachable_logged = False
+        try:
             while not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), self.heartbeat_interval)
                 self._changed.clear()
                 reason, self._change_reason = self._change_reason or "interval", ""
+                address = addresses[current]
+                if address not in channels:
+                    opened.append(channel(address, self.config.tls))
+                    channels[address] = pb_grpc.ControllerStub(opened[-1])
                 request = pb.HeartbeatRequest(status=self.member_status(), reason=reason)
                 try:
-                    reply = await stub.Heartbeat(request, timeout=max(self.heartbeat_interval, 0.5))
+                    reply = await channels[address].Heartbeat(
+                        request, timeout=max(self.heartbeat_interval, 0.5)
+                    )
                 except grpc.aio.AioRpcError as error:
                     if not unreachable_logged:
                         log.warning(
                             "%s: controller %s unreachable: %s",
                             self.config.member,
-                            self.config.controller,
+                            address,
                             error.details() or error.code().name,
                         )
                         unreachable_logged = True
+                    current = (current + 1) % len(addresses)
+                    if len(addresses) > 1:
+                        self.signal_change("next controller")  # try it at once
+                    continue
+                if reply.not_leader:
+                    leader = reply.leader_address
+                    if leader and leader not in addresses:
+                        addresses.append(leader)
+                    current = addresses.index(leader) if leader else (current + 1) % len(addresses)
                     continue
                 if unreachable_logged:
-                    log.info("%s: controller %s reachable again", self.config.member, self.config.controller)
+                    log.info("%s: controller %s reachable again", self.config.member, address)
                     unreachable_logged = False
                 self.controller_ok_at = time.monotonic()
                 await self._follow_reply(reply)
+        finally:
+            for each in opened:
+                await each.close()
 
     async def _follow_reply(self, reply: pb.HeartbeatReply) -> None:
+        if reply.epoch < self.state.epoch:
+            # From a controller that has been deposed since (a newer leader has answered):
+            # nothing in it is what should be now.
+            log.info(
+                "%s: ignoring a reply of epoch %d < %d", self.config.member, reply.epoch, self.state.epoch
+            )
+            return
         if reply.heartbeat_interval > 0:
             self.heartbeat_interval = reply.heartbeat_interval
         if reply.failure_timeout > 0:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from xcha.config import LOG_FORMATS, ConfigError, Problems, Section, TlsConfig, read_toml
 from xcha.errors import InvalidInput
-from xcha.names import check_host
+from xcha.names import check_address, check_host
 from xcha.pg.flavor import FLAVORS, Flavor, PgxcSettings
 from xcha.pg.instance import InstanceSpec
 from xcha.pg.render import AuthMethod
@@ -84,6 +84,12 @@ class AgentConfig:
     log_format: str
     postgres: PostgresConfig
     tls: TlsConfig
+    # Every controller's address (several on an etcd store): heartbeats go to the leader.
+    controllers: tuple[str, ...] = ()
+
+    @property
+    def controller_addresses(self) -> tuple[str, ...]:
+        return self.controllers or (self.controller,)
 
 
 def load_agent_config(path: Path) -> AgentConfig:
@@ -94,7 +100,15 @@ def load_agent_config(path: Path) -> AgentConfig:
     member = agent.name("member")
     listen = agent.address("listen", listen=True)
     advertise = agent.address("advertise", None) or listen
-    controller = agent.address("controller")
+    controllers = agent.strings("controllers", ())
+    for address in controllers:
+        try:
+            check_address(address, "controller address")
+        except InvalidInput as error:
+            problems.add("agent.controllers", str(error))
+    if controllers and "controller" in agent.data:
+        problems.add("agent.controller", "give controller or controllers, not both")
+    controller = controllers[0] if controllers else agent.address("controller")
     state_dir = agent.path("state_dir")
     watch_interval = agent.number("watch_interval", 0.05, minimum=0.005, maximum=1.0)
     probe_timeout = agent.number("probe_timeout", 0.5, minimum=0.05, maximum=10.0)
@@ -157,6 +171,7 @@ def load_agent_config(path: Path) -> AgentConfig:
         log_format,
         postgres,
         tls,
+        controllers,
     )
 
 

@@ -5,9 +5,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from xcha.config import LOG_FORMATS, ConfigError, Problems, Section, TlsConfig, read_toml
+from xcha.controller.store.config import StoreConfig
 from xcha.controller.views import SyncFailurePolicy
 from xcha.errors import InvalidInput
-from xcha.names import check_name
+from xcha.names import check_address, check_name
 from xcha.pg.syncrep import SyncPolicy
 
 ROUTER_KINDS = ("none", "fdw", "pgxc", "takeover", "command")
@@ -56,6 +57,10 @@ class ControllerConfig:
     datanodes: tuple[DatanodeConfig, ...]
     router: RouterConfig
     tls: TlsConfig
+    store: StoreConfig = field(default_factory=StoreConfig)
+    name: str = "controller"  # this controller among several (etcd store)
+    advertise: str = ""  # where agents and operators reach it (default: listen)
+    peers: tuple[str, ...] = ()  # every controller's address, this one's included
     _by_name: dict[str, DatanodeConfig] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -161,6 +166,14 @@ def load_controller_config(path: Path) -> ControllerConfig:
     tick_interval = controller.number("tick_interval", 0.05, minimum=0.005, maximum=5)
     metrics_listen = controller.optional_address("metrics_listen")
     log_format = controller.choice("log_format", LOG_FORMATS, "text")
+    name = controller.name("name", "controller")
+    advertise = controller.optional_address("advertise") or listen
+    peers = controller.strings("peers", ())
+    for peer in peers:
+        try:
+            check_address(peer, "controller address")
+        except InvalidInput as error:
+            problems.add("controller.peers", str(error))
     controller.finish()
     if failure_timeout <= 2 * heartbeat_interval:
         problems.add(
@@ -181,6 +194,7 @@ def load_controller_config(path: Path) -> ControllerConfig:
         problems.add("datanode", "a member name is used in more than one datanode")
     router = _router(root.table("router"))
     tls = TlsConfig.load(root.table("tls"))
+    store = StoreConfig.load(root.table("store"))
     root.finish()
     if problems.items:
         raise ConfigError(str(path), problems.items)
@@ -197,4 +211,8 @@ def load_controller_config(path: Path) -> ControllerConfig:
         datanodes,
         router,
         tls,
+        store,
+        name,
+        advertise,
+        peers,
     )

@@ -142,7 +142,10 @@ def master_failure(view: GroupView) -> FailureVerdict:
     inputs = f"heartbeat {heartbeat}; probe {probe}; {views}" + (
         f"; {report} (agent report)" if report else ""
     )
-    failed = not view.in_grace and (crashed or (silent and probe_failed and standbys_lost))
+    # After a (re)start or a controller take-over, silence proves nothing until the grace is
+    # over; a crash the master's agent reports at this controller's epoch is a fact at once.
+    fact = crashed and master.epoch >= view.epoch
+    failed = fact or (not view.in_grace and (crashed or (silent and probe_failed and standbys_lost)))
     return FailureVerdict(failed, crashed, inputs)
 
 
@@ -506,7 +509,7 @@ def _promoted(view: GroupView) -> bool:
 CONDITIONS: dict[str, Callable[[GroupView], bool]] = {
     "always": lambda v: True,
     "paused": lambda v: v.paused,
-    "in_grace": lambda v: v.in_grace,
+    "in_grace": lambda v: v.in_grace and not master_failure(v).failed,
     "idle": lambda v: not v.busy,
     "promoted": _promoted,
     "promote_failed_often": lambda v: not v.busy and v.promote_attempts >= PROMOTE_ATTEMPTS,

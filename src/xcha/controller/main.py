@@ -6,10 +6,9 @@ import signal
 
 from xcha.authz import Guard
 from xcha.controller.config import ControllerConfig
-from xcha.controller.controller import Controller
-from xcha.controller.routers import build_router
+from xcha.controller.node import ControllerNode
 from xcha.controller.service import ControllerService
-from xcha.controller.store import SqliteStore
+from xcha.controller.store import Leadership, SqliteLeadership, SqliteStore, Store
 from xcha.rpc import create_server, mark_serving
 from xcha.tls import reload_certificates, require_identity
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
@@ -17,41 +16,56 @@ from xcha.v1 import xcha_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 
 
+def open_store(config: ControllerConfig) -> tuple[Store, Leadership]:
+    """The store and leader election `[store]` names: SQLite in the state directory (one
+    controller) or etcd (several)."""
+    if config.store.kind == "etcd":
+        from xcha.controller.store.etcd import EtcdLeadership, EtcdStore
+
+        etcd_leadership = EtcdLeadership(config.store, config.name, config.advertise)
+        return EtcdStore(config.store, etcd_leadership), etcd_leadership
+    path = config.state_dir / "controller.sqlite3"
+    leadership = SqliteLeadership(path, config.name, config.advertise)
+    return SqliteStore(path, leadership), leadership
+
+
 async def serve_controller(config: ControllerConfig) -> None:
     require_identity(config.tls, "controller")
     config.state_dir.mkdir(parents=True, exist_ok=True)
-    store = SqliteStore(config.state_dir / "controller.sqlite3")
-    controller = Controller(config, store, build_router(config))
+    store, leadership = open_store(config)
+    node = ControllerNode(config, store, leadership)
     guard = Guard()
     server, port, health = create_server(config.listen, config.tls, guard)
-    pb_grpc.add_ControllerServicer_to_server(ControllerService(controller, guard), server)
+    pb_grpc.add_ControllerServicer_to_server(ControllerService(node, guard), server)
     metrics = None
     if config.metrics_listen:
         from xcha.metrics import ControllerMetrics
 
-        metrics = ControllerMetrics(controller, config.metrics_listen, guard=guard, tls=config.tls)
+        metrics = ControllerMetrics(node, config.metrics_listen, guard=guard, tls=config.tls)
     await server.start()
     await mark_serving(health, "xcha.v1.Controller")
     log.info(
-        "controller listening on port %d, epoch %d, %d datanode(s), router %s",
+        "controller listening on port %d as %s, %d datanode(s), router %s, store %s",
         port,
-        controller.epoch,
+        config.name,
         len(config.datanodes),
         config.router.kind,
+        config.store.kind,
     )
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reload_certificates)
-    runner = asyncio.create_task(controller.run())
+    runner = asyncio.create_task(node.run())
     try:
         await stopping.wait()
     finally:
+        await node.stop()
+        await asyncio.gather(runner, return_exceptions=True)
         await server.stop(grace=1.0)
-        await controller.stop()
-        runner.cancel()
-        store.close()
+        await store.close()
+        await leadership.close()
         if metrics is not None:
             metrics.close()
         log.info("controller stopped")

@@ -1,11 +1,16 @@
-"""The controller's gRPC service: thin, it converts messages and delegates to `Controller`."""
+"""The controller's gRPC service: thin, it converts messages and delegates to the `Controller`
+of this term when this process leads; a follower answers status and event questions from the
+store, tells agents and operators who leads, and refuses everything else (`NotLeader`)."""
 
 import time
+from collections.abc import Callable
 
 import grpc
 
 from xcha.authz import Guard, caller
 from xcha.controller.controller import Controller, event_to_proto
+from xcha.controller.node import ControllerNode
+from xcha.errors import NotFound, NotLeader
 from xcha.names import Endpoint, check_address
 from xcha.rpc import answer
 from xcha.tls import material
@@ -25,26 +30,51 @@ def _check_addresses(status: pb.MemberStatus) -> None:
 
 
 class ControllerService(pb_grpc.ControllerServicer):
-    def __init__(self, controller: Controller, guard: Guard | None = None) -> None:
+    def __init__(self, node: ControllerNode, guard: Guard | None = None) -> None:
         """guard: the server's interceptor; its refusals and the peer certificates it sees
-        expiring become events of the controller's history (`xcha ctl events`), as do the
-        controller's own certificate and CA expiring (at start and on every reload)."""
-        self.controller = controller
+        expiring become events of the leader's history (`xcha ctl events`), as do the
+        controller's own certificate and CA expiring (at start of each term and on reload)."""
+        self.node = node
         self.guard = guard
+        self.config = node.config
         if guard is not None:
-            guard.listeners.append(lambda kind, sentence: controller.event("", kind, sentence))
-        if not controller.config.tls.insecure:
-            own = material(controller.config.tls)
-            for warning in own.files.warnings():  # logged when the files were read
+            guard.listeners.append(lambda kind, sentence: self._event(kind, sentence))
+        if not self.config.tls.insecure:
+            material(self.config.tls).listeners.append(lambda warning: self._event("certificate", warning))
+        node.term_listeners.append(self._term_started)
+
+    def _term_started(self, controller: Controller) -> None:
+        if not self.config.tls.insecure:
+            for warning in material(self.config.tls).files.warnings():
                 controller.event("", "certificate", warning)
-            own.listeners.append(lambda warning: controller.event("", "certificate", warning))
+
+    def _event(self, kind: str, sentence: str) -> None:
+        controller = self.node.leading()
+        if controller is not None:
+            controller.event("", kind, sentence)
+
+    def _leader(self) -> Controller:
+        """The controller of this term, or NotLeader saying where the leader is."""
+        controller = self.node.leading()
+        if controller is not None:
+            return controller
+        leader = self.node.leader_info
+        if leader is None or leader.name == self.node.name:
+            raise NotLeader(f"controller {self.node.name} does not lead and no leader is known now: retry")
+        raise NotLeader(
+            f"controller {self.node.name} does not lead: the leader is {leader.name} at {leader.address}",
+            leader.address,
+        )
 
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatReply:
         def work() -> pb.HeartbeatReply:
             _check_addresses(request.status)
-            return self.controller.heartbeat(request)
+            controller = self.node.leading()
+            if controller is None:
+                return self._not_leading()
+            return controller.heartbeat(request)
 
         return await answer(context, work)
 
@@ -57,7 +87,7 @@ class ControllerService(pb_grpc.ControllerServicer):
             reporter = request.reporter
             if identity is not None and reporter != identity.name:
                 reporter = f"{reporter} ({identity})" if reporter else str(identity)
-            verdict = await self.controller.report_failure(
+            verdict = await self._leader().report_failure(
                 request.datanode, request.member, reporter, request.detail
             )
             return pb.NodeFailureAck(verdict=verdict)
@@ -67,16 +97,55 @@ class ControllerService(pb_grpc.ControllerServicer):
     async def GetClusterStatus(
         self, request: pb.ClusterStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClusterStatus:
-        status = await answer(context, self.controller.cluster_status)
+        status: pb.ClusterStatus = await answer(context, self._cluster_status)
         status.warnings.extend(self.certificate_warnings())
         return status
+
+    async def _cluster_status(self) -> pb.ClusterStatus:
+        controller = self.node.leading()
+        if controller is not None:
+            status = controller.cluster_status()
+        else:
+            snapshot = await self.node.store.load()
+            status = pb.ClusterStatus(epoch=snapshot.epoch, paused=snapshot.paused)
+            for record in snapshot.groups.values():
+                status.groups.append(
+                    pb.GroupView(
+                        name=record.name,
+                        state=record.state.value,
+                        master=record.master or "",
+                        paused=record.paused or snapshot.paused,
+                        reason=f"as the leader last recorded it: {record.reason}",
+                    )
+                )
+        status.controller = self.node.name
+        status.leading = controller is not None
+        leader = self.node.leader_info
+        if leader is not None:
+            status.leader, status.leader_address, status.term = leader.name, leader.address, leader.term
+        status.controllers.extend(self.config.peers or (self.config.advertise,))
+        return status
+
+    def _not_leading(self) -> pb.HeartbeatReply:
+        """A follower's heartbeat reply: where the leader is, and nothing to act on."""
+        leader = self.node.leader_info
+        reply = pb.HeartbeatReply(
+            not_leader=True,
+            goal=pb.GOAL_WAIT,
+            heartbeat_interval=self.config.heartbeat_interval,
+            failure_timeout=self.config.failure_timeout,
+            detail=f"controller {self.node.name} does not lead",
+        )
+        if leader is not None and leader.name != self.node.name:
+            reply.leader, reply.leader_address = leader.name, leader.address
+        return reply
 
     def certificate_warnings(self) -> list[str]:
         """Certificates expiring within 30 days: this controller's, its CA's, and the peers'
         its guard has seen (every agent heartbeats, so every agent's is among them)."""
-        if self.controller.config.tls.insecure:
+        if self.config.tls.insecure:
             return []
-        warnings = material(self.controller.config.tls).files.warnings()
+        warnings = material(self.config.tls).files.warnings()
         if self.guard is not None:
             now = time.time()
             for identity, expiry in sorted(self.guard.peer_expiry.items()):
@@ -84,15 +153,19 @@ class ControllerService(pb_grpc.ControllerServicer):
                 warnings.append(f"the certificate of {identity} expires in {days} day(s): renew it")
         return warnings
 
-    def _reply(self, detail: str) -> pb.OperationReply:
-        return pb.OperationReply(detail=detail, epoch=self.controller.epoch)
+    async def _operation(self, command: Callable[[Controller], str]) -> pb.OperationReply:
+        """An operator's command, answered once what it changed is durable."""
+        controller = self._leader()
+        detail = command(controller)
+        await controller.ledger.flush()
+        return pb.OperationReply(detail=detail, epoch=controller.epoch)
 
     async def Switchover(
         self, request: pb.SwitchoverRequest, context: grpc.aio.ServicerContext
     ) -> pb.OperationReply:
         return await answer(
             context,
-            lambda: self._reply(self.controller.request_switchover(request.datanode, request.to_member)),
+            lambda: self._operation(lambda c: c.request_switchover(request.datanode, request.to_member)),
         )
 
     async def Failover(
@@ -100,8 +173,8 @@ class ControllerService(pb_grpc.ControllerServicer):
     ) -> pb.OperationReply:
         return await answer(
             context,
-            lambda: self._reply(
-                self.controller.request_failover(request.datanode, request.to_member, request.allow_data_loss)
+            lambda: self._operation(
+                lambda c: c.request_failover(request.datanode, request.to_member, request.allow_data_loss)
             ),
         )
 
@@ -109,7 +182,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         self, request: pb.PauseRequest, context: grpc.aio.ServicerContext
     ) -> pb.OperationReply:
         return await answer(
-            context, lambda: self._reply(self.controller.set_paused(request.datanode, request.paused))
+            context, lambda: self._operation(lambda c: c.set_paused(request.datanode, request.paused))
         )
 
     async def AddStandby(
@@ -117,8 +190,8 @@ class ControllerService(pb_grpc.ControllerServicer):
     ) -> pb.OperationReply:
         return await answer(
             context,
-            lambda: self._reply(
-                self.controller.add_standby(request.datanode, request.member, request.mode or "sync")
+            lambda: self._operation(
+                lambda c: c.add_standby(request.datanode, request.member, request.mode or "sync")
             ),
         )
 
@@ -126,7 +199,7 @@ class ControllerService(pb_grpc.ControllerServicer):
         self, request: pb.RemoveStandbyRequest, context: grpc.aio.ServicerContext
     ) -> pb.OperationReply:
         return await answer(
-            context, lambda: self._reply(self.controller.remove_standby(request.datanode, request.member))
+            context, lambda: self._operation(lambda c: c.remove_standby(request.datanode, request.member))
         )
 
     async def SetStandbyMode(
@@ -134,16 +207,20 @@ class ControllerService(pb_grpc.ControllerServicer):
     ) -> pb.OperationReply:
         return await answer(
             context,
-            lambda: self._reply(self.controller.set_mode(request.datanode, request.member, request.mode)),
+            lambda: self._operation(lambda c: c.set_mode(request.datanode, request.member, request.mode)),
         )
 
     async def ListEvents(
         self, request: pb.EventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.EventsReply:
-        def work() -> pb.EventsReply:
+        async def work() -> pb.EventsReply:
             # Event ids are SQLite integers (signed 64 bits): no event comes after a larger id.
             after_id = min(request.after_id, SQLITE_MAX_INTEGER)
-            events = self.controller.events(after_id, request.limit or 100, request.datanode, request.newest)
+            if request.datanode and self.config.datanode(request.datanode) is None:
+                known = ", ".join(sorted(d.name for d in self.config.datanodes))
+                raise NotFound(f"unknown datanode {request.datanode!r}: known are {known}")
+            limit = request.limit or 100
+            events = await self.node.store.events(after_id, limit, request.datanode, request.newest)
             return pb.EventsReply(events=[event_to_proto(e) for e in events])
 
         return await answer(context, work)

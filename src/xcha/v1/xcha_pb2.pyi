@@ -386,6 +386,9 @@ class HeartbeatReply(_message.Message):
     HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     FAILURE_TIMEOUT_FIELD_NUMBER: _builtins.int
+    NOT_LEADER_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    LEADER_ADDRESS_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     goal: Global___Goal.ValueType
     upstream_member: _builtins.str
@@ -396,6 +399,14 @@ class HeartbeatReply(_message.Message):
     """A master that hears neither the controller nor a synchronous standby for this long
     fences itself.
     """
+    not_leader: _builtins.bool
+    """From a controller that does not lead: the agent acts on nothing in this reply and sends
+    its next heartbeat to the leader, when one is known.
+    """
+    leader: _builtins.str
+    """the leader's name"""
+    leader_address: _builtins.str
+    """where it is reached"""
     @_builtins.property
     def upstream(self) -> Global___Endpoint:
         """with GOAL_STANDBY"""
@@ -410,10 +421,13 @@ class HeartbeatReply(_message.Message):
         heartbeat_interval: _builtins.float = ...,
         detail: _builtins.str = ...,
         failure_timeout: _builtins.float = ...,
+        not_leader: _builtins.bool = ...,
+        leader: _builtins.str = ...,
+        leader_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["upstream", b"upstream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "epoch", b"epoch", "failure_timeout", b"failure_timeout", "goal", b"goal", "heartbeat_interval", b"heartbeat_interval", "upstream", b"upstream", "upstream_member", b"upstream_member"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "epoch", b"epoch", "failure_timeout", b"failure_timeout", "goal", b"goal", "heartbeat_interval", b"heartbeat_interval", "leader", b"leader", "leader_address", b"leader_address", "not_leader", b"not_leader", "upstream", b"upstream", "upstream_member", b"upstream_member"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -851,10 +865,24 @@ class ClusterStatus(_message.Message):
     CONTROLLER_VERSION_FIELD_NUMBER: _builtins.int
     UPTIME_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    CONTROLLER_FIELD_NUMBER: _builtins.int
+    LEADING_FIELD_NUMBER: _builtins.int
+    LEADER_FIELD_NUMBER: _builtins.int
+    LEADER_ADDRESS_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
+    CONTROLLERS_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     paused: _builtins.bool
     controller_version: _builtins.str
     uptime: _builtins.float
+    controller: _builtins.str
+    """Controllers: which one answered, whether it leads, who leads and since which term (the
+    fencing token), and every controller's address as configured.
+    """
+    leading: _builtins.bool
+    leader: _builtins.str
+    leader_address: _builtins.str
+    term: _builtins.int
     @_builtins.property
     def groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___GroupView]: ...
     @_builtins.property
@@ -863,6 +891,8 @@ class ClusterStatus(_message.Message):
         peers' it has seen) expiring within 30 days.
         """
 
+    @_builtins.property
+    def controllers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -872,10 +902,16 @@ class ClusterStatus(_message.Message):
         controller_version: _builtins.str = ...,
         uptime: _builtins.float = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        controller: _builtins.str = ...,
+        leading: _builtins.bool = ...,
+        leader: _builtins.str = ...,
+        leader_address: _builtins.str = ...,
+        term: _builtins.int = ...,
+        controllers: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["controller_version", b"controller_version", "epoch", b"epoch", "groups", b"groups", "paused", b"paused", "uptime", b"uptime", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["controller", b"controller", "controller_version", b"controller_version", "controllers", b"controllers", "epoch", b"epoch", "groups", b"groups", "leader", b"leader", "leader_address", b"leader_address", "leading", b"leading", "paused", b"paused", "term", b"term", "uptime", b"uptime", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
