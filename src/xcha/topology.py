@@ -30,7 +30,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from xcha import pgxc_cluster
+from xcha import pgxc_cluster, timings
 from xcha.agent.config import load_agent_config
 from xcha.config import TlsConfig
 from xcha.coordinator import datanode_setup, fdw_setup
@@ -70,9 +70,9 @@ class TopologyPlan:
     datanodes: tuple[DatanodePlan, ...] = (DatanodePlan("dn1", ("dn1a", "dn1b")),)
     router: str = "none"
     tls: bool = True
-    heartbeat_interval: float = 0.25
-    failure_timeout: float = 2.0
-    probe_timeout: float = 0.5
+    heartbeat_interval: float = timings.HEARTBEAT_INTERVAL
+    failure_timeout: float = timings.FAILURE_TIMEOUT
+    probe_timeout: float = timings.PROBE_TIMEOUT
     startup_grace: float | None = None
     # Coordinators: plain PostgreSQL with postgres_fdw, or (flavor xl/xc) the cluster's own.
     coordinators: tuple[str, ...] = ()

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from xcha import timings
 from xcha.agent.config import AgentConfig, PostgresConfig, load_agent_config
 from xcha.config import ConfigError, TlsConfig
 from xcha.controller.config import (
@@ -18,8 +19,9 @@ from xcha.controller.config import (
     RouterConfig,
     load_controller_config,
 )
-from xcha.controller.views import SyncFailurePolicy
+from xcha.controller.views import GroupState, GroupView, SyncFailurePolicy
 from xcha.pg.syncrep import SyncPolicy
+from xcha.topology import TopologyPlan
 
 INSECURE = "[tls]\ninsecure = true\n"
 
@@ -200,6 +202,34 @@ def test_minimal_controller_config_has_the_defaults(tmp_path: Path) -> None:
         config.failure_timeout = 9.0  # type: ignore[misc]
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.datanodes[0].name = "dn2"  # type: ignore[misc]
+
+
+def test_the_timing_defaults_are_the_ones_of_xcha_timings(tmp_path: Path, password_file: Path) -> None:
+    """One definition: both configuration files, the state machine's view and the deployments
+    `xcha up` writes start from the same numbers."""
+    controller = load_controller_config(write(tmp_path, controller_toml()))
+    assert (
+        controller.heartbeat_interval,
+        controller.failure_timeout,
+        controller.probe_timeout,
+        controller.startup_grace,
+        controller.tick_interval,
+    ) == (
+        timings.HEARTBEAT_INTERVAL,
+        timings.FAILURE_TIMEOUT,
+        timings.PROBE_TIMEOUT,
+        timings.FAILURE_TIMEOUT,
+        timings.TICK_INTERVAL,
+    )
+    agent = load_agent_config(write(tmp_path, agent_toml(password_file), "agent.toml"))
+    assert (agent.watch_interval, agent.probe_timeout) == (timings.WATCH_INTERVAL, timings.PROBE_TIMEOUT)
+    assert GroupView("dn1", GroupState.INITIALIZING, ()).failure_timeout == timings.FAILURE_TIMEOUT
+    plan = TopologyPlan()
+    assert (plan.heartbeat_interval, plan.failure_timeout, plan.probe_timeout) == (
+        timings.HEARTBEAT_INTERVAL,
+        timings.FAILURE_TIMEOUT,
+        timings.PROBE_TIMEOUT,
+    )
 
 
 def test_startup_grace_defaults_to_the_configured_failure_timeout(tmp_path: Path) -> None:

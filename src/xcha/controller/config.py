@@ -4,6 +4,7 @@ coordinators are re-pointed after a promotion."""
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xcha import timings
 from xcha.config import LOG_FORMATS, ConfigError, Problems, Section, TlsConfig, read_toml
 from xcha.controller.views import SyncFailurePolicy
 from xcha.errors import InvalidInput
@@ -148,9 +149,11 @@ def load_controller_config(path: Path) -> ControllerConfig:
     controller = root.table("controller")
     listen = controller.address("listen", listen=True)
     state_dir = controller.path("state_dir")
-    heartbeat_interval = controller.number("heartbeat_interval", 0.25, minimum=0.05, maximum=30)
-    failure_timeout = controller.number("failure_timeout", 2.0, minimum=0.2, maximum=600)
-    probe_timeout = controller.number("probe_timeout", 0.5, minimum=0.05, maximum=30)
+    heartbeat_interval = controller.number(
+        "heartbeat_interval", timings.HEARTBEAT_INTERVAL, minimum=0.05, maximum=30
+    )
+    failure_timeout = controller.number("failure_timeout", timings.FAILURE_TIMEOUT, minimum=0.2, maximum=600)
+    probe_timeout = controller.number("probe_timeout", timings.PROBE_TIMEOUT, minimum=0.05, maximum=30)
     startup_grace = controller.number("startup_grace", failure_timeout, minimum=0, maximum=3600)
     if startup_grace < failure_timeout:
         problems.add(
@@ -158,7 +161,7 @@ def load_controller_config(path: Path) -> ControllerConfig:
             f"must be at least failure_timeout ({failure_timeout:g} s): a member not heard from "
             "since the start is not yet a failed one",
         )
-    tick_interval = controller.number("tick_interval", 0.05, minimum=0.005, maximum=5)
+    tick_interval = controller.number("tick_interval", timings.TICK_INTERVAL, minimum=0.005, maximum=5)
     metrics_listen = controller.optional_address("metrics_listen")
     log_format = controller.choice("log_format", LOG_FORMATS, "text")
     controller.finish()
