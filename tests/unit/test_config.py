@@ -12,13 +12,9 @@ import pytest
 from xcha import timings
 from xcha.agent.config import AgentConfig, PostgresConfig, load_agent_config
 from xcha.config import ConfigError, TlsConfig
-from xcha.controller.config import (
-    ControllerConfig,
-    CoordinatorConfig,
-    DatanodeConfig,
-    RouterConfig,
-    load_controller_config,
-)
+from xcha.controller.config import ControllerConfig, DatanodeConfig, RouterConfig, load_controller_config
+from xcha.controller.routers import command, fdw, pgxc
+from xcha.controller.routers.base import CoordinatorConfig
 from xcha.controller.views import GroupState, GroupView, SyncFailurePolicy
 from xcha.pg.syncrep import SyncPolicy
 from xcha.topology import TopologyPlan
@@ -58,6 +54,7 @@ def agent_toml(
     )
 
 
+COORDINATOR = '[[router.coordinator]]\nname = "co1"\nconninfo = "host=x"\n'
 CONTROLLER = """\
 [controller]
 listen = "127.0.0.1:7000"
@@ -269,7 +266,9 @@ def test_controller_settings_override_the_defaults(tmp_path: Path) -> None:
         ),
     )
     assert config.router == RouterConfig(
-        kind="fdw", coordinators=(CoordinatorConfig("co1", "host=/tmp port=5400"),), retry_initial=0.5
+        kind="fdw",
+        retry_initial=0.5,
+        settings=fdw.Settings(coordinators=(CoordinatorConfig("co1", "host=/tmp port=5400"),)),
     )
 
 
@@ -676,6 +675,41 @@ def test_router_kind_must_be_known(tmp_path: Path) -> None:
     text = controller_toml(tail='[router]\nkind = "magic"\n')
     problems = problems_of(load_controller_config, write(tmp_path, text))
     assert keys_of(problems) == ["router.kind"]
+
+
+def test_a_setting_of_another_router_kind_is_named_as_such(tmp_path: Path) -> None:
+    """Each kind parses its own settings: one left from another kind is not silently ignored."""
+    text = controller_toml(
+        tail='[router]\nkind = "fdw"\ncommand = ["/bin/true"]\nflavor = "xl"\n' + COORDINATOR
+    )
+    problems = problems_of(load_controller_config, write(tmp_path, text))
+    assert problems == [
+        ("router.command", "a setting of router kind command, not of fdw"),
+        ("router.flavor", "a setting of router kind pgxc, not of fdw"),
+    ]
+    text = controller_toml(tail='[router]\nkind = "command"\ncommand = ["/bin/true"]\n' + COORDINATOR)
+    problems = problems_of(load_controller_config, write(tmp_path, text))
+    assert problems == [("router.coordinator", "a setting of router kind fdw or pgxc, not of command")]
+
+
+def test_every_router_kind_parses_its_own_settings(tmp_path: Path) -> None:
+    shared = "retry_initial = 0.2\nretry_max = 2\ntimeout = 3\n"
+    for kind, extra, settings in (
+        ("none", "", None),
+        ("takeover", "", None),
+        ("fdw", COORDINATOR, fdw.Settings((CoordinatorConfig("co1", "host=x"),))),
+        (
+            "pgxc",
+            'flavor = "xl"\nterminate_writers = false\nclean_command = ["pgxc_clean", "-a"]\n' + COORDINATOR,
+            pgxc.Settings((CoordinatorConfig("co1", "host=x"),), "xl", False, ("pgxc_clean", "-a")),
+        ),
+        ("command", 'command = ["/bin/true", "x"]\n', command.Settings(("/bin/true", "x"))),
+    ):
+        # Tables ([[router.coordinator]]) come after the keys of [router].
+        keys, _, tables = extra.partition("[[")
+        tail = f'[router]\nkind = "{kind}"\n{shared}{keys}' + (f"[[{tables}" if tables else "")
+        config = load_controller_config(write(tmp_path, controller_toml(tail=tail)))
+        assert config.router == RouterConfig(kind, 0.2, 2.0, 3.0, settings), kind
 
 
 def test_coordinator_names_repeat(tmp_path: Path) -> None:
