@@ -133,7 +133,7 @@ class Layout:
             self.metrics_ports["controller"] = free_port()
         for datanode in self.plan.datanodes:
             check_name(datanode.name, "datanode name")
-            base = free_port(2)  # the seed's 5432/5433 pair, elsewhere
+            base = free_port(2)  # a master/standby pair on adjacent ports (5432/5433 in the specification)
             for index, member in enumerate(datanode.members):
                 self.add_member(datanode.name, member, base + index if index < 2 else None)
         self._write_controller_config()
