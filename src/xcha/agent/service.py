@@ -1,6 +1,5 @@
 """The agent's gRPC service: thin, it converts messages and delegates to `Agent`."""
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -12,7 +11,6 @@ from xcha.rpc import answer, endpoint_from_proto, sync_from_proto
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
