@@ -14,7 +14,7 @@ consistent picture.
 import asyncio
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -119,3 +119,13 @@ class Exporter:
         if self._server is not None:
             self._server.shutdown()  # type: ignore[attr-defined]
             self._server = None
+
+
+def __getattr__(name: str) -> Any:
+    """TEMPORARY, until xcha/controller/main.py imports ControllerMetrics from
+    xcha.controller.metrics: drop this function (and this commit) then."""
+    if name == "ControllerMetrics":
+        from xcha.controller.metrics import ControllerMetrics
+
+        return ControllerMetrics
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -97,3 +97,8 @@ class AgentService(pb_grpc.AgentServicer):
             return await self._reply(await self.agent.remove(request.epoch, request.member))
 
         return await _call(context, work)
+
+
+# TEMPORARY, until xcha/controller/controller.py imports sync_to_proto from xcha.rpc: the
+# conversions live in xcha.rpc; drop this line (and this commit) then.
+from xcha.rpc import sync_to_proto as sync_to_proto  # noqa: E402
