@@ -258,7 +258,7 @@ class History:
         controller = Controller(
             self.config, self.store, self.store.snapshot(), router, _Agents(self), clock=self.loop.time
         )
-        controller.on_event = self._event
+        controller.ledger.subscribers.append(self._event)
         self.controller = controller
         self.controller_task = asyncio.ensure_future(controller.run())
         self.trace(f"controller started, epoch {controller.epoch}")

@@ -109,7 +109,7 @@ def _add_pg(commands: argparse._SubParsersAction[Parser]) -> None:
         "10 for xl and 9.3 for xc by default",
     )
     r.add_argument("--name", default="dn1", help="member name (application_name); default dn1")
-    r.add_argument("--port", type=int, help="default 5432 for a master, 5433 for a standby (as in the seed)")
+    r.add_argument("--port", type=int, help="default 5432 for a master, 5433 for a standby")
     r.add_argument("--primary-host", default="127.0.0.1")
     r.add_argument("--primary-port", type=int, default=5432)
     r.add_argument("--archive-dir", default="/var/lib/xcha/archive")

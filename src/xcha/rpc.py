@@ -1,6 +1,7 @@
 """gRPC plumbing shared by the controller and the agents: servers with the standard health
 service, mTLS and authorization (`xcha.authz`), client channels with keepalive, certificates
-renewed without a restart, and the status message conversions."""
+renewed without a restart, and every conversion between a message and its domain type (the
+agents' and the controller's, both ways)."""
 
 import asyncio
 import logging
@@ -16,6 +17,7 @@ from xcha.config import TlsConfig
 from xcha.errors import InvalidInput, NotFound, NotLeader, Refused, XchaError
 from xcha.names import Endpoint
 from xcha.pg.status import Downstream, PgStatus, WalReceiver
+from xcha.pg.syncrep import SyncPolicy, SyncStandbys
 from xcha.tls import Material, material
 from xcha.v1 import xcha_pb2 as pb
 
@@ -201,6 +203,17 @@ def endpoint_to_proto(endpoint: Endpoint | None) -> pb.Endpoint:
 
 def endpoint_from_proto(message: pb.Endpoint) -> Endpoint | None:
     return Endpoint(message.host, message.port) if message.host else None
+
+
+def sync_to_proto(sync: SyncStandbys) -> pb.SyncStandbys:
+    return pb.SyncStandbys(method=sync.policy.method, count=sync.policy.count, names=list(sync.names))
+
+
+def sync_from_proto(message: pb.SyncStandbys) -> SyncStandbys:
+    """A request's synchronous standbys; InvalidInput for a policy no server would accept."""
+    if message.method not in ("first", "any") or message.count < 1:
+        raise InvalidInput(f"invalid synchronous policy {message.method!r} {message.count}")
+    return SyncStandbys(SyncPolicy(message.method, message.count), tuple(message.names))  # type: ignore[arg-type]
 
 
 # PgStatus.role <-> the wire: "unknown" is a running server whose recovery state is not known.

@@ -470,6 +470,15 @@ async def test_metrics_and_logs_of_controller_and_agents(make_cluster: ClusterFa
     replay = value(standby_text, "xcha_wal_position_bytes", datanode="dn1", member=standby, kind="replay")
     assert replay is not None and replay > 0
 
+    # Each agent says where it listens and which PostgreSQL it runs, each value in its place.
+    for name in (master, standby):
+        info = topology.members[name]
+        agent_log = (topology.workdir / "logs" / f"agent-{name}.log").read_text()
+        assert (
+            f"agent {name} of dn1 listening on port {info.agent_port} "
+            f"(PostgreSQL port {info.port}, data {topology.member_spec(name).data_dir})"
+        ) in agent_log, agent_log
+
     # The text log: one line per decision, the state machine's reason, never twice in a row.
     log_file = topology.workdir / "logs" / "controller.log"
     text_log = log_file.read_text()

@@ -1,4 +1,4 @@
-"""Rerouting end to end: the seed's port takeover under writes through a real PostgreSQL
+"""Rerouting end to end: the specification's port takeover under writes through a real PostgreSQL
 coordinator, and what happens when the old master still holds its port; an operator's command;
 and `xcha demo --json` itself. (The fdw router's barrier with a coordinator down is
 tests/chaos/test_faults.py.)"""

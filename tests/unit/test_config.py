@@ -9,17 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from xcha import timings
 from xcha.agent.config import AgentConfig, PostgresConfig, load_agent_config
 from xcha.config import ConfigError, TlsConfig
-from xcha.controller.config import (
-    ControllerConfig,
-    CoordinatorConfig,
-    DatanodeConfig,
-    RouterConfig,
-    load_controller_config,
-)
-from xcha.controller.views import SyncFailurePolicy
+from xcha.controller.config import ControllerConfig, DatanodeConfig, RouterConfig, load_controller_config
+from xcha.controller.routers import command, fdw, pgxc
+from xcha.controller.routers.base import CoordinatorConfig
+from xcha.controller.views import GroupState, GroupView, SyncFailurePolicy
 from xcha.pg.syncrep import SyncPolicy
+from xcha.topology import TopologyPlan
 
 INSECURE = "[tls]\ninsecure = true\n"
 
@@ -56,6 +54,7 @@ def agent_toml(
     )
 
 
+COORDINATOR = '[[router.coordinator]]\nname = "co1"\nconninfo = "host=x"\n'
 CONTROLLER = """\
 [controller]
 listen = "127.0.0.1:7000"
@@ -203,6 +202,34 @@ def test_minimal_controller_config_has_the_defaults(tmp_path: Path) -> None:
         config.datanodes[0].name = "dn2"  # type: ignore[misc]
 
 
+def test_the_timing_defaults_are_the_ones_of_xcha_timings(tmp_path: Path, password_file: Path) -> None:
+    """One definition: both configuration files, the state machine's view and the deployments
+    `xcha up` writes start from the same numbers."""
+    controller = load_controller_config(write(tmp_path, controller_toml()))
+    assert (
+        controller.heartbeat_interval,
+        controller.failure_timeout,
+        controller.probe_timeout,
+        controller.startup_grace,
+        controller.tick_interval,
+    ) == (
+        timings.HEARTBEAT_INTERVAL,
+        timings.FAILURE_TIMEOUT,
+        timings.PROBE_TIMEOUT,
+        timings.FAILURE_TIMEOUT,
+        timings.TICK_INTERVAL,
+    )
+    agent = load_agent_config(write(tmp_path, agent_toml(password_file), "agent.toml"))
+    assert (agent.watch_interval, agent.probe_timeout) == (timings.WATCH_INTERVAL, timings.PROBE_TIMEOUT)
+    assert GroupView("dn1", GroupState.INITIALIZING, ()).failure_timeout == timings.FAILURE_TIMEOUT
+    plan = TopologyPlan()
+    assert (plan.heartbeat_interval, plan.failure_timeout, plan.probe_timeout) == (
+        timings.HEARTBEAT_INTERVAL,
+        timings.FAILURE_TIMEOUT,
+        timings.PROBE_TIMEOUT,
+    )
+
+
 def test_startup_grace_defaults_to_the_configured_failure_timeout(tmp_path: Path) -> None:
     config = load_controller_config(write(tmp_path, controller_toml("failure_timeout = 10")))
     assert config.failure_timeout == 10.0
@@ -240,7 +267,9 @@ def test_controller_settings_override_the_defaults(tmp_path: Path) -> None:
         ),
     )
     assert config.router == RouterConfig(
-        kind="fdw", coordinators=(CoordinatorConfig("co1", "host=/tmp port=5400"),), retry_initial=0.5
+        kind="fdw",
+        retry_initial=0.5,
+        settings=fdw.Settings(coordinators=(CoordinatorConfig("co1", "host=/tmp port=5400"),)),
     )
 
 
@@ -647,6 +676,41 @@ def test_router_kind_must_be_known(tmp_path: Path) -> None:
     text = controller_toml(tail='[router]\nkind = "magic"\n')
     problems = problems_of(load_controller_config, write(tmp_path, text))
     assert keys_of(problems) == ["router.kind"]
+
+
+def test_a_setting_of_another_router_kind_is_named_as_such(tmp_path: Path) -> None:
+    """Each kind parses its own settings: one left from another kind is not silently ignored."""
+    text = controller_toml(
+        tail='[router]\nkind = "fdw"\ncommand = ["/bin/true"]\nflavor = "xl"\n' + COORDINATOR
+    )
+    problems = problems_of(load_controller_config, write(tmp_path, text))
+    assert problems == [
+        ("router.command", "a setting of router kind command, not of fdw"),
+        ("router.flavor", "a setting of router kind pgxc, not of fdw"),
+    ]
+    text = controller_toml(tail='[router]\nkind = "command"\ncommand = ["/bin/true"]\n' + COORDINATOR)
+    problems = problems_of(load_controller_config, write(tmp_path, text))
+    assert problems == [("router.coordinator", "a setting of router kind fdw or pgxc, not of command")]
+
+
+def test_every_router_kind_parses_its_own_settings(tmp_path: Path) -> None:
+    shared = "retry_initial = 0.2\nretry_max = 2\ntimeout = 3\n"
+    for kind, extra, settings in (
+        ("none", "", None),
+        ("takeover", "", None),
+        ("fdw", COORDINATOR, fdw.Settings((CoordinatorConfig("co1", "host=x"),))),
+        (
+            "pgxc",
+            'flavor = "xl"\nterminate_writers = false\nclean_command = ["pgxc_clean", "-a"]\n' + COORDINATOR,
+            pgxc.Settings((CoordinatorConfig("co1", "host=x"),), "xl", False, ("pgxc_clean", "-a")),
+        ),
+        ("command", 'command = ["/bin/true", "x"]\n', command.Settings(("/bin/true", "x"))),
+    ):
+        # Tables ([[router.coordinator]]) come after the keys of [router].
+        keys, _, tables = extra.partition("[[")
+        tail = f'[router]\nkind = "{kind}"\n{shared}{keys}' + (f"[[{tables}" if tables else "")
+        config = load_controller_config(write(tmp_path, controller_toml(tail=tail)))
+        assert config.router == RouterConfig(kind, 0.2, 2.0, 3.0, settings), kind
 
 
 def test_coordinator_names_repeat(tmp_path: Path) -> None:

@@ -7,7 +7,6 @@ import json
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -15,12 +14,12 @@ import pytest
 from xcha.controller.config import load_controller_config
 from xcha.controller.controller import Controller
 from xcha.controller.fsm import Action, Decision, Step
+from xcha.controller.metrics import Completed, _ControllerCollector
 from xcha.controller.routing import Router
 from xcha.controller.steps import BEST_EFFORT_FENCE_TIMEOUT, FENCE_TIMEOUT
 from xcha.controller.store import EventRecord, Snapshot, SqliteLeadership, SqliteStore
 from xcha.controller.views import GroupState
 from xcha.errors import Refused
-from xcha.metrics import _ControllerCollector
 from xcha.v1 import xcha_pb2 as pb
 
 
@@ -216,17 +215,16 @@ async def test_a_scrape_from_another_thread_reads_the_controller_on_its_event_lo
     controller: Controller,
 ) -> None:
     """prometheus_client scrapes on its HTTP thread; the controller's dicts change size on the
-    event loop meanwhile, so the collector asks the loop for its snapshot."""
+    event loop meanwhile, so the collector asks the loop for the cluster status."""
     readers: list[int] = []
-    group_status = controller.group_status
+    cluster_status = controller.cluster_status
 
-    def recording_group_status(datanode: str) -> pb.GroupView:
+    def recording_cluster_status() -> pb.ClusterStatus:
         readers.append(threading.get_ident())
-        return group_status(datanode)
+        return cluster_status()
 
-    controller.group_status = recording_group_status  # type: ignore[method-assign]
-    metrics = SimpleNamespace(failovers={"dn1": 2}, switchovers={}, last_failover={"dn1": {"reroute": 0.5}})
-    collector = _ControllerCollector(lambda: controller, metrics, asyncio.get_running_loop())  # type: ignore[arg-type]
+    completed = Completed(failovers={"dn1": 2}, last_failover={"dn1": {"reroute": 0.5}})
+    collector = _ControllerCollector(recording_cluster_status, completed, asyncio.get_running_loop())
     for families in (
         await asyncio.to_thread(lambda: list(collector.collect())),  # the HTTP thread
         list(collector.collect()),  # on the loop itself: no waiting for itself

@@ -16,7 +16,7 @@ EXPECTED = Path(__file__).parent.parent / "expected" / "render"
 VERSIONS = ("9.1", "9.6", "11", "12", "15")
 
 
-def seed_spec(version: str, role: str) -> ReplicationSpec:
+def pair_spec(version: str, role: str) -> ReplicationSpec:
     """The specification's pair: master on 5432, slave on 5433, one archive."""
     return ReplicationSpec(
         version=parse_version(version),
@@ -36,7 +36,7 @@ def seed_spec(version: str, role: str) -> ReplicationSpec:
 @pytest.mark.parametrize("role", ["master", "standby"])
 @pytest.mark.parametrize("version", VERSIONS)
 def test_rendering_matches_the_expected_files(version: str, role: str) -> None:
-    rendering = render(seed_spec(version, role))
+    rendering = render(pair_spec(version, role))
     directory = EXPECTED / version / role
     if os.environ.get("XCHA_REGENERATE_EXPECTED"):
         directory.mkdir(parents=True, exist_ok=True)
@@ -47,9 +47,9 @@ def test_rendering_matches_the_expected_files(version: str, role: str) -> None:
 
 
 @pytest.mark.parametrize("version", VERSIONS)
-def test_every_line_of_the_seed_is_rendered(version: str) -> None:
-    master = render(seed_spec(version, "master"))
-    standby = render(seed_spec(version, "standby"))
+def test_every_line_of_the_specification_is_rendered(version: str) -> None:
+    master = render(pair_spec(version, "master"))
+    standby = render(pair_spec(version, "standby"))
     conf = master.file("postgresql.xcha.conf").content
     wal_level = "hot_standby" if version == "9.1" else "replica"
     assert f"wal_level = {wal_level}" in conf
@@ -73,7 +73,7 @@ def test_every_line_of_the_seed_is_rendered(version: str) -> None:
         assert "standby_mode = 'on'" in recovery and "standby.signal" not in names
 
 
-def test_archive_and_restore_commands_fix_the_seed_and_quote_paths() -> None:
+def test_archive_and_restore_commands_fix_the_specification_and_quote_paths() -> None:
     assert archive_command("/a") == "test ! -f /a/%f && cp %p /a/%f"
     assert restore_command("/a") == "cp /a/%f %p"
     assert archive_command("/with space") == "test ! -f '/with space'/%f && cp %p '/with space'/%f"
@@ -110,14 +110,14 @@ def test_sync_names_per_version() -> None:
     ],
 )
 def test_bad_values_are_refused(change: dict[str, object], message: str) -> None:
-    values = {**seed_spec("15", "standby").__dict__, **change}
+    values = {**pair_spec("15", "standby").__dict__, **change}
     with pytest.raises(InvalidInput, match=message):
         ReplicationSpec(**values)  # type: ignore[arg-type]
 
 
 def test_trust_is_only_rendered_when_asked_for_and_warns() -> None:
-    assert "trust" not in render(seed_spec("15", "master")).file("pg_hba.conf").content
-    values = {**seed_spec("15", "master").__dict__, "auth": "trust"}
+    assert "trust" not in render(pair_spec("15", "master")).file("pg_hba.conf").content
+    values = {**pair_spec("15", "master").__dict__, "auth": "trust"}
     rendering = render(ReplicationSpec(**values))  # type: ignore[arg-type]
     assert "trust" in rendering.file("pg_hba.conf").content
     assert rendering.warnings and "without a password" in rendering.warnings[0]
@@ -127,9 +127,9 @@ def test_trust_is_only_rendered_when_asked_for_and_warns() -> None:
 
 
 def pgxc_spec(flavor: str, role: str, **changes: object) -> ReplicationSpec:
-    """The seed pair as an XL (PostgreSQL 10) or XC (9.3) datanode dn1."""
+    """The specification's pair as an XL (PostgreSQL 10) or XC (9.3) datanode dn1."""
     values = {
-        **seed_spec("10" if flavor == "xl" else "9.3", role).__dict__,
+        **pair_spec("10" if flavor == "xl" else "9.3", role).__dict__,
         "pgxc": PgxcSettings(flavor, "dn1", 6668 if role == "standby" else 6667, "127.0.0.1", 6666),  # type: ignore[arg-type]
     }
     values.update(changes)
@@ -163,7 +163,7 @@ def test_xl_uses_md5_and_a_hot_standby_takes_its_own_snapshots() -> None:
         assert "password_encryption = 'md5'" in conf
         assert "scram" not in rendering.file("pg_hba.conf").content
         assert ("global_snapshot_source = 'coordinator'" in conf) == (role == "standby")
-    assert "scram-sha-256" in render(seed_spec("15", "master")).file("pg_hba.conf").content
+    assert "scram-sha-256" in render(pair_spec("15", "master")).file("pg_hba.conf").content
 
 
 def test_xc_has_no_alter_system_and_no_passfile_option() -> None:

@@ -3,7 +3,9 @@ backoff until it acknowledges, never skipped. An operator's command the barrier 
 is never left running."""
 
 import asyncio
+import importlib
 import os
+import pkgutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,10 +13,17 @@ from pathlib import Path
 
 import pytest
 
+from xcha.config import TlsConfig
+from xcha.controller import routers
+from xcha.controller.config import ControllerConfig, DatanodeConfig
+from xcha.controller.routers import build_router, command, fdw, pgxc
+from xcha.controller.routers.base import CoordinatorConfig, RouterConfig
 from xcha.controller.routers.command import CommandTarget
 from xcha.controller.routers.process import run_command
 from xcha.controller.routing import Barrier, Router, Target
+from xcha.controller.views import SyncFailurePolicy
 from xcha.names import Endpoint
+from xcha.pg.syncrep import SyncPolicy
 
 NEW = Endpoint("10.0.0.2", 5433)
 OLD = Endpoint("10.0.0.1", 5432)
@@ -318,3 +327,69 @@ async def test_a_command_acknowledges_with_its_last_line_and_fails_with_its_outp
     assert await target.apply("dn1", NEW, OLD, 0) == f"{script} acknowledged: warned"
     with pytest.raises(RuntimeError, match=r"exited 3: dn1  -> 10\.0\.0\.2:5433\nwarned"):
         await target.apply("dn1", NEW, None, 3)
+
+
+# ---- the kinds ----------------------------------------------------------------------------------
+
+
+def test_every_router_module_with_a_kind_is_registered() -> None:
+    """A new kind is one module: it must be in the registry, under its own name."""
+    declared = {}
+    for info in pkgutil.iter_modules(routers.__path__):
+        module = importlib.import_module(f"{routers.__name__}.{info.name}")
+        if hasattr(module, "KIND"):
+            declared[module.KIND] = module
+    assert declared == routers.KINDS
+    assert list(routers.KINDS) == ["none", "fdw", "pgxc", "takeover", "command"]
+
+
+def controller_config(router: RouterConfig) -> ControllerConfig:
+    datanodes = tuple(
+        DatanodeConfig(name, (f"{name}a", f"{name}b"), SyncPolicy(), SyncFailurePolicy.AVAILABLE, False, ())
+        for name in ("dn1", "dn2")
+    )
+    return ControllerConfig(
+        listen="127.0.0.1:0",
+        state_dir=Path("/nonexistent"),
+        heartbeat_interval=0.25,
+        failure_timeout=2.0,
+        probe_timeout=0.5,
+        startup_grace=2.0,
+        tick_interval=0.05,
+        metrics_listen=None,
+        log_format="text",
+        datanodes=datanodes,
+        router=router,
+        tls=TlsConfig(insecure=True),
+    )
+
+
+async def test_each_kind_builds_its_targets_and_bounds_their_attempts() -> None:
+    coordinators = (CoordinatorConfig("co1", "host=x"), CoordinatorConfig("co2", "host=y"))
+    for kind in ("none", "takeover"):
+        router = build_router(controller_config(RouterConfig(kind)))
+        assert (router.kind, router.targets) == (kind, [])
+    router = build_router(controller_config(RouterConfig("fdw", 0.2, 3.0, 2.0, fdw.Settings(coordinators))))
+    assert (router.retry_initial, router.retry_max) == (0.2, 3.0)
+    assert [(t.name, t.attempt_timeout) for t in router.targets] == [("co1", 6.0), ("co2", 6.0)]
+    settings = pgxc.Settings(coordinators, "xl", True, ("pgxc_clean", "-a"))
+    router = build_router(controller_config(RouterConfig("pgxc", timeout=2.0, settings=settings)))
+    first, second = router.targets
+    assert isinstance(first, pgxc.PgxcTarget) and isinstance(second, pgxc.PgxcTarget)
+    assert (first.name, first.first, first.datanodes, first.clean_command) == (
+        "co1",
+        True,
+        ("dn1", "dn2"),
+        ("pgxc_clean", "-a"),
+    )
+    assert (second.name, second.first) == ("co2", False)
+    # Every statement may take the timeout; the first XL coordinator also re-points each
+    # datanode (2 statements) and runs the in-doubt cleanup (its attempts, their pauses).
+    assert second.attempt_timeout == 6 * 2.0
+    cleanup = pgxc.CLEAN_ATTEMPTS * pgxc.CLEAN_TIMEOUT + (pgxc.CLEAN_ATTEMPTS - 1) * pgxc.CLEAN_RETRY
+    assert first.attempt_timeout == (6 + 2 * 2) * 2.0 + cleanup
+    router = build_router(
+        controller_config(RouterConfig("command", timeout=2.0, settings=command.Settings(("/bin/true",))))
+    )
+    assert [(t.name, t.attempt_timeout) for t in router.targets] == [("true", 2.0)]
+    await router.close()

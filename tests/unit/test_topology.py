@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-import xcha.topology
+import xcha.topology.layout
 from xcha.ctl import supervision_table
 from xcha.supervisor import STATUS_FILE, Backoff, Exit, ProcessStatus, Program, SupervisorStatus, read_status
 from xcha.topology import TOPOLOGY_FILE, Topology, TopologyPlan
@@ -41,8 +41,8 @@ def no_postgres_programs(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object) -> None:
         raise AssertionError("no PostgreSQL program may run here")
 
-    monkeypatch.setattr(xcha.topology, "find_bindir", refuse)
-    monkeypatch.setattr(xcha.topology, "server_version", refuse)
+    monkeypatch.setattr(xcha.topology.layout, "find_bindir", refuse)
+    monkeypatch.setattr(xcha.topology.layout, "server_version", refuse)
 
 
 def test_a_members_instance_is_read_from_its_agent_toml(workdir: Path) -> None:

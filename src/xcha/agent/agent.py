@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import grpc
 
-from xcha import __version__
+from xcha import __version__, timings
 from xcha.agent.config import AgentConfig
 from xcha.agent.state import StateFile
 from xcha.errors import AgentFailed, InvalidInput, PostgresError, StaleEpoch, XchaError
@@ -33,8 +33,6 @@ from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-DEFAULT_HEARTBEAT_INTERVAL = 0.25
-DEFAULT_FAILURE_TIMEOUT = 2.0
 # The local server answers in milliseconds; a loaded machine can take much longer, and a
 # snapshot given up too early leaves the controller with a stale picture.
 LOCAL_STATUS_TIMEOUT = 2.0
@@ -53,8 +51,8 @@ class Agent:
         self.last_error = ""
         self.upstream_check = pb.UpstreamCheck(checked=False)
         self._upstream_ok_at = time.monotonic()
-        self.heartbeat_interval = DEFAULT_HEARTBEAT_INTERVAL
-        self.failure_timeout = DEFAULT_FAILURE_TIMEOUT
+        self.heartbeat_interval = timings.HEARTBEAT_INTERVAL  # until the controller says
+        self.failure_timeout = timings.FAILURE_TIMEOUT
         self.controller_ok_at: float | None = None
         self._ignored_epoch = 0  # the last older epoch whose replies were ignored (logged once)
         self._operation_lock = asyncio.Lock()
@@ -116,6 +114,13 @@ class Agent:
         return None
 
     def member_status(self) -> pb.MemberStatus:
+        """The report sent to the controller (numbered: the controller drops older ones)."""
+        status = self.status_report()
+        status.sequence = next(self._sequence)
+        return status
+
+    def status_report(self) -> pb.MemberStatus:
+        """What the agent would report now, unnumbered (metrics)."""
         return pb.MemberStatus(
             datanode=self.config.datanode,
             member=self.config.member,
@@ -130,7 +135,6 @@ class Agent:
             last_error=self.last_error,
             upstream=self.upstream_check,
             boot_id=self._boot_id,
-            sequence=next(self._sequence),
             postmaster_died=self.postmaster_died,
         )
 

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from pathlib import Path
 
+from xcha import timings
 from xcha.config import LOG_FORMATS, ConfigError, Problems, Section, TlsConfig, read_toml
 from xcha.errors import InvalidInput
 from xcha.names import check_address, check_host
@@ -110,8 +111,8 @@ def load_agent_config(path: Path) -> AgentConfig:
         problems.add("agent.controller", "give controller or controllers, not both")
     controller = controllers[0] if controllers else agent.address("controller")
     state_dir = agent.path("state_dir")
-    watch_interval = agent.number("watch_interval", 0.05, minimum=0.005, maximum=1.0)
-    probe_timeout = agent.number("probe_timeout", 0.5, minimum=0.05, maximum=10.0)
+    watch_interval = agent.number("watch_interval", timings.WATCH_INTERVAL, minimum=0.005, maximum=1.0)
+    probe_timeout = agent.number("probe_timeout", timings.PROBE_TIMEOUT, minimum=0.05, maximum=10.0)
     metrics_listen = agent.optional_address("metrics_listen")
     log_format = agent.choice("log_format", LOG_FORMATS, "text")
     if isinstance(advertise, str) and advertise.endswith(":0"):

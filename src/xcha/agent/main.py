@@ -36,9 +36,14 @@ async def serve_agent(config: AgentConfig) -> None:
     pb_grpc.add_AgentServicer_to_server(AgentService(agent), server)
     metrics = None
     if config.metrics_listen:
-        from xcha.metrics import AgentMetrics
+        from xcha.agent.metrics import AgentMetrics, Reading
 
-        metrics = AgentMetrics(agent, config.metrics_listen, guard=guard, tls=config.tls)
+        metrics = AgentMetrics(
+            lambda: Reading(agent.status_report(), agent.controller_ok_at),
+            config.metrics_listen,
+            guard=guard,
+            tls=config.tls,
+        )
     await server.start()
     await mark_serving(health, "xcha.v1.Agent")
     log.info(

@@ -1,6 +1,5 @@
 """The agent's gRPC service: thin, it converts messages and delegates to `Agent`."""
 
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -8,23 +7,11 @@ import grpc
 
 from xcha.agent.agent import Agent
 from xcha.errors import InvalidInput
-from xcha.pg.syncrep import SyncPolicy, SyncStandbys
-from xcha.rpc import answer, endpoint_from_proto
+from xcha.rpc import answer, endpoint_from_proto, sync_from_proto
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-def sync_from_proto(message: pb.SyncStandbys) -> SyncStandbys:
-    if message.method not in ("first", "any") or message.count < 1:
-        raise InvalidInput(f"invalid synchronous policy {message.method!r} {message.count}")
-    return SyncStandbys(SyncPolicy(message.method, message.count), tuple(message.names))  # type: ignore[arg-type]
-
-
-def sync_to_proto(sync: SyncStandbys) -> pb.SyncStandbys:
-    return pb.SyncStandbys(method=sync.policy.method, count=sync.policy.count, names=list(sync.names))
 
 
 async def _call(context: grpc.aio.ServicerContext, work: Callable[[], Awaitable[T]]) -> T:
@@ -110,6 +97,3 @@ class AgentService(pb_grpc.AgentServicer):
             return await self._reply(await self.agent.remove(request.epoch, request.member))
 
         return await _call(context, work)
-
-
-__all__ = ["AgentService", "sync_from_proto", "sync_to_proto"]

@@ -1,17 +1,17 @@
 """controller.toml: the controller, the datanode groups it keeps available, and how
-coordinators are re-pointed after a promotion."""
+coordinators are re-pointed after a promotion (`[router]`: `xcha.controller.routers`)."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from xcha import timings
 from xcha.config import LOG_FORMATS, ConfigError, Problems, Section, TlsConfig, read_toml
+from xcha.controller.routers import RouterConfig, parse_router
 from xcha.controller.store.config import StoreConfig
 from xcha.controller.views import SyncFailurePolicy
 from xcha.errors import InvalidInput
 from xcha.names import check_address, check_name
 from xcha.pg.syncrep import SyncPolicy
-
-ROUTER_KINDS = ("none", "fdw", "pgxc", "takeover", "command")
 
 
 @dataclass(frozen=True)
@@ -22,25 +22,6 @@ class DatanodeConfig:
     on_sync_failure: SyncFailurePolicy
     allow_data_loss: bool
     async_members: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class CoordinatorConfig:
-    name: str
-    conninfo: str
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    kind: str
-    coordinators: tuple[CoordinatorConfig, ...] = ()
-    flavor: str = "xc"  # pgxc: xc or xl
-    command: tuple[str, ...] = ()  # command: argv
-    retry_initial: float = 0.1
-    retry_max: float = 5.0
-    timeout: float = 5.0
-    terminate_writers: bool = True  # pgxc: end sessions holding an xid before the reload
-    clean_command: tuple[str, ...] = ()  # pgxc: pgxc_clean -a or equivalent
 
 
 @dataclass(frozen=True)
@@ -68,39 +49,6 @@ class ControllerConfig:
 
     def datanode(self, name: str) -> DatanodeConfig | None:
         return self._by_name.get(name)
-
-
-def _router(section: Section) -> RouterConfig:
-    kind = section.choice("kind", ROUTER_KINDS, "none")
-    coordinators = []
-    for table in section.tables("coordinator"):
-        coordinators.append(CoordinatorConfig(table.name("name"), table.text("conninfo")))
-        table.finish()
-    names = [c.name for c in coordinators]
-    if len(set(names)) != len(names):
-        section.problems.add(section.key("coordinator"), "coordinator names repeat")
-    if kind in ("fdw", "pgxc") and not coordinators:
-        section.problems.add(
-            section.key("coordinator"), f"router kind {kind} needs at least one [[router.coordinator]]"
-        )
-    command = section.strings("command", [])
-    if kind == "command" and not command:
-        section.problems.add(
-            section.key("command"), 'router kind command needs command = ["/path/to/program", ...]'
-        )
-    config = RouterConfig(
-        kind=kind,
-        coordinators=tuple(coordinators),
-        flavor=section.choice("flavor", ("xc", "xl"), "xc"),
-        command=command,
-        retry_initial=section.number("retry_initial", 0.1, minimum=0.01, maximum=10),
-        retry_max=section.number("retry_max", 5.0, minimum=0.1, maximum=600),
-        timeout=section.number("timeout", 5.0, minimum=0.1, maximum=600),
-        terminate_writers=section.flag("terminate_writers", True),
-        clean_command=section.strings("clean_command", []),
-    )
-    section.finish()
-    return config
 
 
 def _datanode(section: Section) -> DatanodeConfig:
@@ -153,9 +101,11 @@ def load_controller_config(path: Path) -> ControllerConfig:
     controller = root.table("controller")
     listen = controller.address("listen", listen=True)
     state_dir = controller.path("state_dir")
-    heartbeat_interval = controller.number("heartbeat_interval", 0.25, minimum=0.05, maximum=30)
-    failure_timeout = controller.number("failure_timeout", 2.0, minimum=0.2, maximum=600)
-    probe_timeout = controller.number("probe_timeout", 0.5, minimum=0.05, maximum=30)
+    heartbeat_interval = controller.number(
+        "heartbeat_interval", timings.HEARTBEAT_INTERVAL, minimum=0.05, maximum=30
+    )
+    failure_timeout = controller.number("failure_timeout", timings.FAILURE_TIMEOUT, minimum=0.2, maximum=600)
+    probe_timeout = controller.number("probe_timeout", timings.PROBE_TIMEOUT, minimum=0.05, maximum=30)
     startup_grace = controller.number("startup_grace", failure_timeout, minimum=0, maximum=3600)
     if startup_grace < failure_timeout:
         problems.add(
@@ -163,7 +113,7 @@ def load_controller_config(path: Path) -> ControllerConfig:
             f"must be at least failure_timeout ({failure_timeout:g} s): a member not heard from "
             "since the start is not yet a failed one",
         )
-    tick_interval = controller.number("tick_interval", 0.05, minimum=0.005, maximum=5)
+    tick_interval = controller.number("tick_interval", timings.TICK_INTERVAL, minimum=0.005, maximum=5)
     metrics_listen = controller.optional_address("metrics_listen")
     log_format = controller.choice("log_format", LOG_FORMATS, "text")
     name = controller.name("name", "controller")
@@ -192,7 +142,7 @@ def load_controller_config(path: Path) -> ControllerConfig:
     members = [m for d in datanodes for m in d.members]
     if len(set(members)) != len(members):
         problems.add("datanode", "a member name is used in more than one datanode")
-    router = _router(root.table("router"))
+    router = parse_router(root.table("router"))
     tls = TlsConfig.load(root.table("tls"))
     store = StoreConfig.load(root.table("store"))
     root.finish()
@@ -216,3 +166,6 @@ def load_controller_config(path: Path) -> ControllerConfig:
         advertise,
         peers,
     )
+
+
+__all__ = ["ControllerConfig", "DatanodeConfig", "RouterConfig", "load_controller_config"]

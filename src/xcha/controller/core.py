@@ -14,7 +14,7 @@ from xcha.controller.config import ControllerConfig
 from xcha.controller.ledger import Ledger
 from xcha.controller.observations import Observation
 from xcha.controller.routing import Router
-from xcha.controller.store import EventRecord, GroupRecord, MemberRecord, Snapshot, Store
+from xcha.controller.store import GroupRecord, MemberRecord, Snapshot, Store
 from xcha.controller.views import NEVER
 from xcha.errors import NotFound
 from xcha.names import Endpoint
@@ -87,15 +87,6 @@ class ControllerCore:
         self.event("", "controller", f"controller started with epoch {self.epoch}")
 
     # ---- records and events -------------------------------------------------------------------
-
-    @property
-    def on_event(self) -> Callable[[EventRecord], None]:
-        """Called with every event once it is durable (a single subscriber; see ledger.subscribers)."""
-        return self.ledger.subscribers[0] if self.ledger.subscribers else lambda event: None
-
-    @on_event.setter
-    def on_event(self, subscriber: Callable[[EventRecord], None]) -> None:
-        self.ledger.subscribers[:] = [subscriber]
 
     def event(self, datanode: str, kind: str, message: str, details: dict[str, object] | None = None) -> None:
         self.ledger.add_event(datanode, kind, self.epoch, message, details)

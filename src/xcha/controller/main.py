@@ -39,7 +39,7 @@ async def serve_controller(config: ControllerConfig) -> None:
     pb_grpc.add_ControllerServicer_to_server(ControllerService(node, guard), server)
     metrics = None
     if config.metrics_listen:
-        from xcha.metrics import ControllerMetrics
+        from xcha.controller.metrics import ControllerMetrics
 
         metrics = ControllerMetrics(node, config.metrics_listen, guard=guard, tls=config.tls)
     await server.start()

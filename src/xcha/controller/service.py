@@ -10,6 +10,7 @@ import grpc
 from xcha.authz import Guard, caller
 from xcha.controller.controller import Controller, event_to_proto
 from xcha.controller.node import ControllerNode
+from xcha.controller.store import GroupRecord
 from xcha.errors import NotFound, NotLeader
 from xcha.names import Endpoint, check_address
 from xcha.rpc import answer
@@ -108,7 +109,8 @@ class ControllerService(pb_grpc.ControllerServicer):
         else:
             snapshot = await self.node.store.load()
             status = pb.ClusterStatus(epoch=snapshot.epoch, paused=snapshot.paused)
-            for record in snapshot.groups.values():
+            for datanode in self.config.datanodes:
+                record = snapshot.groups.get(datanode.name, GroupRecord(datanode.name))
                 status.groups.append(
                     pb.GroupView(
                         name=record.name,

@@ -11,7 +11,6 @@ from dataclasses import replace
 
 import grpc
 
-from xcha.agent.service import sync_to_proto
 from xcha.controller.agents import AgentStub
 from xcha.controller.core import FailoverMarks
 from xcha.controller.fsm import Action, Step
@@ -20,7 +19,7 @@ from xcha.controller.store import Deposed
 from xcha.controller.views import GroupView
 from xcha.errors import Refused, XchaError
 from xcha.pg.lsn import format_lsn
-from xcha.rpc import endpoint_to_proto
+from xcha.rpc import endpoint_to_proto, sync_to_proto
 from xcha.v1 import xcha_pb2 as pb
 
 log = logging.getLogger(__name__)

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cached_property
 
+from xcha import timings
 from xcha.names import Endpoint
 from xcha.pg.status import PgStatus
 from xcha.pg.syncrep import SyncPolicy
@@ -82,7 +83,7 @@ class GroupView:
     allow_data_loss: bool = False
     paused: bool = False
     epoch: int = 0
-    failure_timeout: float = 2.0
+    failure_timeout: float = timings.FAILURE_TIMEOUT
     in_grace: bool = False  # the controller is still learning after its start
     busy: bool = False  # a group operation (promote, reroute, switchover) runs
     master_failed_for: float = 0.0  # how long the failure rule has held

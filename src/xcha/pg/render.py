@@ -167,7 +167,7 @@ def _conf(spec: ReplicationSpec) -> str:
         "",
     ]
     lines.append(_setting("listen_addresses", guc_quote(spec.listen_addresses)))
-    lines.append(_setting("port", str(spec.port), "seed: 5432 master, 5433 slave"))
+    lines.append(_setting("port", str(spec.port)))
     if spec.pgxc is not None:
         lines.extend(_pgxc_settings(spec.pgxc))
     if spec.socket_dir is not None:
@@ -175,7 +175,7 @@ def _conf(spec: ReplicationSpec) -> str:
         lines.append(_setting(key, guc_quote(spec.socket_dir)))
         lines.append(_setting("unix_socket_permissions", "0700", "only the server's OS user and root"))
     if version >= 90600:
-        lines.append(_setting("wal_level", "replica", "seed: hot_standby, its name before 9.6"))
+        lines.append(_setting("wal_level", "replica", "called hot_standby before 9.6"))
     else:
         lines.append(_setting("wal_level", "hot_standby"))
     lines.append(_setting("archive_mode", "on"))
@@ -183,7 +183,7 @@ def _conf(spec: ReplicationSpec) -> str:
         _setting(
             "archive_command",
             guc_quote(archive_command(spec.archive_dir)),
-            "seed: cp -i, no guard without a terminal",
+            "never overwrites an archived file (cp -i asks only on a terminal)",
         )
     )
     lines.append(_setting("max_wal_senders", "10"))
@@ -271,7 +271,7 @@ def _recovery_settings(spec: ReplicationSpec) -> list[str]:
         _setting(
             "restore_command",
             guc_quote(restore_command(spec.archive_dir)),
-            "seed had %p and %f swapped",
+            "from the archive (%f) to where the server wants it (%p)",
         ),
         _setting("recovery_target_timeline", "'latest'", "follow a promoted standby"),
     ]

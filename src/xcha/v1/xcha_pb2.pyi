@@ -449,7 +449,7 @@ class PromoteRequest(_message.Message):
     member: _builtins.str
     """the addressee, checked by the agent"""
     takeover_port: _builtins.int
-    """non-zero: restart on this port afterwards (the seed's fallback)"""
+    """non-zero: restart on this port afterwards (port takeover)"""
     @_builtins.property
     def synchronous_standbys(self) -> Global___SyncStandbys:
         """set before writes are accepted (strict policy)"""

@@ -39,12 +39,22 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from psycopg import sql
 
+from xcha.config import Section
+from xcha.controller.routers.base import (
+    TIMEOUT,
+    CoordinatorConfig,
+    RouterConfig,
+    parse_coordinators,
+    settings_of,
+)
 from xcha.controller.routers.process import run_command
 from xcha.controller.routers.session import CoordinatorSession, Query
+from xcha.controller.routing import Target
 from xcha.names import Endpoint
 
 log = logging.getLogger(__name__)
@@ -69,6 +79,42 @@ WRITERS = {
 }
 CLEAN_ATTEMPTS = 3
 CLEAN_RETRY = 1.0
+KIND = "pgxc"
+
+
+@dataclass(frozen=True)
+class Settings:
+    coordinators: tuple[CoordinatorConfig, ...]
+    flavor: str = "xc"  # xc or xl
+    terminate_writers: bool = True  # end sessions holding an xid before the reload (step 1)
+    clean_command: tuple[str, ...] = ()  # pgxc_clean -a or equivalent (step 7)
+
+
+def parse(section: Section) -> Settings:
+    return Settings(
+        coordinators=parse_coordinators(section, KIND),
+        flavor=section.choice("flavor", ("xc", "xl"), "xc"),
+        terminate_writers=section.flag("terminate_writers", True),
+        clean_command=section.strings("clean_command", ()),
+    )
+
+
+def build(router: RouterConfig, datanodes: tuple[str, ...]) -> list[Target]:
+    """A target per coordinator; the first also re-points the datanodes (XL) and cleans up."""
+    settings = settings_of(router, Settings)
+    return [
+        PgxcTarget.connect(
+            c.name,
+            c.conninfo,
+            flavor=settings.flavor,
+            datanodes=datanodes,
+            first=index == 0,
+            terminate_writers=settings.terminate_writers,
+            clean_command=settings.clean_command,
+            timeout=router.timeout,
+        )
+        for index, c in enumerate(settings.coordinators)
+    ]
 
 
 class Session(Protocol):
@@ -105,7 +151,7 @@ class PgxcTarget:
         first: bool,
         terminate_writers: bool = True,
         clean_command: tuple[str, ...] = (),
-        timeout: float = 5.0,
+        timeout: float = TIMEOUT,
     ) -> None:
         self.name = name
         self.session = session
@@ -130,9 +176,21 @@ class PgxcTarget:
         return self.timeout * statements + (cleanup if self.first and self.clean_command else 0.0)
 
     @classmethod
-    def connect(cls, name: str, conninfo: str, **options: object) -> "PgxcTarget":
-        timeout = float(options.get("timeout", 5.0))  # type: ignore[arg-type]
-        return cls(name, CoordinatorSession(conninfo, timeout), **options)  # type: ignore[arg-type]
+    def connect(
+        cls,
+        name: str,
+        conninfo: str,
+        *,
+        flavor: str,
+        datanodes: tuple[str, ...],
+        first: bool,
+        terminate_writers: bool = True,
+        clean_command: tuple[str, ...] = (),
+        timeout: float = TIMEOUT,
+    ) -> "PgxcTarget":
+        """A target over a kept session of its own (`CoordinatorSession`)."""
+        session = CoordinatorSession(conninfo, timeout)
+        return cls(name, session, flavor, datanodes, first, terminate_writers, clean_command, timeout)
 
     async def apply(self, datanode: str, new: Endpoint, old: Endpoint | None, epoch: int) -> str:
         steps: list[str] = []
