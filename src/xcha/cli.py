@@ -150,7 +150,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     from xcha.demo import start_topology
 
-    return asyncio.run(start_topology(Path(args.workdir).absolute(), args.reroute, args.flavor))
+    workdir = Path(args.workdir).absolute()
+    return asyncio.run(start_topology(workdir, args.reroute, args.flavor, args.controllers))
 
 
 def _flavour_options(parser: Parser, reroute_help: str) -> None:
@@ -192,6 +193,13 @@ def _add_demo(commands: argparse._SubParsersAction[Parser]) -> None:
         "up", help="start the demo topology (or what of it is not running) and leave it running, supervised"
     )
     up.add_argument("--workdir", required=True)
+    up.add_argument(
+        "--controllers",
+        type=int,
+        choices=(1, 3),
+        help="1 (default: SQLite store) or 3: three controllers, one leader elected on a three-member "
+        "etcd cluster started with them",
+    )
     _flavour_options(
         up, "as for demo (default fdw); a stopped deployment starts again with its own (also --xl, --xc)"
     )

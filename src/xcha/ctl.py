@@ -31,6 +31,7 @@ class ControllerTarget:
     address: str
     tls: TlsConfig
     workdir: Path | None = None  # found through a deployment directory: its supervisor's status
+    fallbacks: tuple[str, ...] = ()  # the other controllers, asked when this one is unreachable
 
 
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +123,8 @@ def call(
 ) -> T:
     """One RPC to the controller, over `channel` when given (callers that poll keep one), else
     over a channel of its own; a gRPC failure becomes one operator-readable XchaError. A
-    controller that does not lead names the leader: the call goes there once."""
+    controller that does not lead names the leader: the call goes there once. An unreachable
+    controller: the next of the target's fallbacks is asked."""
     with open_channel(target, channel) as opened:
         try:
             return work(pb_grpc.ControllerStub(opened))
@@ -130,11 +132,15 @@ def call(
             code = error.code()
             details = error.details()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise XchaError(f"controller at {target.address} unreachable: {details}") from None
-            leader = dict(error.trailing_metadata() or ()).get(LEADER_METADATA)
-            if code != grpc.StatusCode.FAILED_PRECONDITION or not isinstance(leader, str) or not leader:
-                raise XchaError(details) from None
-    return call(replace(target, address=leader), work)
+                if not target.fallbacks:
+                    raise XchaError(f"controller at {target.address} unreachable: {details}") from None
+                following = replace(target, address=target.fallbacks[0], fallbacks=target.fallbacks[1:])
+            else:
+                leader = dict(error.trailing_metadata() or ()).get(LEADER_METADATA)
+                if code != grpc.StatusCode.FAILED_PRECONDITION or not isinstance(leader, str) or not leader:
+                    raise XchaError(details) from None
+                following = replace(target, address=leader, fallbacks=())
+    return call(following, work)
 
 
 def _age(seconds: float) -> str:

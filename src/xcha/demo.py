@@ -21,7 +21,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -252,10 +252,13 @@ def made_with(plan: TopologyPlan) -> str:
     return f"--{plan.flavor}" if plan.flavor in ("xl", "xc") else f"--reroute {plan.router}"
 
 
-async def start_topology(workdir: Path, reroute: str | None, flavor: str | None = None) -> int:
+async def start_topology(
+    workdir: Path, reroute: str | None, flavor: str | None = None, controllers: int | None = None
+) -> int:
     """`xcha up`: the demo's deployment (router `reroute`, default fdw; or with flavor xl / xc a
-    Postgres-XL / XC cluster), left running under a supervisor. On a directory that holds one,
-    whatever of it is not running starts again, as it was made: another option is refused."""
+    Postgres-XL / XC cluster; with controllers 3 three controllers on a three-member etcd
+    cluster), left running under a supervisor. On a directory that holds one, whatever of it is
+    not running starts again, as it was made: another option is refused."""
     show = _showing(Progress(quiet=False))
     resumed = (workdir / TOPOLOGY_FILE).exists()
     asked = f"--{flavor}" if flavor else f"--reroute {reroute}" if reroute else None
@@ -267,9 +270,14 @@ async def start_topology(workdir: Path, reroute: str | None, flavor: str | None 
                 f"{workdir} holds a deployment made with {made}: "
                 f"leave out {asked} to start it again, or use another --workdir"
             )
+        if controllers is not None and controllers != topology.plan.controllers:
+            raise InvalidInput(
+                f"{workdir} holds a deployment with {topology.plan.controllers} controller(s): "
+                "leave out --controllers to start it again, or use another --workdir"
+            )
     else:
         plan = pgxc_plan(flavor) if flavor else demo_plan(reroute or "fdw")
-        topology = Topology(workdir, plan, supervise=True)
+        topology = Topology(workdir, replace(plan, controllers=controllers or 1), supervise=True)
     if resumed and (any(topology.alive(key) for key in topology.pids) or topology.supervised()):
         started, running = await topology.start_missing()
         if not started:

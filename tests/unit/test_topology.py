@@ -23,7 +23,7 @@ from xcha.topology import TOPOLOGY_FILE, Topology, TopologyPlan
 
 def plaintext_topology(workdir: Path) -> Topology:
     topology = Topology(workdir, TopologyPlan(tls=False))
-    topology.controller_port = 20000
+    topology.controller_ports = {"controller": 20000}
     topology.secrets.mkdir(parents=True)
     (topology.secrets / "replication.password").write_text("secret\n")
     topology.add_member("dn1", "dn1a", 20001)
@@ -66,7 +66,7 @@ def test_topology_json_holds_no_keys_nobody_reads(workdir: Path) -> None:
     plaintext_topology(workdir)
     data = json.loads((workdir / TOPOLOGY_FILE).read_text())
     assert set(data) == {
-        "controller",
+        "controllers",
         "members",
         "coordinators",
         "metrics",

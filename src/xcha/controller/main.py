@@ -20,10 +20,19 @@ def open_store(config: ControllerConfig) -> tuple[Store, Leadership]:
     """The store and leader election `[store]` names: SQLite in the state directory (one
     controller) or etcd (several)."""
     if config.store.kind == "etcd":
-        from xcha.controller.store.etcd import EtcdLeadership, EtcdStore
+        from xcha.controller.store.etcd import EtcdLeadership, EtcdSettings, EtcdStore
 
-        etcd_leadership = EtcdLeadership(config.store, config.name, config.advertise)
-        return EtcdStore(config.store, etcd_leadership), etcd_leadership
+        settings = EtcdSettings(
+            endpoints=config.store.endpoints,
+            prefix=config.store.prefix,
+            ttl=config.store.lease_ttl,
+            ca=config.store.ca_file,
+            cert=config.store.cert_file,
+            key=config.store.key_file,
+            timeout=config.store.timeout,
+        )
+        etcd_leadership = EtcdLeadership(settings, config.name, config.advertise)
+        return EtcdStore(settings, etcd_leadership), etcd_leadership
     path = config.state_dir / "controller.sqlite3"
     leadership = SqliteLeadership(path, config.name, config.advertise)
     return SqliteStore(path, leadership), leadership

@@ -10,7 +10,7 @@ import grpc
 from xcha.authz import Guard, caller
 from xcha.controller.controller import Controller, event_to_proto
 from xcha.controller.node import ControllerNode
-from xcha.controller.store import GroupRecord
+from xcha.controller.store import GroupRecord, StoreError
 from xcha.errors import NotFound, NotLeader
 from xcha.names import Endpoint, check_address
 from xcha.rpc import answer
@@ -107,25 +107,33 @@ class ControllerService(pb_grpc.ControllerServicer):
         if controller is not None:
             status = controller.cluster_status()
         else:
-            snapshot = await self.node.store.load()
-            status = pb.ClusterStatus(epoch=snapshot.epoch, paused=snapshot.paused)
-            for datanode in self.config.datanodes:
-                record = snapshot.groups.get(datanode.name, GroupRecord(datanode.name))
-                status.groups.append(
-                    pb.GroupView(
-                        name=record.name,
-                        state=record.state.value,
-                        master=record.master or "",
-                        paused=record.paused or snapshot.paused,
-                        reason=f"as the leader last recorded it: {record.reason}",
-                    )
-                )
+            status = await self._recorded_status()
         status.controller = self.node.name
         status.leading = controller is not None
         leader = self.node.leader_info
         if leader is not None:
             status.leader, status.leader_address, status.term = leader.name, leader.address, leader.term
         status.controllers.extend(self.config.peers or (self.config.advertise,))
+        return status
+
+    async def _recorded_status(self) -> pb.ClusterStatus:
+        """A follower's answer: the groups as the leader last recorded them."""
+        try:
+            snapshot = await self.node.store.load()
+        except StoreError as error:
+            return pb.ClusterStatus(warnings=[f"the store does not answer: {error}"])
+        status = pb.ClusterStatus(epoch=snapshot.epoch, paused=snapshot.paused)
+        for datanode in self.config.datanodes:
+            record = snapshot.groups.get(datanode.name, GroupRecord(datanode.name))
+            status.groups.append(
+                pb.GroupView(
+                    name=record.name,
+                    state=record.state.value,
+                    master=record.master or "",
+                    paused=record.paused or snapshot.paused,
+                    reason=f"as the leader last recorded it: {record.reason}",
+                )
+            )
         return status
 
     def _not_leading(self) -> pb.HeartbeatReply:

@@ -13,7 +13,7 @@ from psycopg.conninfo import make_conninfo
 
 from xcha import pgxc_cluster
 from xcha.coordinator import datanode_setup, fdw_setup
-from xcha.ctl import call, find_group, new_master
+from xcha.ctl import call, find_group, get_status, new_master
 from xcha.errors import XchaError
 from xcha.names import Endpoint
 from xcha.rpc import blocking_channel
@@ -68,10 +68,8 @@ class Client(Layout):
         return call(self.target, work, self.channel())
 
     def status(self) -> pb.ClusterStatus:
-        status: pb.ClusterStatus = self.call(
-            lambda stub: stub.GetClusterStatus(pb.ClusterStatusRequest(), timeout=5)
-        )
-        return status
+        """The leading controller's status (a follower names the leader: asked in turn)."""
+        return get_status(self.target, self.channel())
 
     def events(self, datanode: str = "", kind: str | None = None) -> list[pb.Event]:
         """The controller's whole event history (of one datanode), oldest first."""

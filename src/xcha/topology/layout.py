@@ -18,6 +18,8 @@ from xcha.agent.config import load_agent_config
 from xcha.config import TlsConfig
 from xcha.ctl import ControllerTarget
 from xcha.errors import XchaError
+from xcha.etcd_cluster import STATE_FILE as ETCD_STATE_FILE
+from xcha.etcd_cluster import EtcdCluster, EtcdTls
 from xcha.names import check_name
 from xcha.pg.flavor import check_flavor
 from xcha.pg.gtm import GtmInstance
@@ -28,6 +30,8 @@ from xcha.tls import Identity, create_ca, issue
 from xcha.topology.files import Tables, toml_document
 from xcha.topology.plan import TOPOLOGY_FILE, DatanodePlan, MemberInfo, TopologyPlan
 from xcha.topology.ports import free_port
+
+ETCD_MEMBERS = 3  # a quorum survives one member lost
 
 
 def _socket_conninfo(spec: InstanceSpec) -> str:
@@ -47,8 +51,8 @@ class Layout:
         self.plan = plan or TopologyPlan()
         self.supervise = supervise
         self.members: dict[str, MemberInfo] = {}
-        self.controller_port = 0
-        self.controller_config = workdir / "controller" / "controller.toml"
+        self.controller_ports: dict[str, int] = {}  # by controller name
+        self.controller_config = workdir / "controller" / "controller.toml"  # the first's
         self.coordinator_ports: dict[str, int] = {}
         self.metrics_ports: dict[str, int] = {}
         self.pids: dict[str, int] = {}
@@ -60,14 +64,68 @@ class Layout:
         self._specs: dict[str, InstanceSpec] = {}  # each member's, as its agent.toml says
         self._channel: tuple[ControllerTarget, grpc.Channel] | None = None  # kept for polling
         self._channel_lock = threading.Lock()
+        self._etcd: EtcdCluster | None = None
 
     # ---- hosts ------------------------------------------------------------------------------
 
     def address(self, name: str) -> str:
-        return self.plan.hosts.get(name, ("127.0.0.1", ""))[0]
+        return self._host(name)[0]
 
     def netns(self, name: str) -> str:
-        return self.plan.hosts.get(name, ("127.0.0.1", ""))[1]
+        return self._host(name)[1]
+
+    def _host(self, name: str) -> tuple[str, str]:
+        """A controller not named in the plan's hosts runs where "controller" does."""
+        hosts = self.plan.hosts
+        if name not in hosts and name in self.controller_names:
+            name = "controller"
+        return hosts.get(name, ("127.0.0.1", ""))
+
+    # ---- controllers ------------------------------------------------------------------------
+
+    @property
+    def controller_names(self) -> tuple[str, ...]:
+        count = self.plan.controllers
+        return ("controller",) if count == 1 else tuple(f"c{index}" for index in range(1, count + 1))
+
+    @property
+    def controller_port(self) -> int:
+        """The first controller's port."""
+        return self.controller_ports.get(self.controller_names[0], 0)
+
+    def controller_address(self, name: str) -> str:
+        return f"{self.address(name)}:{self.controller_ports[name]}"
+
+    @property
+    def controller_addresses(self) -> list[str]:
+        names = [name for name in self.controller_names if name in self.controller_ports]
+        return [self.controller_address(name) for name in names]
+
+    def controller_config_of(self, name: str) -> Path:
+        if self.plan.controllers == 1:
+            return self.controller_config
+        return self.workdir / "controller" / name / "controller.toml"
+
+    def controller_key(self, name: str) -> str:
+        """The process key: "controller", or "controller:c1" among several."""
+        return "controller" if self.plan.controllers == 1 else f"controller:{name}"
+
+    @property
+    def etcd_dir(self) -> Path:
+        return self.workdir / "etcd"
+
+    def etcd(self) -> EtcdCluster:
+        """The etcd cluster several controllers elect their leader on (three members)."""
+        if self._etcd is None:
+            if (self.etcd_dir / ETCD_STATE_FILE).exists():
+                self._etcd = EtcdCluster.load(self.etcd_dir)
+            else:
+                tls = None
+                if self.plan.tls:
+                    directory = self.workdir / "tls" / "etcd"
+                    tls = EtcdTls(directory / "ca.pem", directory / "etcd.pem", directory / "etcd.key")
+                self._etcd = EtcdCluster(self.etcd_dir, ETCD_MEMBERS, tls=tls)
+        return self._etcd
 
     def _issue(self, identity: Identity) -> None:
         hosts = ("127.0.0.1", "::1", "localhost", self.address(identity.name))
@@ -102,7 +160,9 @@ class Layout:
 
     @property
     def target(self) -> ControllerTarget:
-        return ControllerTarget(f"{self.address('controller')}:{self.controller_port}", self.operator_tls)
+        """The first controller, the others as fallbacks (a follower names the leader)."""
+        first, *others = self.controller_addresses or [f"{self.address('controller')}:0"]
+        return ControllerTarget(first, self.operator_tls, fallbacks=tuple(others))
 
     def write(self) -> None:
         """Allocate ports and write certificates, secrets and every configuration file."""
@@ -117,11 +177,17 @@ class Layout:
         # PostgreSQL (as its own OS user) reads the replication password for its passfile.
         self.runner.own(self.secrets)
         self.runner.own(self.secrets / "replication.password")
+        if self.plan.controllers not in (1, 3):
+            raise XchaError(f"a deployment has 1 or 3 controllers, not {self.plan.controllers}")
         if self.plan.tls and not (self.workdir / "tls" / "ca.pem").exists():
             create_ca(self.workdir / "tls")
-            for role in ("controller", "operator"):
-                self._issue(Identity(role, role))
-        self.controller_port = free_port()
+            self._issue(Identity("operator", "operator"))
+            for name in self.controller_names:
+                self._issue(Identity("controller", name))
+        for name in self.controller_names:
+            self.controller_ports[name] = free_port()
+        if self.plan.controllers > 1:
+            self._write_etcd_certificates()
         if self.plan.flavor != "postgresql":
             self.gtm_port = free_port()
         for name in self.plan.coordinators:
@@ -130,7 +196,8 @@ class Layout:
             if self.plan.flavor != "postgresql":
                 self.pooler_ports[name] = free_port()
         if self.plan.metrics:
-            self.metrics_ports["controller"] = free_port()
+            for name in self.controller_names:
+                self.metrics_ports[name] = free_port()
         for datanode in self.plan.datanodes:
             check_name(datanode.name, "datanode name")
             base = free_port(2)  # a master/standby pair on adjacent ports (5432/5433 in the specification)
@@ -157,7 +224,11 @@ class Layout:
             "datanode": datanode,
             "member": member,
             "listen": f"{self.address(member)}:{info.agent_port}",
-            "controller": f"{self.address('controller')}:{self.controller_port}",
+            **(
+                {"controllers": self.controller_addresses}
+                if self.plan.controllers > 1
+                else {"controller": self.controller_address("controller")}
+            ),
             "state_dir": directory,
             "probe_timeout": self.plan.probe_timeout,
         }
@@ -194,27 +265,64 @@ class Layout:
         return info
 
     def _write_controller_config(self) -> None:
+        for name in self.controller_names:
+            self._write_one_controller_config(name)
+
+    def _write_etcd_certificates(self) -> None:
+        """etcd gets a CA of its own: a certificate from the cluster's CA (an agent's, say)
+        must not reach the store; only the controllers hold one from etcd's CA."""
+        if not self.plan.tls:
+            return
+        directory = self.workdir / "tls" / "etcd"
+        if (directory / "ca.pem").exists():
+            return
+        create_ca(directory)
+        issue(directory, Identity("controller", "etcd"), ("127.0.0.1", "localhost"))
+        for name in self.controller_names:
+            issue(directory, Identity("controller", name), ("127.0.0.1", "localhost"))
+
+    def _store(self, name: str) -> dict[str, object]:
+        etcd = self.etcd()
+        store: dict[str, object] = {
+            "kind": "etcd",
+            "endpoints": [member.endpoint for member in etcd.members],
+            "prefix": "/xcha/deployment/",  # the etcd cluster is this deployment's own
+        }
+        if self.plan.lease_ttl is not None:
+            store["lease_ttl"] = self.plan.lease_ttl
+        if self.plan.tls:
+            directory = self.workdir / "tls" / "etcd"
+            store.update(
+                ca_file=directory / "ca.pem",
+                cert_file=directory / f"{name}.pem",
+                key_file=directory / f"{name}.key",
+            )
+        return store
+
+    def _write_one_controller_config(self, name: str) -> None:
         plan = self.plan
+        path = self.controller_config_of(name)
         controller: dict[str, object] = {
-            "listen": f"{self.address('controller')}:{self.controller_port}",
-            "state_dir": self.controller_config.parent / "state",
+            "listen": self.controller_address(name),
+            "state_dir": path.parent / "state",
             "heartbeat_interval": plan.heartbeat_interval,
             "failure_timeout": plan.failure_timeout,
             "probe_timeout": plan.probe_timeout,
             "startup_grace": plan.startup_grace,
         }
-        if "controller" in self.metrics_ports:
-            controller["metrics_listen"] = f"127.0.0.1:{self.metrics_ports['controller']}"
+        if plan.controllers > 1:
+            controller.update(name=name, peers=self.controller_addresses)
+        if name in self.metrics_ports:
+            controller["metrics_listen"] = f"127.0.0.1:{self.metrics_ports[name]}"
         router: dict[str, object] = {"kind": plan.router, **plan.router_settings}
         if plan.router == "pgxc" and plan.flavor != "postgresql" and plan.coordinators:
             router.setdefault("flavor", plan.flavor)
             router.setdefault("clean_command", self.clean_command(plan.coordinators[0]))
         tables: Tables = [("[controller]", controller), ("[router]", router)]
         if plan.router in ("fdw", "pgxc"):
-            for name in plan.coordinators:
-                tables.append(
-                    ("[[router.coordinator]]", {"name": name, "conninfo": self.coordinator_conninfo(name)})
-                )
+            for coordinator in plan.coordinators:
+                conninfo = self.coordinator_conninfo(coordinator)
+                tables.append(("[[router.coordinator]]", {"name": coordinator, "conninfo": conninfo}))
         for datanode in plan.datanodes:
             tables.append(
                 (
@@ -229,13 +337,15 @@ class Layout:
                     },
                 )
             )
-        tables.append(("[tls]", self._tls("controller")))
-        self.controller_config.parent.mkdir(parents=True, exist_ok=True)
-        self.controller_config.write_text(toml_document(tables))
+        if plan.controllers > 1:
+            tables.append(("[store]", self._store(name)))
+        tables.append(("[tls]", self._tls(name)))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(toml_document(tables))
 
     def save(self) -> None:
         data = {
-            "controller": f"{self.address('controller')}:{self.controller_port}",
+            "controllers": self.controller_ports,
             "members": {name: asdict(info) for name, info in self.members.items()},
             "coordinators": self.coordinator_ports,
             "metrics": self.metrics_ports,
@@ -272,7 +382,7 @@ class Layout:
         plan["coordinators"] = tuple(plan["coordinators"])
         plan["hosts"] = {name: tuple(host) for name, host in plan.get("hosts", {}).items()}
         topology = cls(workdir, TopologyPlan(**plan), supervise)
-        topology.controller_port = int(data["controller"].rpartition(":")[2])
+        topology.controller_ports = {name: int(port) for name, port in data["controllers"].items()}
         topology.members = {name: MemberInfo(**info) for name, info in data["members"].items()}
         topology.coordinator_ports = {name: int(port) for name, port in data["coordinators"].items()}
         topology.metrics_ports = {name: int(port) for name, port in data["metrics"].items()}

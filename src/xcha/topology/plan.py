@@ -36,6 +36,10 @@ class TopologyPlan:
     flavor: str = "postgresql"  # xl or xc: a Postgres-XL / XC cluster with a GTM (xcha.pgxc_cluster)
     metrics: bool = False
     router_settings: dict[str, object] = field(default_factory=dict)  # e.g. command = [...]
+    # Several controllers (one leads, elected on a three-member etcd cluster started with them)
+    # or one with its SQLite store.
+    controllers: int = 1
+    lease_ttl: float | None = None  # the leader lease (etcd); None: the store's default
     # Where each process runs: name ("controller" or a member) -> (address, network namespace).
     # By default everything runs on 127.0.0.1 in this namespace.
     hosts: dict[str, tuple[str, str]] = field(default_factory=dict)

@@ -11,6 +11,7 @@ import time
 
 from xcha import pgxc_cluster
 from xcha.errors import XchaError
+from xcha.etcd_cluster import STATE_FILE as ETCD_STATE_FILE
 from xcha.supervisor import Program, SupervisorStatus, read_status
 from xcha.topology.client import Client, settling
 from xcha.topology.plan import StatusCallback
@@ -49,11 +50,12 @@ class Processes(Client):
         """The controller and an agent per member, by key, as they run (also supervised)."""
         xcha = [sys.executable, "-m", "xcha"]
         programs = {
-            "controller": self._program(
-                [*xcha, "controller", "--config", str(self.controller_config)],
-                "controller.log",
-                self.netns("controller"),
+            self.controller_key(name): self._program(
+                [*xcha, "controller", "--config", str(self.controller_config_of(name))],
+                "controller.log" if name == "controller" else f"controller-{name}.log",
+                self.netns(name),
             )
+            for name in self.controller_names
         }
         for member, info in self.members.items():
             programs[f"agent:{member}"] = self._program(
@@ -85,8 +87,9 @@ class Processes(Client):
         self.save()
         return process.pid
 
-    def start_controller(self) -> int:
-        return self._spawn("controller", self.programs()["controller"])
+    def start_controller(self, name: str | None = None) -> int:
+        key = self.controller_key(name or self.controller_names[0])
+        return self._spawn(key, self.programs()[key])
 
     def start_agent(self, member: str) -> int:
         return self._spawn(f"agent:{member}", self.programs()[f"agent:{member}"])
@@ -96,7 +99,8 @@ class Processes(Client):
         if self.supervise:
             self._spawn("supervisor", self.supervisor_program)
             return
-        self.start_controller()
+        for name in self.controller_names:
+            self.start_controller(name)
         for member in self.members:
             self.start_agent(member)
 
@@ -123,6 +127,11 @@ class Processes(Client):
         if self.gtm_port:
             (running if self.gtm().pid() else started).append("gtm")
             await self.start_gtm()
+        if self.plan.controllers > 1:
+            etcd = self.etcd()
+            for member in etcd.members:
+                (running if etcd.pid(member.name) else started).append(f"etcd:{member.name}")
+            await self.start_etcd()
         if self.alive("supervisor"):
             running.append("supervisor")
             status = self.supervisor_status()
@@ -166,6 +175,7 @@ class Processes(Client):
             if fresh:
                 self.write()
             await self.start_gtm()
+            await self.start_etcd()
             self.start()
             await self.start_coordinators()
             status = await self.wait_for(settling(on_status), timeout, "every datanode to be protected")
@@ -175,6 +185,14 @@ class Processes(Client):
             await self.down()
             raise
         return status
+
+    async def start_etcd(self, timeout: float = 60) -> None:
+        """Several controllers: the three etcd members they elect their leader on (those not
+        running), until each serves."""
+        if self.plan.controllers > 1:
+            etcd = self.etcd()
+            etcd.start()
+            await etcd.wait_ready(timeout)
 
     def alive(self, key: str) -> bool:
         pid = self.pids.get(key)
@@ -264,8 +282,13 @@ class Processes(Client):
             # Its own deadline for its processes is 10 s, then SIGKILL (`xcha.supervisor`).
             await self._stop_all(["supervisor"], max(timeout, 10) + 6)
         self.pids.update(self.supervised())
-        daemons = [k for k in self.pids if k.startswith("agent:") or k == "controller"]
+        daemons = [k for k in self.pids if k.startswith(("agent:", "controller"))]
         await self._stop_all(daemons, timeout)
+        etcd = []
+        if self.plan.controllers > 1 and (self.etcd_dir / ETCD_STATE_FILE).exists():
+            cluster = self.etcd()
+            etcd = [f"etcd:{m.name}" for m in cluster.members if cluster.pid(m.name) is not None]
+            await cluster.stop(timeout)
         instances = [(f"postgres:{m}", self._to_stop(self.member_spec(m))) for m in self.members]
         instances += [  # those written so far (a start that failed early has none)
             (f"coordinator:{c}", self._to_stop(self.coordinator_spec(c))) for c in self.coordinator_ports
@@ -280,4 +303,4 @@ class Processes(Client):
             self.pids.pop(f"coordinator:{name}", None)
         if self.workdir.is_dir():  # else nothing was written, nor started
             self.save()
-        return list(dict.fromkeys(stopped + daemons)) + [key for key, _ in running] + gtm
+        return list(dict.fromkeys(stopped + daemons)) + etcd + [key for key, _ in running] + gtm
