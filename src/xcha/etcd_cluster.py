@@ -228,6 +228,9 @@ class EtcdCluster:
             f"--initial-cluster={cluster}",
             f"--initial-cluster-token={self.token}",
             f"--initial-cluster-state={state}",
+            # Every write is a revision that etcd keeps until compacted: keep an hour of them.
+            "--auto-compaction-mode=periodic",
+            "--auto-compaction-retention=1h",
             "--logger=zap",
             "--log-outputs=stderr",
         ]

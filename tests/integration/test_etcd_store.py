@@ -109,7 +109,6 @@ LEADER_PROCESS = textwrap.dedent(
         settings = EtcdSettings(tuple(sys.argv[1].split(",")), sys.argv[2], float(sys.argv[3]))
         leadership = EtcdLeadership(settings, "child", "127.0.0.1:9")
         store = EtcdStore(settings, leadership)
-        report(event="leading", token=await leadership.campaign())
         tasks = set()
 
         async def continued():
@@ -124,7 +123,9 @@ LEADER_PROCESS = textwrap.dedent(
         def on_sigcont():
             tasks.add(asyncio.create_task(continued()))
 
+        # Before it says it leads: the test may stop it as soon as it has.
         asyncio.get_running_loop().add_signal_handler(signal.SIGCONT, on_sigcont)
+        report(event="leading", token=await leadership.campaign())
         await asyncio.Event().wait()
 
     asyncio.run(main())

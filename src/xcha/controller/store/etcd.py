@@ -296,7 +296,7 @@ def _first(kvs: Sequence[Any]) -> Any | None:
 
 
 class EtcdLeadership:
-    """Leader election on the leader key. `campaign` waits (polling every TTL/10) until there
+    """Leader election on the leader key. `campaign` waits (polling every TTL/20) until there
     is no leader key, then creates it with a fresh lease. Background tasks keep the lease alive
     (every TTL/5, one keep-alive request per stream, to every endpoint at once: the first answer
     counts) and move the deadline on, end the term at the deadline, and check that the leader
@@ -345,8 +345,9 @@ class EtcdLeadership:
     async def lost(self) -> None:
         await self._lost.wait()
 
-    async def _leader_kv(self) -> Any | None:
-        response = await self.etcd.range(rpc.RangeRequest(key=self.key))
+    async def _leader_kv(self, serializable: bool = False) -> Any | None:
+        """The leader key, read linearizably (or from the member asked, which may lag behind)."""
+        response = await self.etcd.range(rpc.RangeRequest(key=self.key, serializable=serializable))
         return _first(response.kvs)
 
     async def leader(self) -> LeaderInfo | None:
@@ -359,11 +360,12 @@ class EtcdLeadership:
     async def campaign(self) -> int:
         await self._end_term("campaigning again")
         value = json.dumps({"name": self.name, "address": self.address}, sort_keys=True).encode()
-        poll = max(0.05, self.settings.ttl / 10)
+        poll = max(0.05, self.settings.ttl / 20)
         pending: tuple[int, float, float] | None = None  # a lease granted for a try not answered
         while True:
             try:
-                kv = await self._leader_kv()
+                # Serializable, without a quorum round: only the transaction must be up to date.
+                kv = await self._leader_kv(serializable=True)
                 if kv is not None and pending is not None and kv.lease == pending[0]:
                     return self._begin(int(kv.create_revision), *pending)  # that try did succeed
                 if kv is not None and kv.lease in self._unrevoked:
