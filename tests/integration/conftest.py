@@ -1,5 +1,5 @@
 """A running xcha deployment (controller and agents as separate processes, real PostgreSQL)
-and a writer that records every acknowledged commit."""
+and a writer that records every acknowledged commit; a real etcd cluster."""
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import assert_nothing_lost
+from xcha.errors import InvalidInput
+from xcha.etcd_cluster import EtcdCluster, find_etcd
 from xcha.topology import DatanodePlan, Topology, TopologyPlan
 from xcha.v1 import xcha_pb2 as pb
 from xcha.workload import Writer
@@ -98,3 +100,21 @@ async def make_cluster(workdir: Path) -> AsyncIterator[ClusterFactory]:
             cluster.writer_task.cancel()
         await cluster.writer.close()
         await cluster.topology.down()
+
+
+@pytest.fixture
+async def etcd_cluster(request: pytest.FixtureRequest, workdir: Path) -> AsyncIterator[EtcdCluster]:
+    """A real etcd cluster on free loopback ports, ready: one member, or as many as the test
+    asks for with `@pytest.mark.parametrize("etcd_cluster", [3], indirect=True)`. Stopped by PID
+    afterwards, also when the test fails."""
+    try:
+        find_etcd()
+    except InvalidInput as error:
+        pytest.skip(str(error))
+    cluster = EtcdCluster(workdir / "etcd", getattr(request, "param", 1))
+    try:
+        cluster.start()
+        await cluster.wait_ready()
+        yield cluster
+    finally:
+        await cluster.stop()
