@@ -1,4 +1,4 @@
-"""./run bench NAME [ARGS]: failover, hang, switchover, scale, compare."""
+"""./run bench NAME [ARGS]: see BENCHMARKS."""
 
 import argparse
 import asyncio
@@ -11,6 +11,7 @@ BENCHMARKS = {
     "switchover": "the write gap of planned switchovers",
     "scale": "one controller, 1,000 groups of simulated agents over real gRPC",
     "compare": "failover and hang against Patroni and pg_auto_failover on this machine",
+    "controller-failover": "three controllers on etcd: leader killed at rest and during a datanode crash",
     "sim": "seeded simulation: the real controller against simulated agents, PostgreSQL and faults",
 }
 
@@ -23,7 +24,7 @@ def main() -> int:
         )
         return 2
     name = sys.argv[1]
-    module = importlib.import_module(f"bench.{name}")
+    module = importlib.import_module(f"bench.{name.replace('-', '_')}")
     parser = argparse.ArgumentParser(prog=f"./run bench {name}", description=BENCHMARKS[name])
     module.add_arguments(parser)
     args = parser.parse_args(sys.argv[2:])

@@ -23,7 +23,7 @@ def only_missing_files(error: ConfigError) -> None:
         assert "does not exist" in message, f"{key}: {message}"
 
 
-@pytest.mark.parametrize("name", ["controller.toml", "controller-pgxc.toml"])
+@pytest.mark.parametrize("name", ["controller.toml", "controller-pgxc.toml", "controller-etcd.toml"])
 def test_example_controller_configs_load(name: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_controller_config(ROOT / "coordinator" / name)

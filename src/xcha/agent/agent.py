@@ -328,6 +328,8 @@ class Agent:
                     if leader and leader not in addresses:
                         addresses.append(leader)
                     current = addresses.index(leader) if leader else (current + 1) % len(addresses)
+                    self.signal_change("leader moved")  # ask the leader at once
+                    await asyncio.sleep(0.02 if leader else self.heartbeat_interval)
                     continue
                 if unreachable_logged:
                     log.info("%s: controller %s reachable again", self.config.member, address)

@@ -22,7 +22,7 @@ from xcha.controller.store import LeaderInfo, Leadership, Store, StoreError
 
 log = logging.getLogger(__name__)
 
-LEADER_POLL = 1.0  # seconds between a follower's reads of who leads
+LEADER_POLL = 0.2  # seconds between a follower's reads of who leads (agents are redirected by it)
 
 
 class ControllerNode:

@@ -364,7 +364,7 @@ class EtcdLeadership:
     async def campaign(self) -> int:
         await self._end_term("campaigning again")
         value = json.dumps({"name": self.name, "address": self.address}, sort_keys=True).encode()
-        poll = max(0.05, self.settings.ttl / 20)
+        poll = max(0.05, min(0.1, self.settings.ttl / 20))  # a take-over waits at most this long
         pending: tuple[int, float, float] | None = None  # a lease granted for a try not answered
         while True:
             try:
