@@ -69,6 +69,7 @@ class EtcdMember:
     peer_port: int
     directory: Path
     tls: bool = False
+    host: str = LOOPBACK
 
     @property
     def data_dir(self) -> Path:
@@ -84,7 +85,7 @@ class EtcdMember:
 
     @property
     def endpoint(self) -> str:
-        return f"{LOOPBACK}:{self.client_port}"
+        return f"{self.host}:{self.client_port}"
 
     @property
     def tls_dir(self) -> Path:
@@ -96,11 +97,11 @@ class EtcdMember:
 
     @property
     def client_url(self) -> str:
-        return f"{self.scheme}://{LOOPBACK}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"{self.scheme}://{LOOPBACK}:{self.peer_port}"
+        return f"{self.scheme}://{self.host}:{self.peer_port}"
 
 
 def _alive(pid: int) -> bool:
@@ -130,7 +131,11 @@ class EtcdCluster:
         token: str | None = None,
         ports: list[tuple[int, int]] | None = None,
         tls: EtcdTls | None = None,
+        host: str = LOOPBACK,
+        netns: str = "",
     ) -> None:
+        """host, netns: every member listens on host (its ports differ), inside the network
+        namespace netns when given (partition tests); health checks then run etcdctl there."""
         if members < 1:
             raise InvalidInput(f"an etcd cluster has at least one member, not {members}")
         self.program = "etcd"
@@ -141,12 +146,13 @@ class EtcdCluster:
         self.runner = runner
         self.token = token or f"xcha-{secrets.token_hex(6)}"
         self.tls = tls
+        self.host, self.netns = host, netns
         if ports is None:
             from xcha.topology import free_port  # here: xcha.topology starts etcd clusters
 
             ports = [(free_port(), free_port()) for _ in range(members)]
         self.members = [
-            EtcdMember(f"etcd{i}", client, peer, directory / f"etcd{i}", tls is not None)
+            EtcdMember(f"etcd{i}", client, peer, directory / f"etcd{i}", tls is not None, host)
             for i, (client, peer) in enumerate(ports, start=1)
         ]
         self._children: dict[str, subprocess.Popen[bytes]] = {}
@@ -160,12 +166,15 @@ class EtcdCluster:
             raise InvalidInput(f"no etcd cluster recorded in {directory}: {error}") from None
         ports = [(int(member["client_port"]), int(member["peer_port"])) for member in data["members"]]
         tls = EtcdTls(**{k: Path(v) for k, v in data["tls"].items()}) if data.get("tls") else None
-        return cls(directory, len(ports), runner, str(data["token"]), ports, tls)
+        host, netns = str(data.get("host", LOOPBACK)), str(data.get("netns", ""))
+        return cls(directory, len(ports), runner, str(data["token"]), ports, tls, host, netns)
 
     def save(self) -> None:
         tls = self.tls
         data = {
             "token": self.token,
+            "host": self.host,
+            "netns": self.netns,
             "tls": {"ca": str(tls.ca), "cert": str(tls.cert), "key": str(tls.key)} if tls else None,
             "members": [
                 {"name": m.name, "client_port": m.client_port, "peer_port": m.peer_port} for m in self.members
@@ -256,7 +265,8 @@ class EtcdCluster:
             for copy, source in copies.items():
                 self.runner.write_file(member.tls_dir / copy, source.read_text())
         state = "existing" if (member.data_dir / "member").exists() else "new"
-        child = self.runner.spawn(self.program, self._arguments(member, state), member.log_file)
+        arguments = self._arguments(member, state)
+        child = self.runner.spawn(self.program, arguments, member.log_file, netns=self.netns)
         self._children[name] = child
         member.pid_file.write_text(f"{child.pid}\n")
         return child.pid
@@ -346,6 +356,8 @@ class EtcdCluster:
     async def healthy(self, name: str, timeout: float = 1) -> bool:
         """Like `etcdctl endpoint health`: the member knows a raft leader and serves a
         linearizable read (which takes a quorum)."""
+        if self.netns:
+            return await self._healthy_in_netns(name, timeout)
         status = await self.status(name, timeout)
         if status is None or not status.leader:
             return False
@@ -355,6 +367,20 @@ class EtcdCluster:
             except grpc.aio.AioRpcError:
                 return False
         return True
+
+    async def _healthy_in_netns(self, name: str, timeout: float) -> bool:
+        """`etcdctl endpoint health` run inside the members' network namespace."""
+        member = self.member(name)
+        tls = []
+        if self.tls is not None:
+            tls = [f"--cacert={self.tls.ca}", f"--cert={self.tls.cert}", f"--key={self.tls.key}"]
+        process = await asyncio.create_subprocess_exec(
+            "ip", "netns", "exec", self.netns, "etcdctl", f"--endpoints={member.client_url}",
+            f"--command-timeout={timeout}s", *tls, "endpoint", "health",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+            env={**os.environ, "ETCDCTL_API": "3"},
+        )  # fmt: skip
+        return await process.wait() == 0
 
     async def wait_ready(self, timeout: float = 30, names: list[str] | None = None) -> float:
         """Until every member (or those named) is healthy; returns the seconds waited."""

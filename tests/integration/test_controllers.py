@@ -15,11 +15,16 @@ import pytest
 
 from tests.integration.conftest import Cluster, ClusterFactory
 from xcha.ctl import call, get_status
-from xcha.errors import XchaError
+from xcha.errors import InvalidInput, XchaError
+from xcha.etcd_cluster import find_etcd
 from xcha.topology import DatanodePlan, TopologyPlan
 from xcha.v1 import xcha_pb2 as pb
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(300)]
+try:
+    find_etcd()
+except InvalidInput as missing:
+    pytestmark.append(pytest.mark.skip(reason=str(missing)))
 
 TTL = 5.0  # the default leader lease
 

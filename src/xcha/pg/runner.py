@@ -156,18 +156,32 @@ class Runner:
         return result
 
     def spawn(
-        self, name: str, args: Sequence[str], log_file: Path, env: Mapping[str, str] | None = None
+        self,
+        name: str,
+        args: Sequence[str],
+        log_file: Path,
+        env: Mapping[str, str] | None = None,
+        netns: str = "",
     ) -> subprocess.Popen[bytes]:
         """Start a long-running program (the postmaster) as this process's child, in its own
-        session so that signals meant for xcha do not reach it and it can outlive xcha."""
+        session so that signals meant for xcha do not reach it and it can outlive xcha. netns:
+        inside that network namespace (nsenter enters it, then becomes the unprivileged user)."""
+        argv = [self.program(name), *args]
+        options = self._process_options(env)
+        if netns:
+            identity = []
+            if self.switching:
+                options = {key: options[key] for key in ("env", "cwd")}
+                identity = [f"--setgid={self.user.gid}", f"--setuid={self.user.uid}"]
+            argv = ["nsenter", f"--net=/run/netns/{netns}", *identity, *argv]
         with open(log_file, "ab") as log:
             return subprocess.Popen(
-                [self.program(name), *args],
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                **self._process_options(env),
+                **options,
             )
 
     def make_dir(self, path: Path, mode: int = 0o700) -> Path:

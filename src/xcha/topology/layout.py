@@ -124,7 +124,8 @@ class Layout:
                 if self.plan.tls:
                     directory = self.workdir / "tls" / "etcd"
                     tls = EtcdTls(directory / "ca.pem", directory / "etcd.pem", directory / "etcd.key")
-                self._etcd = EtcdCluster(self.etcd_dir, ETCD_MEMBERS, tls=tls)
+                host, netns = self._host("etcd")
+                self._etcd = EtcdCluster(self.etcd_dir, ETCD_MEMBERS, tls=tls, host=host, netns=netns)
         return self._etcd
 
     def _issue(self, identity: Identity) -> None:
@@ -277,7 +278,8 @@ class Layout:
         if (directory / "ca.pem").exists():
             return
         create_ca(directory)
-        issue(directory, Identity("controller", "etcd"), ("127.0.0.1", "localhost"))
+        hosts = tuple(dict.fromkeys(("127.0.0.1", "localhost", self.address("etcd"))))
+        issue(directory, Identity("controller", "etcd"), hosts)
         for name in self.controller_names:
             issue(directory, Identity("controller", name), ("127.0.0.1", "localhost"))
 
