@@ -153,6 +153,13 @@ class Section:
             return tuple(value)
         return cast(tuple[str, ...], value)
 
+    def addresses(self, name: str, what: str) -> tuple[str, ...]:
+        """A list of HOST:PORT, each checked (none by default)."""
+        values = self.strings(name, ())
+        for value in values:
+            self._check(name, value, lambda checked: check_address(checked, what))
+        return values
+
     def choice(self, name: str, choices: tuple[str, ...], default: object = _MISSING) -> str:
         value = self.text(name, default)
         if isinstance(value, str) and value not in choices:

@@ -29,6 +29,7 @@ from aetcd import rpc
 
 from xcha.errors import InvalidInput, XchaError
 from xcha.pg.runner import OsUser, Runner
+from xcha.procfs import alive, cmdline
 
 STATE_FILE = "etcd-cluster.json"
 LOOPBACK = "127.0.0.1"
@@ -102,22 +103,6 @@ class EtcdMember:
     @property
     def peer_url(self) -> str:
         return f"{self.scheme}://{self.host}:{self.peer_port}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
-    except OSError:
-        return []
 
 
 class EtcdCluster:
@@ -210,7 +195,7 @@ class EtcdCluster:
             pid = int(member.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        if _alive(pid) and f"--data-dir={member.data_dir}" in _cmdline(pid):
+        if alive(pid) and f"--data-dir={member.data_dir}" in cmdline(pid):
             return pid
         return None
 
@@ -329,7 +314,7 @@ class EtcdCluster:
         child = self._children.get(name)
         if child is not None and child.pid == pid:
             return child.poll() is None
-        return _alive(pid)
+        return alive(pid)
 
     def log_tail(self, name: str, lines: int = 20) -> str:
         try:

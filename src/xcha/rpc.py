@@ -4,9 +4,10 @@ renewed without a restart, and every conversion between a message and its domain
 agents' and the controller's, both ways)."""
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import psycopg
@@ -20,6 +21,9 @@ from xcha.pg.status import Downstream, PgStatus, WalReceiver
 from xcha.pg.syncrep import SyncPolicy, SyncStandbys
 from xcha.tls import Material, material
 from xcha.v1 import xcha_pb2 as pb
+
+if TYPE_CHECKING:
+    from xcha.controller.store import EventRecord
 
 log = logging.getLogger(__name__)
 
@@ -311,3 +315,15 @@ def blocking_channel(target: str, tls: TlsConfig) -> grpc.Channel:
     if tls.insecure:
         return grpc.insecure_channel(target, options=CLIENT_OPTIONS)
     return grpc.secure_channel(target, _credentials(tls), options=CLIENT_OPTIONS)
+
+
+def event_to_proto(event: "EventRecord") -> pb.Event:
+    return pb.Event(
+        id=event.id,
+        time=event.time,
+        datanode=event.datanode,
+        kind=event.kind,
+        epoch=event.epoch,
+        message=event.message,
+        details_json=json.dumps(event.details),
+    )

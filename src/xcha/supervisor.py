@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from xcha.procfs import alive, cmdline
+
 STATUS_FILE = "supervisor.json"
 log = logging.getLogger("xcha.supervisor")
 
@@ -37,13 +39,9 @@ class Program:
     def runs_as(self, pid: int) -> bool:
         """Whether `pid` is a live process of this program, not another that got its PID.
         The tail of the command line is compared: `ip netns exec NS` execs into the program."""
-        if not _alive(pid):
+        if not alive(pid):
             return False
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
-                running = cmdline.read().decode(errors="replace").split("\0")[:-1]
-        except OSError:
-            return False
+        running = cmdline(pid)
         tail = list(self.argv[-3:])
         return running[-len(tail) :] == tail
 
@@ -101,7 +99,7 @@ class SupervisorStatus:
 
     def running(self) -> bool:
         """Whether the supervisor that wrote this still runs (and was not stopped)."""
-        return not self.stopped and _alive(self.pid)
+        return not self.stopped and alive(self.pid)
 
 
 def read_status(workdir: Path) -> SupervisorStatus | None:
@@ -117,14 +115,6 @@ def read_status(workdir: Path) -> SupervisorStatus | None:
         return SupervisorStatus(int(data["pid"]), processes, bool(data["stopped"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 @dataclass

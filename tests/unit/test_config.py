@@ -984,3 +984,42 @@ def test_check_config_lists_flavor_problems(tmp_path: Path, password_file: Path)
     assert result.returncode == 1
     assert f"{path}: postgres.pooler_port: is required" in result.stderr
     assert f"{path}: postgres.gtm_port: is required" in result.stderr
+
+
+# ---- several controllers ------------------------------------------------------------------------
+
+
+def test_several_controllers_an_etcd_store_and_agents_that_know_them_all(
+    tmp_path: Path, password_file: Path
+) -> None:
+    addresses = '["127.0.0.1:7000", "127.0.0.1:7010", "127.0.0.1:7020"]'
+    controller = controller_toml(
+        f'name = "c2"\npeers = {addresses}',
+        tail='[store]\nkind = "etcd"\nendpoints = ["127.0.0.1:2379"]\nprefix = "/xcha/c1/"\nlease_ttl = 3\n',
+    )
+    config = load_controller_config(write(tmp_path, controller))
+    assert (config.name, config.advertise, config.peers[1]) == ("c2", "127.0.0.1:7000", "127.0.0.1:7010")
+    assert (config.store.kind, config.store.endpoints, config.store.prefix, config.store.lease_ttl) == (
+        "etcd",
+        ("127.0.0.1:2379",),
+        "/xcha/c1/",
+        3.0,
+    )
+    agent = agent_toml(password_file, agent=f"controller = DELETE\ncontrollers = {addresses}")
+    loaded = load_agent_config(write(tmp_path, agent, "agent.toml"))
+    assert loaded.controller == "127.0.0.1:7000" and len(loaded.controller_addresses) == 3
+
+
+def test_store_and_controller_list_problems_are_listed_with_their_keys(
+    tmp_path: Path, password_file: Path
+) -> None:
+    controller = controller_toml(
+        'peers = ["127.0.0.1:7000", "nowhere"]',
+        tail='[store]\nkind = "etcd"\nprefix = "xcha"\ncert_file = "/c.pem"\n',
+    )
+    problems = problems_of(load_controller_config, write(tmp_path, controller))
+    assert keys_of(problems) == ["controller.peers", "store.cert_file", "store.endpoints", "store.prefix"]
+    agent = agent_toml(password_file, agent='controllers = ["127.0.0.1:7000", "localhost"]')
+    problems = problems_of(load_agent_config, write(tmp_path, agent, "agent.toml"))
+    assert keys_of(problems) == ["agent.controller", "agent.controllers"]
+    assert "give controller or controllers, not both" in message_for(problems, "agent.controller")

@@ -6,7 +6,7 @@ from pathlib import Path
 from xcha import timings
 from xcha.config import LOG_FORMATS, ConfigError, Problems, Section, TlsConfig, read_toml
 from xcha.errors import InvalidInput
-from xcha.names import check_address, check_host
+from xcha.names import check_host
 from xcha.pg.flavor import FLAVORS, Flavor, PgxcSettings
 from xcha.pg.instance import InstanceSpec
 from xcha.pg.render import AuthMethod
@@ -101,13 +101,9 @@ def load_agent_config(path: Path) -> AgentConfig:
     member = agent.name("member")
     listen = agent.address("listen", listen=True)
     advertise = agent.address("advertise", None) or listen
-    controllers = agent.strings("controllers", ())
-    for address in controllers:
-        try:
-            check_address(address, "controller address")
-        except InvalidInput as error:
-            problems.add("agent.controllers", str(error))
+    controllers = agent.addresses("controllers", "controller address")
     if controllers and "controller" in agent.data:
+        agent.address("controller")  # a known key, checked, but one of the two only
         problems.add("agent.controller", "give controller or controllers, not both")
     controller = controllers[0] if controllers else agent.address("controller")
     state_dir = agent.path("state_dir")

@@ -10,7 +10,7 @@ from xcha.controller.routers import RouterConfig, parse_router
 from xcha.controller.store.config import StoreConfig
 from xcha.controller.views import SyncFailurePolicy
 from xcha.errors import InvalidInput
-from xcha.names import check_address, check_name
+from xcha.names import check_name
 from xcha.pg.syncrep import SyncPolicy
 
 
@@ -118,12 +118,7 @@ def load_controller_config(path: Path) -> ControllerConfig:
     log_format = controller.choice("log_format", LOG_FORMATS, "text")
     name = controller.name("name", "controller")
     advertise = controller.optional_address("advertise") or listen
-    peers = controller.strings("peers", ())
-    for peer in peers:
-        try:
-            check_address(peer, "controller address")
-        except InvalidInput as error:
-            problems.add("controller.peers", str(error))
+    peers = controller.addresses("peers", "controller address")
     controller.finish()
     if failure_timeout <= 2 * heartbeat_interval:
         problems.add(

@@ -12,7 +12,7 @@ from xcha.controller.agents import Agents
 from xcha.controller.commands import Commands
 from xcha.controller.config import ControllerConfig
 from xcha.controller.routing import Router
-from xcha.controller.status import Reporting, event_to_proto
+from xcha.controller.status import Reporting
 from xcha.controller.store import Store
 
 
@@ -31,4 +31,4 @@ class Controller(Commands, Reporting):
         return cls(config, store, await store.load(), router, agents, clock, leading)
 
 
-__all__ = ["Controller", "event_to_proto"]
+__all__ = ["Controller"]

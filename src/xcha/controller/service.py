@@ -8,12 +8,12 @@ from collections.abc import Callable
 import grpc
 
 from xcha.authz import Guard, caller
-from xcha.controller.controller import Controller, event_to_proto
+from xcha.controller.controller import Controller
 from xcha.controller.node import ControllerNode
 from xcha.controller.store import GroupRecord, StoreError
 from xcha.errors import NotFound, NotLeader
 from xcha.names import Endpoint, check_address
-from xcha.rpc import answer
+from xcha.rpc import answer, event_to_proto
 from xcha.tls import material
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc

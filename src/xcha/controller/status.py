@@ -1,12 +1,9 @@
 """What the controller tells operators: the cluster's and each group's status as the proto
 messages `xcha ctl status` prints, and the event history."""
 
-import json
-
 from xcha import __version__
 from xcha.controller.fsm import master_failure
 from xcha.controller.loop import Deciding
-from xcha.controller.store import EventRecord
 from xcha.controller.views import NEVER
 from xcha.v1 import xcha_pb2 as pb
 
@@ -65,15 +62,3 @@ class Reporting(Deciding):
                 )
             )
         return message
-
-
-def event_to_proto(event: EventRecord) -> pb.Event:
-    return pb.Event(
-        id=event.id,
-        time=event.time,
-        datanode=event.datanode,
-        kind=event.kind,
-        epoch=event.epoch,
-        message=event.message,
-        details_json=json.dumps(event.details),
-    )

@@ -22,6 +22,7 @@ from xcha.errors import InvalidInput, PostgresError
 from xcha.names import check_host, check_name, check_port
 from xcha.pg.render import check_path, guc_quote
 from xcha.pg.runner import Runner
+from xcha.procfs import alive, cmdline
 
 MARK = "# ---- added by xcha"
 PID_FILE = "gtm.pid"
@@ -50,23 +51,6 @@ class GtmSpec:
     def under(cls, base: Path, port: int, **options: object) -> "GtmSpec":
         """The conventional layout: base/data and base/gtm.log."""
         return cls(data_dir=base / "data", port=port, log_file=base / "gtm.log", **options)  # type: ignore[arg-type]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat_file:
-            state = stat_file.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
-    except OSError:
-        return []
 
 
 class GtmInstance:
@@ -118,7 +102,7 @@ class GtmInstance:
             pid = int((self.data_dir / PID_FILE).read_text().split("\n", 1)[0])
         except (OSError, ValueError):
             return None
-        if _alive(pid) and str(self.data_dir) in _cmdline(pid):
+        if alive(pid) and str(self.data_dir) in cmdline(pid):
             return pid
         return None
 
@@ -130,7 +114,7 @@ class GtmInstance:
         if self.pid() is None:
             lock = self.data_dir / PID_FILE
             with contextlib.suppress(OSError, ValueError):
-                if not _alive(int(lock.read_text().split("\n", 1)[0])):
+                if not alive(int(lock.read_text().split("\n", 1)[0])):
                     lock.unlink()  # left by a GTM that was killed
             self.runner.make_dir(self.spec.log_file.parent, 0o755)
             # gtm writes its own log to DIR/gtm.log; stdout and stderr go to log_file.
@@ -182,7 +166,7 @@ class GtmInstance:
         while True:
             if self._child is not None:
                 self._child.poll()
-            if not _alive(pid):
+            if not alive(pid):
                 if self._child is not None and self._child.pid == pid:
                     self._child = None
                 return True

@@ -12,6 +12,7 @@ import time
 from xcha import pgxc_cluster
 from xcha.errors import XchaError
 from xcha.etcd_cluster import STATE_FILE as ETCD_STATE_FILE
+from xcha.procfs import alive
 from xcha.supervisor import Program, SupervisorStatus, read_status
 from xcha.topology.client import Client, settling
 from xcha.topology.plan import StatusCallback
@@ -203,11 +204,7 @@ class Processes(Client):
             return child.poll() is None
         if key == "supervisor":  # `xcha up` starts another unless this one runs: no PID reuse
             return self.supervisor_program.runs_as(pid)
-        try:
-            with open(f"/proc/{pid}/stat") as handle:
-                return handle.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-        except OSError:
-            return False
+        return alive(pid)
 
     def signal(self, key: str, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError, KeyError):

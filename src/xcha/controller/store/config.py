@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from xcha.config import Section
-from xcha.errors import InvalidInput
-from xcha.names import check_address
 
 STORE_KINDS = ("sqlite", "etcd")
 # A raft leader change in etcd (an election, default timeout 1 s) must not cost the leader its
@@ -32,12 +30,7 @@ class StoreConfig:
     @classmethod
     def load(cls, section: Section) -> "StoreConfig":
         kind = section.choice("kind", STORE_KINDS, "sqlite")
-        endpoints = section.strings("endpoints", ())
-        for endpoint in endpoints:
-            try:
-                check_address(endpoint, "etcd endpoint")
-            except InvalidInput as error:
-                section.problems.add(section.key("endpoints"), str(error))
+        endpoints = section.addresses("endpoints", "etcd endpoint")
         prefix = section.text("prefix", "/xcha/default/")
         if not prefix.startswith("/") or not prefix.endswith("/"):
             section.problems.add(section.key("prefix"), "must start and end with '/'")
