@@ -200,10 +200,11 @@ def _conf(spec: ReplicationSpec) -> str:
     if version >= 90500:
         lines.append(_setting("wal_retrieve_retry_interval", "'100ms'", "a promote waits at most this"))
     lines.append(_setting("wal_receiver_status_interval", "'1s'", "the master sees a live standby"))
-    if version < 120000:
-        # No reply_time in pg_stat_replication before 12: a silent standby is seen only when
-        # its WAL sender gives up (default 60 s), and a master's self-fencing counts on that.
-        lines.append(_setting("wal_sender_timeout", "'5s'", "a silent standby leaves pg_stat_replication"))
+    # A hung synchronous standby holds every commit until its WAL sender gives up on it (60 s
+    # by default: a soak measured writes blocked 61 s); then it leaves pg_stat_replication and
+    # the controller drops it from the synchronous standbys. Before PostgreSQL 12 (no
+    # reply_time) a master's self-fencing also counts on it.
+    lines.append(_setting("wal_sender_timeout", "'5s'", "a silent standby leaves pg_stat_replication"))
     if version >= 100000:
         method = password_method(version, spec.flavor)
         note = "not scram: see xcha.pg.flavor.password_method" if method != "scram-sha-256" else ""
