@@ -12,7 +12,7 @@ BENCHMARKS = {
     "scale": "one controller, 1,000 groups of simulated agents over real gRPC",
     "compare": "failover and hang against Patroni and pg_auto_failover on this machine",
     "sim": "seeded simulation: the real controller against simulated agents, PostgreSQL and faults",
-    "soak": "N random faults of 8 kinds, one at a time, on xcha up's deployment under writes",
+    "soak": "random faults, one at a time, on xcha up's deployment under writes: loss, RTO, recovery",
 }
 
 

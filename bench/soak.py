@@ -227,6 +227,7 @@ class Soak:
         self.protected_timeout = protected_timeout
         self.failure_timeout = self.topology.plan.failure_timeout
         self.records: list[FaultRecord] = []
+        self.loads: list[float] = []  # the machine's 1-minute load average after each fault
         self.checked: dict[str, int] = {}  # per datanode: acknowledged ids already read back
         self.probe_ids = itertools.count(1)
         self.started = time.time()
@@ -521,6 +522,7 @@ class Soak:
             self._write_marks(record, cycle.at)
             if not interrupted:
                 self.records.append(record)
+                self.loads.append(os.getloadavg()[0])
         return record
 
     async def _recover(self, record: FaultRecord, cycle: Cycle) -> None:
@@ -686,7 +688,8 @@ def leftovers(workdir: Path) -> dict[str, object]:
     reclones = 0
     for log in (workdir / "logs").glob("agent-*.log"):
         with contextlib.suppress(OSError):
-            reclones += log.read_text(errors="replace").count("rewind failed")
+            lines = log.read_text(errors="replace").splitlines()
+            reclones += sum(1 for line in lines if ": rewind failed (" in line)
     return {
         "workdir_gib": round(size / 2**30, 2),
         "set_aside_data_dirs": len(list(workdir.glob("*/*/data.old-*"))),
@@ -819,6 +822,13 @@ async def run(args: argparse.Namespace) -> int:
             loop.remove_signal_handler(signum)
     result = report(args, seed, kinds, records, check, setup_s, wall_s, notes, error, interrupted)
     result.figures["disk"] = disk
+    loads = soak.loads if soak is not None else []
+    if loads:
+        result.figures["load_average_1min"] = {"mean": round(statistics.fmean(loads), 2), "max": max(loads)}
+        result.notes.append(
+            f"The machine's 1-minute load average after each fault: mean {statistics.fmean(loads):.1f}, "
+            f"max {max(loads):.1f} ({os.cpu_count()} cores): timings stretch with it."
+        )
     if disk:
         result.notes.append(
             f"On disk at the end: {disk['workdir_gib']} GiB in the deployment's directory; "
@@ -871,6 +881,11 @@ def _line(record: FaultRecord) -> str:
     if record.error:
         parts.append(record.error)
     return ": ".join(parts[:2]) + "; " + ", ".join(parts[2:])
+
+
+def _spread(values: Sequence[float]) -> str:
+    s = summary(values)
+    return f"{s['p50']:.1f} / {s['mean']:.1f} / {s['max']:.1f}"
 
 
 def _range(values: Sequence[float]) -> str:
@@ -938,7 +953,7 @@ def report(
                 _range(rto),
                 _range(protected),
                 figures["not_returned"],
-                f"{statistics.median(cycles):.1f} / {statistics.fmean(cycles):.1f} / {max(cycles):.1f}",
+                _spread(cycles),
                 figures["lost"],
                 figures["deposed_writes"],
             )
