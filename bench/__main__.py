@@ -13,6 +13,7 @@ BENCHMARKS = {
     "compare": "failover and hang against Patroni and pg_auto_failover on this machine",
     "controller-failover": "three controllers on etcd: leader killed at rest and during a datanode crash",
     "sim": "seeded simulation: the real controller against simulated agents, PostgreSQL and faults",
+    "soak": "random faults, one at a time, on xcha up's deployment under writes: loss, RTO, recovery",
 }
 
 

@@ -143,8 +143,8 @@ class Result:
     notes: list[str] = field(default_factory=list)
     flavor: str = "postgresql"  # whose server binaries the machine's description names
 
-    def write(self) -> Path:
-        RESULTS.mkdir(exist_ok=True)
+    def write(self, directory: Path = RESULTS) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
         stamp = time.strftime("%Y-%m-%d")
         data = {
             "benchmark": self.name,
@@ -154,9 +154,9 @@ class Result:
             "figures": self.figures,
             "notes": self.notes,
         }
-        json_path = RESULTS / f"{self.name}-{stamp}.json"
+        json_path = directory / f"{self.name}-{stamp}.json"
         json_path.write_text(json.dumps(data, indent=2) + "\n")
-        md_path = RESULTS / f"{self.name}-{stamp}.md"
+        md_path = directory / f"{self.name}-{stamp}.md"
         md_path.write_text(self.markdown(data))
         return md_path
 
