@@ -194,6 +194,32 @@ async def test_sync_standby_killed(loaded: LoadedFactory, policy: str) -> None:
     await assert_nothing_lost(cluster)
 
 
+async def test_a_hung_sync_standby_holds_commits_only_until_its_wal_sender_gives_up(
+    loaded: LoadedFactory,
+) -> None:
+    """SIGSTOP of the synchronous standby's host (agent and PostgreSQL) for 20 s: the master's
+    WAL sender gives up after wal_sender_timeout (5 s), the standby leaves
+    pg_stat_replication, the controller drops it (available) and writes go on; they did not
+    for 61 s with PostgreSQL's default of 60 s (found by the soak)."""
+    cluster = await loaded()
+    topology = cluster.topology
+    standby = next(m.name for m in cluster.group("dn1").members if m.name != cluster.master())
+    writer = cluster.writers["dn1"]
+    topology.host_signal(standby, signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        await topology.wait_for(lambda s: s.groups[0].state == "unprotected", 30, "unprotected")
+        await cluster.wait_for_writes(20, "dn1")
+        resumed = min(t for t in writer.acknowledged.values() if t > stopped_at + 0.05)
+        print(f"\n  writes acknowledged again {(resumed - stopped_at) * 1000:.0f} ms after the standby hung")
+        assert resumed - stopped_at < 15, "commits waited for a hung standby for too long"
+        await asyncio.sleep(max(0.0, stopped_at + 20 - time.time()))
+    finally:
+        topology.host_signal(standby, signal.SIGCONT)
+    await cluster.wait_protected()
+    await assert_nothing_lost(cluster)
+
+
 async def test_lagging_async_standby_is_never_promoted_and_a_lost_pair_waits(loaded: LoadedFactory) -> None:
     plan = default_plan(datanodes=(DatanodePlan("dn1", ("dn1a", "dn1b", "dn1c"), async_members=("dn1c",)),))
     cluster = await loaded(plan)

@@ -201,8 +201,12 @@ class PgxcTarget:
             steps.append(f"{label} {(time.monotonic() - started) * 1000:.1f} ms")
             return rows
 
+        signalled: set[object] = set()  # a backend told to end may still be listed a moment
+
         async def end_transactions(label: str) -> None:
-            ended = [row for row in await step(label, WRITERS[self.flavor]) if row[1] is True]
+            rows = await step(label, WRITERS[self.flavor])
+            ended = [row for row in rows if row[1] is True and row[0] not in signalled]
+            signalled.update(row[0] for row in ended)
             if ended:
                 self.terminated_total += len(ended)
                 log.warning(
