@@ -1,4 +1,4 @@
-"""`./run bench soak` (bench/soak.py) for one fault of each kind, as the command runs: nothing
+"""`./run bench soak` (bench/soak/) for one fault of each kind, as the command runs: nothing
 acknowledged is lost, no deposed master takes a write, every group comes back to protected,
 and the results files say so."""
 
