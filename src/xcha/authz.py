@@ -18,9 +18,10 @@ loudly at start.
 """
 
 import functools
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -63,16 +64,19 @@ class Rule:
 
 
 NODE_ROLE = Rule(("controller",))
+# A stream (Heartbeats) is authorized when it opens and each report on it as it arrives.
+HEARTBEAT = Rule(
+    ("agent",),
+    _heartbeat_as_itself,
+    "an agent reports only as the member its certificate names, of that datanode",
+)
 OPERATOR = Rule(("operator",))
 READING = Rule(("operator", "monitor"))
 
 # Every RPC both servers serve; a method that is not here is refused (UNIMPLEMENTED).
 TABLE: dict[str, Rule] = {
-    "/xcha.v1.Controller/Heartbeat": Rule(
-        ("agent",),
-        _heartbeat_as_itself,
-        "an agent reports only as the member its certificate names, of that datanode",
-    ),
+    "/xcha.v1.Controller/Heartbeat": HEARTBEAT,
+    "/xcha.v1.Controller/Heartbeats": HEARTBEAT,
     "/xcha.v1.Controller/ReportNodeFailure": Rule(("operator", "coordinator")),
     "/xcha.v1.Controller/GetClusterStatus": READING,
     "/xcha.v1.Controller/ListEvents": READING,
@@ -132,6 +136,7 @@ def peer_certificate(context: grpc.aio.ServicerContext) -> CertificateInfo | Non
 
 Listener = Callable[[str, str], None]  # (kind: "refused" or "certificate", sentence)
 Authorize = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Identity]]
+Claim = Callable[[Identity, Any, grpc.aio.ServicerContext], Awaitable[None]]
 
 
 class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -156,12 +161,15 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         rule = TABLE.get(rpc)
         if rule is None:
             return None
-        return _guarded(handler, functools.partial(self.authorize, rpc, rule))
+        return _guarded(
+            handler, functools.partial(self.authorize, rpc, rule), functools.partial(self.claim, rpc, rule)
+        )
 
     async def authorize(
         self, rpc: str, rule: Rule, request: object, context: grpc.aio.ServicerContext
     ) -> Identity:
-        """The caller's identity if the table lets it make this call; else PERMISSION_DENIED."""
+        """The caller's identity if the table lets it make this call; else PERMISSION_DENIED.
+        request None: a request stream as it opens (each request is checked by `claim`)."""
         info = peer_certificate(context)
         if info is None or info.identity is None:
             who = info.subject if info else "a caller without a certificate"
@@ -174,11 +182,18 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if identity.role not in rule.roles:
             denial = f"{identity} may not call {short(rpc)}: it is for {', '.join(rule.roles)} only"
             await self._refuse(context, rpc, str(identity), identity.role, denial)
+        if request is not None:
+            await self.claim(rpc, rule, identity, request, context)
+        self._check_expiry(info)
+        return identity
+
+    async def claim(
+        self, rpc: str, rule: Rule, identity: Identity, request: object, context: grpc.aio.ServicerContext
+    ) -> None:
+        """The "only as itself" rule for one request of an authorized caller."""
         if rule.as_itself is not None and (claim := rule.as_itself(identity, request)):
             denial = f"{identity} may not call {short(rpc)} {claim}: {rule.as_itself_text}"
             await self._refuse(context, rpc, str(identity), identity.role, denial)
-        self._check_expiry(info)
-        return identity
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, rpc: str, who: str, role: str, denial: str
@@ -213,9 +228,12 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             listener(kind, sentence)
 
 
-def _guarded(handler: grpc.RpcMethodHandler, authorize: Authorize) -> grpc.RpcMethodHandler | None:
-    """The same handler, authorizing before the servicer runs. xcha's RPCs are unary; the health
-    service's Watch streams, writing its answers through the context."""
+def _guarded(
+    handler: grpc.RpcMethodHandler, authorize: Authorize, claim: Claim
+) -> grpc.RpcMethodHandler | None:
+    """The same handler, authorizing before the servicer runs. xcha's RPCs are unary but for
+    Heartbeats, a stream of requests each checked as it arrives; the health service's Watch
+    streams, writing its answers through the context."""
     if handler.unary_unary is not None:
         unary = handler.unary_unary
 
@@ -236,4 +254,28 @@ def _guarded(handler: grpc.RpcMethodHandler, authorize: Authorize) -> grpc.RpcMe
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, handler.request_deserializer, handler.response_serializer
         )
-    return None  # client streaming: no xcha RPC streams requests
+    if handler.stream_stream is not None:
+        both = handler.stream_stream
+
+        async def stream_stream(
+            requests: AsyncIterator[object], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[object]:
+            identity = await authorize(None, context)
+            caller.set(identity)
+
+            async def checked() -> AsyncIterator[object]:
+                async for request in requests:
+                    await claim(identity, request, context)
+                    yield request
+
+            responses = both(checked(), context)
+            if inspect.isasyncgen(responses):  # a servicer that yields its responses
+                async for response in responses:
+                    yield response
+            else:  # one that writes them through the context
+                await responses
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer
+        )
+    return None  # client streaming only: no xcha RPC

@@ -2,8 +2,9 @@
 of this term when this process leads; a follower answers status and event questions from the
 store, tells agents and operators who leads, and refuses everything else (`NotLeader`)."""
 
+import functools
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -67,17 +68,25 @@ class ControllerService(pb_grpc.ControllerServicer):
             leader.address,
         )
 
+    def _heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        _check_addresses(request.status)
+        controller = self.node.leading()
+        if controller is None:
+            return self._not_leading()
+        return controller.heartbeat(request)
+
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatReply:
-        def work() -> pb.HeartbeatReply:
-            _check_addresses(request.status)
-            controller = self.node.leading()
-            if controller is None:
-                return self._not_leading()
-            return controller.heartbeat(request)
+        return await answer(context, lambda: self._heartbeat(request))
 
-        return await answer(context, work)
+    async def Heartbeats(
+        self, request_iterator: AsyncIterator[pb.HeartbeatRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.HeartbeatReply]:
+        """Each report on the stream answered as Heartbeat answers it, in order. A report that
+        Heartbeat would refuse ends the stream with that status (the agent opens a new one)."""
+        async for request in request_iterator:
+            yield await answer(context, functools.partial(self._heartbeat, request))
 
     async def ReportNodeFailure(
         self, request: pb.NodeFailureReport, context: grpc.aio.ServicerContext
