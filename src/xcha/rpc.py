@@ -146,7 +146,7 @@ def channel(target: str, tls: TlsConfig) -> "grpc.aio.Channel | RenewingChannel"
 class RenewingChannel:
     """A secure channel that follows its certificate files: after a reload (SIGHUP) the next
     call opens a new channel with the new files, and the old one closes once its calls are done.
-    It offers what xcha's stubs use: unary calls, close, `async with`."""
+    It offers what xcha's stubs use: unary calls, streams, close, `async with`."""
 
     def __init__(self, target: str, used: Material) -> None:
         self.target = target
@@ -184,6 +184,15 @@ class RenewingChannel:
 
         return call
 
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+        """A stream opened on the channel of the files in use when it opens; it stays on that
+        channel (its owner opens a new stream after a reload: `generation`)."""
+
+        def call(*request: object, **options: Any) -> Any:
+            return self.current().stream_stream(method, *args, **kwargs)(*request, **options)
+
+        return call
+
     async def close(self, grace: float | None = None) -> None:
         await self._channel.close(grace)
         for task, retired in list(self._retiring.items()):
@@ -195,6 +204,12 @@ class RenewingChannel:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def generation(opened: "grpc.aio.Channel | RenewingChannel") -> int:
+    """How many certificate reloads the channel has followed (0 for plaintext): a stream opened
+    at an older generation still uses the old certificate."""
+    return opened.used.generation if isinstance(opened, RenewingChannel) else 0
 
 
 def endpoint_to_proto(endpoint: Endpoint | None) -> pb.Endpoint:
