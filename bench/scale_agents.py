@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import random
 import resource
 import signal
 import time
@@ -301,7 +302,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 channels[i],
                 args.controller,
                 args.interval,
-                args.interval * i / len(members),
+                args.ramp * i / len(members) + args.interval * random.random(),
                 counts,
                 stopping,
             )
@@ -355,4 +356,5 @@ if __name__ == "__main__":
     parser.add_argument("--interval", type=float, required=True)
     parser.add_argument("--victim", type=int, default=-1)
     parser.add_argument("--dummy-agent", default="127.0.0.1:9")
+    parser.add_argument("--ramp", type=float, default=0.0, help="members start over this many seconds")
     print(json.dumps(asyncio.run(main(parser.parse_args()))), flush=True)

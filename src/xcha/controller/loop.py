@@ -150,15 +150,20 @@ class Deciding(Acting):
     def tick(self) -> None:
         """Timers. Heartbeats that change something and probe results evaluate their group at
         once; a tick probes a master whose heartbeats are late and evaluates only the groups
-        where time alone can change a decision: a member heard from is late (its silence grows
-        toward failure_timeout), or an operation is under way. Every group is also evaluated
-        once a second (grace, back-off and the like): a slice of the groups at each tick, so
-        that no tick evaluates them all. A group still initializing waits for its members'
-        reports (each evaluates it) and for that sweep: at the first start of a controller with
-        many groups, all of them initialize at once."""
+        where time alone can change a decision at this tick: a member heard from has been
+        silent for failure_timeout, or will be by the next tick (the failure rule's threshold;
+        a shorter silence decides nothing yet, and a silence that never ends since this
+        controller started is "never", which time does not change), a master failure is under
+        way, or an operation is. Every group is also evaluated once a second (grace, back-off
+        and the like): a slice of the groups at each tick, so that no tick evaluates them all.
+        A group still initializing waits for its members' reports (each evaluates it) and for
+        that sweep. At scale this is what keeps a busy controller from evaluating every group
+        whose heartbeats its own load delays, at every tick (which loads it further)."""
         now = self.clock()
         late = 1.5 * self.config.heartbeat_interval
         interval = self.config.heartbeat_interval
+        # heard from before this, silent since: judged silent at this tick or the next
+        judged = now - (self.config.failure_timeout - self.config.tick_interval)
         slices = max(1, round(SWEEP_INTERVAL / self.config.tick_interval))
         self._sweep_slice = (self._sweep_slice + 1) % slices
         observations = self.observations
@@ -175,10 +180,9 @@ class Deciding(Acting):
             if (
                 index % slices == self._sweep_slice
                 or (group.state not in RUNNING_STATES and group.state != GroupState.INITIALIZING)
+                or datanode in self.failures
                 or any(
-                    # never heard from since this controller started: its silence is "never",
-                    # which time does not change (the grace does: the sweep)
-                    -NEVER < observations[name].received_at < now - late
+                    -NEVER < observations[name].received_at <= judged
                     for name in self._group_members.get(datanode, ())
                 )
             ):
