@@ -18,7 +18,6 @@ loudly at start.
 """
 
 import functools
-import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -118,7 +117,7 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=8192)  # an agent's certificate per member: thousands at scale
 def _peer(pem: bytes) -> CertificateInfo:
     """Parsed once per certificate: an agent presents the same one four times a second."""
     return certificate_info(read_certificate(pem))
@@ -232,8 +231,8 @@ def _guarded(
     handler: grpc.RpcMethodHandler, authorize: Authorize, claim: Claim
 ) -> grpc.RpcMethodHandler | None:
     """The same handler, authorizing before the servicer runs. xcha's RPCs are unary but for
-    Heartbeats, a stream of requests each checked as it arrives; the health service's Watch
-    streams, writing its answers through the context."""
+    Heartbeats, a stream of requests each checked as it arrives, answered through the context
+    (as the health service's Watch streams its answers)."""
     if handler.unary_unary is not None:
         unary = handler.unary_unary
 
@@ -257,25 +256,38 @@ def _guarded(
     if handler.stream_stream is not None:
         both = handler.stream_stream
 
-        async def stream_stream(
-            requests: AsyncIterator[object], context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[object]:
+        async def stream_stream(requests: AsyncIterator[object], context: grpc.aio.ServicerContext) -> None:
             identity = await authorize(None, context)
             caller.set(identity)
-
-            async def checked() -> AsyncIterator[object]:
-                async for request in requests:
-                    await claim(identity, request, context)
-                    yield request
-
-            responses = both(checked(), context)
-            if inspect.isasyncgen(responses):  # a servicer that yields its responses
-                async for response in responses:
-                    yield response
-            else:  # one that writes them through the context
-                await responses
+            await both(_Checked(requests, identity, claim, context), context)
 
         return grpc.stream_stream_rpc_method_handler(
             stream_stream, handler.request_deserializer, handler.response_serializer
         )
     return None  # client streaming only: no xcha RPC
+
+
+class _Checked:
+    """A stream's requests, each checked by the "only as itself" rule as it arrives (a plain
+    iterator, not an async generator: one report per agent every heartbeat interval passes
+    through it)."""
+
+    def __init__(
+        self,
+        requests: AsyncIterator[object],
+        identity: Identity,
+        claim: Claim,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        self.requests = requests.__aiter__()
+        self.identity = identity
+        self.claim = claim
+        self.context = context
+
+    def __aiter__(self) -> "_Checked":
+        return self
+
+    async def __anext__(self) -> object:
+        request = await self.requests.__anext__()
+        await self.claim(self.identity, request, self.context)
+        return request

@@ -6,7 +6,7 @@ agents' and the controller's, both ways)."""
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 import psycopg
@@ -67,12 +67,18 @@ async def answer(context: grpc.aio.ServicerContext, work: Callable[[], T | Await
     try:
         result = work()
         return await result if isinstance(result, Awaitable) else result
-    except XchaError as error:
+    except (XchaError, psycopg.Error) as error:
+        await refuse(context, error)
+
+
+async def refuse(context: grpc.aio.ServicerContext, error: XchaError | psycopg.Error) -> NoReturn:
+    """End the call with the status `answer` gives the error."""
+    if isinstance(error, XchaError):
         code = next(code for kind, code in STATUS_CODES if isinstance(error, kind))
         details = str(error)
         if isinstance(error, NotLeader) and error.leader_address:
             context.set_trailing_metadata(((LEADER_METADATA, error.leader_address),))
-    except psycopg.Error as error:  # PostgreSQL gone or refusing: an answer, not a crash
+    else:  # PostgreSQL gone or refusing: an answer, not a crash
         code, details = grpc.StatusCode.ABORTED, f"PostgreSQL: {str(error).strip() or type(error).__name__}"
     if len(details) > MAX_DETAILS:
         details = details[:MAX_DETAILS] + f"... ({len(details)} characters)"

@@ -166,7 +166,13 @@ class Deciding(Acting):
         judged = now - (self.config.failure_timeout - self.config.tick_interval)
         slices = max(1, round(SWEEP_INTERVAL / self.config.tick_interval))
         self._sweep_slice = (self._sweep_slice + 1) % slices
-        observations = self.observations
+        observations, records = self.observations, self.records
+        # One pass over the members (not one per group): most are never late.
+        silent = {
+            records[name].datanode
+            for name, observation in observations.items()
+            if -NEVER < observation.received_at <= judged
+        }
         for index, (datanode, group) in enumerate(self.groups.items()):
             master = group.master
             if master is not None:
@@ -180,11 +186,8 @@ class Deciding(Acting):
             if (
                 index % slices == self._sweep_slice
                 or (group.state not in RUNNING_STATES and group.state != GroupState.INITIALIZING)
+                or datanode in silent
                 or datanode in self.failures
-                or any(
-                    -NEVER < observations[name].received_at <= judged
-                    for name in self._group_members.get(datanode, ())
-                )
             ):
                 self.evaluate(datanode)
 

@@ -2,7 +2,6 @@
 of this term when this process leads; a follower answers status and event questions from the
 store, tells agents and operators who leads, and refuses everything else (`NotLeader`)."""
 
-import functools
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -12,9 +11,9 @@ from xcha.authz import Guard, caller
 from xcha.controller.controller import Controller, event_to_proto
 from xcha.controller.node import ControllerNode
 from xcha.controller.store import GroupRecord, StoreError
-from xcha.errors import NotFound, NotLeader
+from xcha.errors import NotFound, NotLeader, XchaError
 from xcha.names import Endpoint, check_address
-from xcha.rpc import answer
+from xcha.rpc import answer, refuse
 from xcha.tls import material
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
@@ -80,13 +79,19 @@ class ControllerService(pb_grpc.ControllerServicer):
     ) -> pb.HeartbeatReply:
         return await answer(context, lambda: self._heartbeat(request))
 
-    async def Heartbeats(
+    async def Heartbeats(  # type: ignore[override]
         self, request_iterator: AsyncIterator[pb.HeartbeatRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.HeartbeatReply]:
-        """Each report on the stream answered as Heartbeat answers it, in order. A report that
-        Heartbeat would refuse ends the stream with that status (the agent opens a new one)."""
+    ) -> None:
+        """Each report on the stream answered as Heartbeat answers it, in order, written through
+        the context (a servicer that yields its replies costs the controller an async generator
+        step per report). A report that Heartbeat would refuse ends the stream with that status
+        (the agent opens a new one)."""
         async for request in request_iterator:
-            yield await answer(context, functools.partial(self._heartbeat, request))
+            try:
+                reply = self._heartbeat(request)
+            except XchaError as error:
+                await refuse(context, error)
+            await context.write(reply)
 
     async def ReportNodeFailure(
         self, request: pb.NodeFailureReport, context: grpc.aio.ServicerContext
