@@ -222,10 +222,13 @@ async def heartbeats(
     offset: float,
     counts: Counts,
     stopping: asyncio.Event,
+    protocol: str,
 ) -> None:
-    """The real agent's loop (`Agent._heartbeats`) for one member and one controller."""
+    """The real agent's loop (`Agent._heartbeats`) for one member and one controller; with
+    `unary`, one Heartbeat call per report instead (agents of earlier versions)."""
     await asyncio.sleep(offset)
     stream: ReportStream | None = None
+    unary = pb_grpc.ControllerStub(opened) if protocol == "unary" else None
     try:
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
@@ -239,11 +242,13 @@ async def heartbeats(
             if stream is None:
                 stream = ReportStream(address, opened)
             sent, measured = time.monotonic(), counts.measuring
+            request = pb.HeartbeatRequest(status=member.status(), reason=reason)
             try:
-                reply = await stream.exchange(
-                    pb.HeartbeatRequest(status=member.status(), reason=reason), max(interval, 0.5)
-                )
-            except ReportFailed as error:
+                if unary is not None:  # the earlier agents' protocol, for comparison
+                    reply = await unary.Heartbeat(request, timeout=max(interval, 0.5))
+                else:
+                    reply = await stream.exchange(request, max(interval, 0.5))
+            except (ReportFailed, grpc.aio.AioRpcError) as error:
                 counts.failure(measured, str(error))
                 stream.close()
                 stream = None
@@ -305,6 +310,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 args.ramp * i / len(members) + args.interval * random.random(),
                 counts,
                 stopping,
+                args.protocol,
             )
         )
         for i, m in enumerate(members)
@@ -356,5 +362,6 @@ if __name__ == "__main__":
     parser.add_argument("--interval", type=float, required=True)
     parser.add_argument("--victim", type=int, default=-1)
     parser.add_argument("--dummy-agent", default="127.0.0.1:9")
+    parser.add_argument("--protocol", choices=("stream", "unary"), default="stream")
     parser.add_argument("--ramp", type=float, default=0.0, help="members start over this many seconds")
     print(json.dumps(asyncio.run(main(parser.parse_args()))), flush=True)
