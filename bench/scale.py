@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--measure", type=float, default=30.0)
     parser.add_argument("--no-plot", action="store_true", help="write the table and JSON only")
     parser.add_argument(
+        "--replot", action="store_true", help="measure nothing: draw the plot again from today's results"
+    )
+    parser.add_argument(
         "--protocol",
         choices=("stream", "unary"),
         default="stream",
@@ -280,12 +283,40 @@ def plot(series: dict[str, list[dict[str, object]]], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
     for label, runs in series.items():
-        groups = [int(str(r["groups"])) for r in runs]
-        left.plot(groups, [float(str(r["controller_cpu_pct"])) for r in runs], "o-", label=label)
-        per = [float(str(r["cpu_us_per_heartbeat"] or "nan")) for r in runs]
-        right.plot(groups, per, "o-", label=label)
+        # A size where the controller fell behind (it handled under 90 % of the reports offered)
+        # is marked, not joined: its CPU is what it got, not what it needed.
+        kept = [r for r in runs if kept_up(r)]
+        behind = [r for r in runs if not kept_up(r)]
+        groups = [int(str(r["groups"])) for r in kept]
+        line = left.plot(groups, [float(str(r["controller_cpu_pct"])) for r in kept], "o-", label=label)[0]
+        per = [float(str(r["cpu_us_per_heartbeat"] or "nan")) for r in kept]
+        right.plot(groups, per, "o-", label=label, color=line.get_color())
+        for r in behind:
+            at = int(str(r["groups"]))
+            left.plot([at], [float(str(r["controller_cpu_pct"]))], "x", color=line.get_color(), markersize=10)
+            left.annotate(
+                f"fell behind: {r['heartbeats_per_s']} of {r['offered_per_s']} reports/s handled",
+                (at, float(str(r["controller_cpu_pct"]))),
+                textcoords="offset points",
+                xytext=(-150, -28),
+                fontsize="x-small",
+                color=line.get_color(),
+            )
+        if kept and behind:
+            # what the largest size would need at the CPU per report of the largest size kept up
+            last, at = kept[-1], int(str(behind[-1]["groups"]))
+            need = float(str(last["cpu_us_per_heartbeat"])) * float(str(behind[-1]["offered_per_s"])) / 1e4
+            left.plot([at], [need], "o", markerfacecolor="none", color=line.get_color())
+            left.annotate(
+                f"needed at {last['groups']} groups' CPU per report: {need:.0f} %",
+                (at, need),
+                textcoords="offset points",
+                xytext=(-170, 6),
+                fontsize="x-small",
+                color=line.get_color(),
+            )
     left.axhline(50, color="red", linestyle="--", label="target at 1,000 groups: 50 %")
     left.set(xscale="log", xlabel="groups (2 agents each)", ylabel="CPU, % of one core")
     left.set_title("Controller CPU")
@@ -302,6 +333,10 @@ def plot(series: dict[str, list[dict[str, object]]], path: Path) -> bool:
     return True
 
 
+def kept_up(run: dict[str, object]) -> bool:
+    return float(str(run["heartbeats_per_s"])) >= 0.9 * float(str(run["offered_per_s"]))
+
+
 def earlier_runs(name: str, stamp: str) -> list[dict[str, object]]:
     """The runs of another protocol measured the same day (bench scale --protocol unary)."""
     path = RESULTS / f"{name}-{stamp}.json"
@@ -311,7 +346,22 @@ def earlier_runs(name: str, stamp: str) -> list[dict[str, object]]:
     return list(runs)
 
 
+def replot() -> int:
+    stamp = time.strftime("%Y-%m-%d")
+    series = {"Heartbeats streams": earlier_runs("scale", stamp)}
+    if unary := earlier_runs("scale-unary", stamp):
+        series["unary Heartbeat (earlier agents)"] = unary
+    picture = RESULTS / f"scale-{stamp}.png"
+    if not series["Heartbeats streams"] or not plot(series, picture):
+        say(f"no plot: no scale-{stamp}.json or no matplotlib")
+        return 1
+    say(f"wrote {picture}")
+    return 0
+
+
 async def run(args: argparse.Namespace) -> int:
+    if args.replot:
+        return replot()
     workdir = Path(tempfile.mkdtemp(prefix="xcha-bench-scale-"))
     sizes = sorted({int(size) for size in args.sizes.split(",")})
     tls = workdir / "tls"
@@ -404,7 +454,23 @@ async def run(args: argparse.Namespace) -> int:
         "work on this machine (the load averages): round trips and crash -> Promote include waiting "
         "for a core; the controller's CPU time does not."
     )
+    kept = [r for r in runs if kept_up(r)]
     for r in runs:
+        if not kept_up(r):
+            last = kept[-1] if kept else r
+            per_report = float(str(last["cpu_us_per_heartbeat"]))
+            need = (
+                f"{per_report * float(str(r['offered_per_s'])) / 1e4:.0f} % "
+                f"of a core ({last['groups']} groups' {per_report} us)"
+                if kept
+                else "more than it got"
+            )
+            result.notes.append(
+                f"{r['groups']} groups: the controller fell behind ({r['heartbeats_per_s']} of "
+                f"{r['offered_per_s']} reports/s handled in the window): its CPU is what it got on this "
+                "machine (shared with the simulators and other work), not what it needed; at the CPU per "
+                f"report of the largest size that kept up it would need {need}."
+            )
         if r["missed"]:
             result.notes.append(f"{r['groups']} groups: missed heartbeats by cause: {r['missed_reasons']}.")
     p99 = many["handling_p99_bucket_ms"]

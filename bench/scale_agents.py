@@ -236,23 +236,27 @@ async def heartbeats(
                     await member.changed.wait()
             member.changed.clear()
             reason, member.reason = member.reason or "interval", ""
-            if stream is not None and not stream.usable(address, opened):
-                stream.close()
-                stream = None
-            if stream is None:
-                stream = ReportStream(address, opened)
             sent, measured = time.monotonic(), counts.measuring
             request = pb.HeartbeatRequest(status=member.status(), reason=reason)
-            try:
-                if unary is not None:  # the earlier agents' protocol, for comparison
+            if unary is not None:  # the earlier agents' protocol, for comparison
+                try:
                     reply = await unary.Heartbeat(request, timeout=max(interval, 0.5))
-                else:
+                except grpc.aio.AioRpcError as error:
+                    counts.failure(measured, error.code().name)
+                    continue
+            else:
+                if stream is not None and not stream.usable(address, opened):
+                    stream.close()
+                    stream = None
+                if stream is None:
+                    stream = ReportStream(address, opened)
+                try:
                     reply = await stream.exchange(request, max(interval, 0.5))
-            except (ReportFailed, grpc.aio.AioRpcError) as error:
-                counts.failure(measured, str(error))
-                stream.close()
-                stream = None
-                continue
+                except ReportFailed as error:
+                    counts.failure(measured, str(error))
+                    stream.close()
+                    stream = None
+                    continue
             counts.answer(measured, time.monotonic() - sent)
             if reply.epoch > member.epoch:
                 member.epoch = reply.epoch
