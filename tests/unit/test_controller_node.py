@@ -142,7 +142,8 @@ def stream_agent(tmp_path: Path, controllers: list[str]) -> Agent:
     password = tmp_path / "replication.password"
     password.write_text("secret\n")
     path = tmp_path / "agent.toml"
-    path.write_text(f"""
+    path.write_text(
+        f"""
 [agent]
 datanode = "dn1"
 member = "dn1a"
@@ -158,7 +159,8 @@ socket_dir = "{tmp_path}"
 
 [tls]
 insecure = true
-""".replace("'", '"'))
+""".replace("'", '"')
+    )
     config = load_agent_config(path)
     runner = Runner(Path("/nonexistent/bindir"), OsUser.for_postgres())  # runs nothing
     instance = PostgresInstance(config.postgres.instance_spec(config.member), runner, 150000)
