@@ -1,8 +1,14 @@
 """Simulated agents for `./run bench scale`: one process speaks the real protocol for many
-members (heartbeats with plausible PostgreSQL status), records heartbeat round trips, and
-serves the node-role messages of one "victim" group so that a failure can be injected.
+members, each as the real agent does (`xcha.agent.agent.Agent._heartbeats`): its own mTLS
+channel with its own certificate (one TLS handshake), one Heartbeats stream kept open on it
+(`ReportStream`, the agent's own class), a report every heartbeat interval and at once when
+something changed, each answered by one reply within max(interval, 0.5 s) or the stream is
+opened anew. It records the round trips, and serves the node-role messages of one "victim"
+group so that a master crash can be injected and its promotion timed.
 
-Run by bench/scale.py as `python -m bench.scale_agents ...`; prints one JSON line at exit.
+Run by bench/scale.py as `python -m bench.scale_agents ...`, which signals it: SIGUSR1 opens
+the measured window, SIGUSR2 closes it (and crashes the victim master), SIGTERM stops it; it
+prints one JSON line then.
 """
 
 import argparse
@@ -10,36 +16,77 @@ import asyncio
 import contextlib
 import itertools
 import json
+import random
+import resource
 import signal
 import time
 import uuid
+from pathlib import Path
 
 import grpc
 
 from bench.common import percentile
+from xcha.agent.agent import ReportFailed, ReportStream
+from xcha.authz import Guard
 from xcha.config import TlsConfig
-from xcha.rpc import create_server
+from xcha.rpc import RenewingChannel, channel, create_server
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
+
+LSN = 50_000_000
 
 
 def group_name(index: int) -> str:
     return f"g{index:04d}"
 
 
+def member_tls(directory: Path, member: str) -> TlsConfig:
+    """The member's own certificate (bench/scale.py issues one per member, as deployed)."""
+    return TlsConfig(directory / "ca.pem", directory / f"{member}.pem", directory / f"{member}.key")
+
+
 class SimulatedMember:
-    def __init__(self, datanode: str, member: str, master: bool, port: int, agent_address: str) -> None:
+    def __init__(
+        self,
+        datanode: str,
+        member: str,
+        master: bool,
+        port: int,
+        upstream_port: int,
+        standby: str,
+        agent_address: str,
+    ) -> None:
         self.datanode = datanode
         self.member = member
         self.master = master
         self.port = port
+        self.upstream_port = upstream_port
+        self.standby = standby
         self.agent_address = agent_address
         self.epoch = 0
         self.running = True
         self.boot_id = uuid.uuid4().hex
         self.sequence = itertools.count(1)
+        self.changed = asyncio.Event()
+        self.reason = ""
+        self._report: pb.MemberStatus | None = None
 
-    def status(self, upstream_port: int, standby: str) -> pb.MemberStatus:
+    def change(self, reason: str) -> None:
+        """What the real agent's signal_change does: report at once."""
+        self._report = None
+        self.reason = reason
+        self.changed.set()
+
+    def status(self) -> pb.MemberStatus:
+        """The next report, numbered. The same message is sent again with the next number while
+        nothing changed (what the real agent sends then too, built once: the simulators' own CPU
+        goes to the protocol, not to building identical messages)."""
+        if self._report is None:
+            self._report = self._build()
+        self._report.sequence = next(self.sequence)
+        return self._report
+
+    def _build(self) -> pb.MemberStatus:
         if not self.running:
             pg = pb.PostgresStatus(running=False, role=pb.ROLE_STOPPED, port=self.port)
         elif self.master:
@@ -49,20 +96,22 @@ class SimulatedMember:
                 postmaster_pid=1,
                 timeline=1,
                 system_identifier=42,
-                current_lsn=50_000_000,
-                flush_lsn=50_000_000,
+                current_lsn=LSN,
+                flush_lsn=LSN,
                 port=self.port,
-                synchronous_standby_names=f"FIRST 1 ({standby})",
+                synchronous_standby_names=f"FIRST 1 ({self.standby})" if self.standby else "",
                 downstreams=[
                     pb.Downstream(
-                        name=standby,
+                        name=self.standby,
                         state="streaming",
                         sync_state="sync",
-                        flush_lsn=50_000_000,
-                        replay_lsn=50_000_000,
+                        flush_lsn=LSN,
+                        replay_lsn=LSN,
                         reply_age=0.2,
                     )
-                ],
+                ]
+                if self.standby
+                else [],
             )
         else:
             pg = pb.PostgresStatus(
@@ -71,13 +120,13 @@ class SimulatedMember:
                 postmaster_pid=1,
                 timeline=1,
                 system_identifier=42,
-                receive_lsn=50_000_000,
-                flush_lsn=50_000_000,
-                replay_lsn=50_000_000,
+                receive_lsn=LSN,
+                flush_lsn=LSN,
+                replay_lsn=LSN,
                 port=self.port,
                 wal_receiver=pb.WalReceiver(
                     status="streaming",
-                    upstream=pb.Endpoint(host="127.0.0.1", port=upstream_port),
+                    upstream=pb.Endpoint(host="127.0.0.1", port=self.upstream_port),
                     last_message_age=0.1,
                 ),
             )
@@ -92,38 +141,36 @@ class SimulatedMember:
             activity="idle",
             has_data=True,
             boot_id=self.boot_id,
-            sequence=next(self.sequence),
             upstream=pb.UpstreamCheck(checked=not self.master, ok=True),
+            postmaster_died=not self.running,
         )
 
 
 class VictimAgent(pb_grpc.AgentServicer):
     """The node-role messages of the group whose master is made to fail."""
 
-    def __init__(
-        self, member: SimulatedMember, upstream_port: int, standby: str, promoted: asyncio.Event
-    ) -> None:
+    def __init__(self, member: SimulatedMember, promoted: asyncio.Event) -> None:
         self.member = member
-        self.upstream_port = upstream_port
-        self.standby = standby
         self.promoted = promoted
-        self.promoted_at = 0.0
 
     async def GetStatus(
         self, request: pb.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> pb.MemberStatus:
-        return self.member.status(self.upstream_port, self.standby)
+        status = pb.MemberStatus()
+        status.CopyFrom(self.member.status())
+        return status
 
     async def Promote(self, request: pb.PromoteRequest, context: grpc.aio.ServicerContext) -> pb.RoleReply:
-        self.promoted_at = time.monotonic()
-        self.member.epoch = max(self.member.epoch, request.epoch)
-        self.member.master = True
         self.promoted.set()
-        return pb.RoleReply(status=self.member.status(self.upstream_port, ""), detail="simulated promotion")
+        self.member.epoch = max(self.member.epoch, request.epoch)
+        self.member.master, self.member.standby = True, ""
+        self.member.change("promoting done")
+        return pb.RoleReply(status=await self.GetStatus(pb.GetStatusRequest(), context), detail="simulated")
 
     async def Fence(self, request: pb.FenceRequest, context: grpc.aio.ServicerContext) -> pb.RoleReply:
         self.member.running = False
-        return pb.RoleReply(status=self.member.status(self.upstream_port, self.standby), detail="fenced")
+        self.member.change("fencing done")
+        return pb.RoleReply(status=await self.GetStatus(pb.GetStatusRequest(), context), detail="fenced")
 
     async def _not_simulated(self, context: grpc.aio.ServicerContext) -> pb.RoleReply:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not simulated")
@@ -146,108 +193,165 @@ class VictimAgent(pb_grpc.AgentServicer):
         return await self._not_simulated(context)
 
 
+class Counts:
+    def __init__(self) -> None:
+        self.measuring = False  # SIGUSR1 .. SIGUSR2
+        self.round_trips: list[float] = []  # ms, of the reports sent within the window
+        self.answered = 0
+        self.failed = 0  # reports without a reply in time (the stream is opened anew)
+        self.failed_in_window = 0
+        self.reasons: dict[str, int] = {}
+
+    def answer(self, measured: bool, seconds: float) -> None:
+        self.answered += 1
+        if measured:
+            self.round_trips.append(seconds * 1000)
+
+    def failure(self, measured: bool, why: str) -> None:
+        self.failed += 1
+        self.failed_in_window += measured
+        kind = why.split(":")[0][:60]
+        self.reasons[kind] = self.reasons.get(kind, 0) + 1
+
+
+async def heartbeats(
+    member: SimulatedMember,
+    opened: "grpc.aio.Channel | RenewingChannel",
+    address: str,
+    interval: float,
+    offset: float,
+    counts: Counts,
+    stopping: asyncio.Event,
+    protocol: str,
+) -> None:
+    """The real agent's loop (`Agent._heartbeats`) for one member and one controller; with
+    `unary`, one Heartbeat call per report instead (agents of earlier versions)."""
+    await asyncio.sleep(offset)
+    stream: ReportStream | None = None
+    unary = pb_grpc.ControllerStub(opened) if protocol == "unary" else None
+    try:
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await member.changed.wait()
+            member.changed.clear()
+            reason, member.reason = member.reason or "interval", ""
+            sent, measured = time.monotonic(), counts.measuring
+            request = pb.HeartbeatRequest(status=member.status(), reason=reason)
+            if unary is not None:  # the earlier agents' protocol, for comparison
+                try:
+                    reply = await unary.Heartbeat(request, timeout=max(interval, 0.5))
+                except grpc.aio.AioRpcError as error:
+                    counts.failure(measured, error.code().name)
+                    continue
+            else:
+                if stream is not None and not stream.usable(address, opened):
+                    stream.close()
+                    stream = None
+                if stream is None:
+                    stream = ReportStream(address, opened)
+                try:
+                    reply = await stream.exchange(request, max(interval, 0.5))
+                except ReportFailed as error:
+                    counts.failure(measured, str(error))
+                    stream.close()
+                    stream = None
+                    continue
+            counts.answer(measured, time.monotonic() - sent)
+            if reply.epoch > member.epoch:
+                member.epoch = reply.epoch
+                member.change(f"epoch {reply.epoch}")
+    finally:
+        if stream is not None:
+            stream.close()
+
+
 async def main(args: argparse.Namespace) -> dict[str, object]:
-    insecure = TlsConfig(insecure=True)
+    certificates = Path(args.certificates)
     promoted = asyncio.Event()
-    members: list[tuple[SimulatedMember, int, str]] = []
+    members: list[SimulatedMember] = []
     servers = []
     for index in range(args.first, args.first + args.groups):
         name = group_name(index)
         master_port, standby_port = 20000 + 2 * index, 20001 + 2 * index
-        victim = args.victim == index
-        addresses = []
-        for role in ("a", "b"):
-            if victim:
-                server, port, _ = create_server("127.0.0.1:0", insecure)
-                servers.append((server, role))
-                addresses.append(f"127.0.0.1:{port}")
-            else:
-                addresses.append(args.dummy_agent)
-        master = SimulatedMember(name, f"{name}a", True, master_port, addresses[0])
-        standby = SimulatedMember(name, f"{name}b", False, standby_port, addresses[1])
-        members.append((master, standby_port, standby.member))
-        members.append((standby, master_port, standby.member))
-        if victim:
-            victims = {
-                "a": VictimAgent(master, standby_port, standby.member, promoted),
-                "b": VictimAgent(standby, master_port, standby.member, promoted),
-            }
-            for server, role in servers:
-                pb_grpc.add_AgentServicer_to_server(victims[role], server)
-                await server.start()
-    round_trips: list[tuple[float, float]] = []  # (sent at, round trip) of answered heartbeats
-    errors = 0  # failed Heartbeat calls of any kind, the crash report's retries included
-    deadline_exceeded = 0  # of which: no answer within the 5 s deadline
+        names = (f"{name}a", f"{name}b")
+        addresses = [args.dummy_agent, args.dummy_agent]
+        victims = []
+        if args.victim == index:
+            for slot, own in enumerate(names):
+                server, port, _ = create_server("127.0.0.1:0", member_tls(certificates, own), Guard())
+                servers.append(server)
+                victims.append(server)
+                addresses[slot] = f"127.0.0.1:{port}"
+        master = SimulatedMember(name, names[0], True, master_port, standby_port, names[1], addresses[0])
+        standby = SimulatedMember(name, names[1], False, standby_port, master_port, names[1], addresses[1])
+        members += [master, standby]
+        for server, member in zip(victims, (master, standby), strict=False):
+            pb_grpc.add_AgentServicer_to_server(VictimAgent(member, promoted), server)
+            await server.start()
+    counts = Counts()
     stopping = asyncio.Event()
-    started_at = time.monotonic()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
-    channels = [grpc.aio.insecure_channel(args.controller) for _ in range(args.channels)]
-    stubs = [pb_grpc.ControllerStub(c) for c in channels]
-    crash_sent = 0.0
+    window_closed = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stopping.set)
+    loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(counts, "measuring", True))
 
-    async def beat(
-        member: SimulatedMember, upstream: int, standby: str, stub: pb_grpc.ControllerStub, offset: float
-    ) -> None:
-        nonlocal errors, deadline_exceeded
-        await asyncio.sleep(offset)
-        while not stopping.is_set():
-            started = time.monotonic()
-            try:
-                reply = await stub.Heartbeat(
-                    pb.HeartbeatRequest(status=member.status(upstream, standby), reason="interval"), timeout=5
-                )
-                member.epoch = max(member.epoch, reply.epoch)
-                round_trips.append((started, time.monotonic() - started))
-            except grpc.aio.AioRpcError as error:
-                errors += 1
-                deadline_exceeded += error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            await asyncio.sleep(max(0.0, args.interval - (time.monotonic() - started)))
+    def close_window() -> None:
+        counts.measuring = False
+        window_closed.set()
 
+    loop.add_signal_handler(signal.SIGUSR2, close_window)
+    # One channel per member, with the member's own certificate: as many TLS connections to
+    # the controller as there are agents, as deployed.
+    channels = [channel(args.controller, member_tls(certificates, m.member)) for m in members]
     tasks = [
-        asyncio.create_task(beat(m, up, sb, stubs[i % len(stubs)], args.interval * i / len(members)))
-        for i, (m, up, sb) in enumerate(members)
+        asyncio.create_task(
+            heartbeats(
+                m,
+                channels[i],
+                args.controller,
+                args.interval,
+                args.ramp * i / len(members) + args.interval * random.random(),
+                counts,
+                stopping,
+                args.protocol,
+            )
+        )
+        for i, m in enumerate(members)
     ]
     result: dict[str, object] = {}
     if args.victim >= 0:
-        await asyncio.sleep(args.crash_after)
-        victim_master = next(m for m, _, _ in members if m.datanode == group_name(args.victim) and m.master)
-        victim_master.running = False
+        await window_closed.wait()
+        victim = next(m for m in members if m.datanode == group_name(args.victim) and m.master)
+        victim.running = False
         crash_sent = time.monotonic()
-        up, sb = next((u, s) for m, u, s in members if m is victim_master)
-        for _ in range(20):  # the next regular heartbeat would report it too; this one is immediate
-            try:
-                await stubs[0].Heartbeat(
-                    pb.HeartbeatRequest(status=victim_master.status(up, sb), reason="postmaster died"),
-                    timeout=5,
-                )
-                break
-            except grpc.aio.AioRpcError as error:
-                errors += 1
-                deadline_exceeded += error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        victim.change("postmaster died")  # reported at once on its stream, as the agent does
         try:
             await asyncio.wait_for(promoted.wait(), 30)
-            result["detect_to_promote_ms"] = (time.monotonic() - crash_sent) * 1000
+            result["crash_to_promote_ms"] = (time.monotonic() - crash_sent) * 1000
         except TimeoutError:
-            result["detect_to_promote_ms"] = None
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stopping.wait(), max(0.0, args.run_for - (time.monotonic() - started_at)))
+            result["crash_to_promote_ms"] = None
+    await stopping.wait()
+    stopping.set()
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-    for channel in channels:
-        await channel.close()
-    for server, _ in servers:
+    for each in channels:
+        await each.close()
+    for server in servers:
         await server.stop(0)
-    # only heartbeats sent within the controller's measured window (time.monotonic() is the
-    # machine's CLOCK_MONOTONIC, the same in every process), in every simulator alike
-    ms = [rtt * 1000 for sent, rtt in round_trips if args.measure_start <= sent < args.measure_end]
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    ms = counts.round_trips
     result.update(
         {
-            "heartbeats": len(round_trips),
-            "errors": errors,
-            "deadline_exceeded": deadline_exceeded,
+            "answered": counts.answered,
+            "failed": counts.failed,
+            "failed_in_window": counts.failed_in_window,
+            "failure_reasons": counts.reasons,
             "rtt_samples": len(ms),
+            "rtt_p50_ms": percentile(ms, 0.5) if ms else None,
             "rtt_p99_ms": percentile(ms, 0.99) if ms else None,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime,
         }
     )
     return result
@@ -256,18 +360,12 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--controller", required=True)
+    parser.add_argument("--certificates", required=True, help="the CA's and each member's files")
     parser.add_argument("--first", type=int, required=True)
     parser.add_argument("--groups", type=int, required=True)
     parser.add_argument("--interval", type=float, required=True)
     parser.add_argument("--victim", type=int, default=-1)
-    parser.add_argument("--crash-after", type=float, default=10.0)
     parser.add_argument("--dummy-agent", default="127.0.0.1:9")
-    parser.add_argument("--channels", type=int, default=4)
-    parser.add_argument("--run-for", type=float, default=60.0, help="stop after this many seconds")
-    parser.add_argument(
-        "--measure-start", type=float, default=0.0, help="time.monotonic() the round trips count from"
-    )
-    parser.add_argument(
-        "--measure-end", type=float, default=float("inf"), help="time.monotonic() they count until"
-    )
+    parser.add_argument("--protocol", choices=("stream", "unary"), default="stream")
+    parser.add_argument("--ramp", type=float, default=0.0, help="members start over this many seconds")
     print(json.dumps(asyncio.run(main(parser.parse_args()))), flush=True)

@@ -20,7 +20,7 @@ loudly at start.
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -63,16 +63,19 @@ class Rule:
 
 
 NODE_ROLE = Rule(("controller",))
+# A stream (Heartbeats) is authorized when it opens and each report on it as it arrives.
+HEARTBEAT = Rule(
+    ("agent",),
+    _heartbeat_as_itself,
+    "an agent reports only as the member its certificate names, of that datanode",
+)
 OPERATOR = Rule(("operator",))
 READING = Rule(("operator", "monitor"))
 
 # Every RPC both servers serve; a method that is not here is refused (UNIMPLEMENTED).
 TABLE: dict[str, Rule] = {
-    "/xcha.v1.Controller/Heartbeat": Rule(
-        ("agent",),
-        _heartbeat_as_itself,
-        "an agent reports only as the member its certificate names, of that datanode",
-    ),
+    "/xcha.v1.Controller/Heartbeat": HEARTBEAT,
+    "/xcha.v1.Controller/Heartbeats": HEARTBEAT,
     "/xcha.v1.Controller/ReportNodeFailure": Rule(("operator", "coordinator")),
     "/xcha.v1.Controller/GetClusterStatus": READING,
     "/xcha.v1.Controller/ListEvents": READING,
@@ -114,7 +117,7 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-@functools.lru_cache(maxsize=1024)
+@functools.lru_cache(maxsize=8192)  # an agent's certificate per member: thousands at scale
 def _peer(pem: bytes) -> CertificateInfo:
     """Parsed once per certificate: an agent presents the same one four times a second."""
     return certificate_info(read_certificate(pem))
@@ -132,6 +135,7 @@ def peer_certificate(context: grpc.aio.ServicerContext) -> CertificateInfo | Non
 
 Listener = Callable[[str, str], None]  # (kind: "refused" or "certificate", sentence)
 Authorize = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Identity]]
+Claim = Callable[[Identity, Any, grpc.aio.ServicerContext], Awaitable[None]]
 
 
 class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -156,12 +160,15 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         rule = TABLE.get(rpc)
         if rule is None:
             return None
-        return _guarded(handler, functools.partial(self.authorize, rpc, rule))
+        return _guarded(
+            handler, functools.partial(self.authorize, rpc, rule), functools.partial(self.claim, rpc, rule)
+        )
 
     async def authorize(
         self, rpc: str, rule: Rule, request: object, context: grpc.aio.ServicerContext
     ) -> Identity:
-        """The caller's identity if the table lets it make this call; else PERMISSION_DENIED."""
+        """The caller's identity if the table lets it make this call; else PERMISSION_DENIED.
+        request None: a request stream as it opens (each request is checked by `claim`)."""
         info = peer_certificate(context)
         if info is None or info.identity is None:
             who = info.subject if info else "a caller without a certificate"
@@ -174,11 +181,18 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if identity.role not in rule.roles:
             denial = f"{identity} may not call {short(rpc)}: it is for {', '.join(rule.roles)} only"
             await self._refuse(context, rpc, str(identity), identity.role, denial)
+        if request is not None:
+            await self.claim(rpc, rule, identity, request, context)
+        self._check_expiry(info)
+        return identity
+
+    async def claim(
+        self, rpc: str, rule: Rule, identity: Identity, request: object, context: grpc.aio.ServicerContext
+    ) -> None:
+        """The "only as itself" rule for one request of an authorized caller."""
         if rule.as_itself is not None and (claim := rule.as_itself(identity, request)):
             denial = f"{identity} may not call {short(rpc)} {claim}: {rule.as_itself_text}"
             await self._refuse(context, rpc, str(identity), identity.role, denial)
-        self._check_expiry(info)
-        return identity
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, rpc: str, who: str, role: str, denial: str
@@ -213,9 +227,12 @@ class Guard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             listener(kind, sentence)
 
 
-def _guarded(handler: grpc.RpcMethodHandler, authorize: Authorize) -> grpc.RpcMethodHandler | None:
-    """The same handler, authorizing before the servicer runs. xcha's RPCs are unary; the health
-    service's Watch streams, writing its answers through the context."""
+def _guarded(
+    handler: grpc.RpcMethodHandler, authorize: Authorize, claim: Claim
+) -> grpc.RpcMethodHandler | None:
+    """The same handler, authorizing before the servicer runs. xcha's RPCs are unary but for
+    Heartbeats, a stream of requests each checked as it arrives, answered through the context
+    (as the health service's Watch streams its answers)."""
     if handler.unary_unary is not None:
         unary = handler.unary_unary
 
@@ -236,4 +253,41 @@ def _guarded(handler: grpc.RpcMethodHandler, authorize: Authorize) -> grpc.RpcMe
         return grpc.unary_stream_rpc_method_handler(
             unary_stream, handler.request_deserializer, handler.response_serializer
         )
-    return None  # client streaming: no xcha RPC streams requests
+    if handler.stream_stream is not None:
+        both = handler.stream_stream
+
+        async def stream_stream(requests: AsyncIterator[object], context: grpc.aio.ServicerContext) -> None:
+            identity = await authorize(None, context)
+            caller.set(identity)
+            await both(_Checked(requests, identity, claim, context), context)
+
+        return grpc.stream_stream_rpc_method_handler(
+            stream_stream, handler.request_deserializer, handler.response_serializer
+        )
+    return None  # client streaming only: no xcha RPC
+
+
+class _Checked:
+    """A stream's requests, each checked by the "only as itself" rule as it arrives (a plain
+    iterator, not an async generator: one report per agent every heartbeat interval passes
+    through it)."""
+
+    def __init__(
+        self,
+        requests: AsyncIterator[object],
+        identity: Identity,
+        claim: Claim,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        self.requests = requests.__aiter__()
+        self.identity = identity
+        self.claim = claim
+        self.context = context
+
+    def __aiter__(self) -> "_Checked":
+        return self
+
+    async def __anext__(self) -> object:
+        request = await self.requests.__anext__()
+        await self.claim(self.identity, request, self.context)
+        return request

@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import grpc
 import psycopg
@@ -71,12 +71,18 @@ async def answer(context: grpc.aio.ServicerContext, work: Callable[[], T | Await
     try:
         result = work()
         return await result if isinstance(result, Awaitable) else result
-    except XchaError as error:
+    except (XchaError, psycopg.Error) as error:
+        await refuse(context, error)
+
+
+async def refuse(context: grpc.aio.ServicerContext, error: XchaError | psycopg.Error) -> NoReturn:
+    """End the call with the status `answer` gives the error."""
+    if isinstance(error, XchaError):
         code = next(code for kind, code in STATUS_CODES if isinstance(error, kind))
         details = str(error)
         if isinstance(error, NotLeader) and error.leader_address:
             context.set_trailing_metadata(((LEADER_METADATA, error.leader_address),))
-    except psycopg.Error as error:  # PostgreSQL gone or refusing: an answer, not a crash
+    else:  # PostgreSQL gone or refusing: an answer, not a crash
         code, details = grpc.StatusCode.ABORTED, f"PostgreSQL: {str(error).strip() or type(error).__name__}"
     if len(details) > MAX_DETAILS:
         details = details[:MAX_DETAILS] + f"... ({len(details)} characters)"
@@ -150,7 +156,7 @@ def channel(target: str, tls: TlsConfig) -> "grpc.aio.Channel | RenewingChannel"
 class RenewingChannel:
     """A secure channel that follows its certificate files: after a reload (SIGHUP) the next
     call opens a new channel with the new files, and the old one closes once its calls are done.
-    It offers what xcha's stubs use: unary calls, close, `async with`."""
+    It offers what xcha's stubs use: unary calls, streams, close, `async with`."""
 
     def __init__(self, target: str, used: Material) -> None:
         self.target = target
@@ -188,6 +194,15 @@ class RenewingChannel:
 
         return call
 
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+        """A stream opened on the channel of the files in use when it opens; it stays on that
+        channel (its owner opens a new stream after a reload: `generation`)."""
+
+        def call(*request: object, **options: Any) -> Any:
+            return self.current().stream_stream(method, *args, **kwargs)(*request, **options)
+
+        return call
+
     async def close(self, grace: float | None = None) -> None:
         await self._channel.close(grace)
         for task, retired in list(self._retiring.items()):
@@ -199,6 +214,12 @@ class RenewingChannel:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+
+def generation(opened: "grpc.aio.Channel | RenewingChannel") -> int:
+    """How many certificate reloads the channel has followed (0 for plaintext): a stream opened
+    at an older generation still uses the old certificate."""
+    return opened.used.generation if isinstance(opened, RenewingChannel) else 0
 
 
 def endpoint_to_proto(endpoint: Endpoint | None) -> pb.Endpoint:

@@ -57,6 +57,9 @@ def harmless_request(rpc: str, caller: Identity) -> Any:
         "/xcha.v1.Controller/Heartbeat": pb.HeartbeatRequest(
             status=pb.MemberStatus(datanode=caller.datanode or "dn1", member=caller.name)
         ),
+        "/xcha.v1.Controller/Heartbeats": pb.HeartbeatRequest(
+            status=pb.MemberStatus(datanode=caller.datanode or "dn1", member=caller.name)
+        ),
         "/xcha.v1.Controller/ReportNodeFailure": pb.NodeFailureReport(datanode=NOT_KNOWN),
         "/xcha.v1.Controller/GetClusterStatus": pb.ClusterStatusRequest(),
         "/xcha.v1.Controller/ListEvents": pb.EventsRequest(limit=1),
@@ -250,7 +253,8 @@ key_file = "{tls.key_file}"
         self, server: str, rpc: str, request: Any, name: str, timeout: float = 10
     ) -> tuple[grpc.StatusCode, str]:
         """One call to "controller" or "agent" as NAME.pem: (status code, details). A streaming
-        call (the health service's Watch) counts as answered with its first response."""
+        call (the health service's Watch) counts as answered with its first response; a stream
+        of requests (Heartbeats) carries this one request and is answered with one response."""
         channel = self.channel(server, name)
         options: dict[str, Any] = {
             "request_serializer": lambda message: message.SerializeToString(),
@@ -259,6 +263,10 @@ key_file = "{tls.key_file}"
         try:
             if rpc.endswith("/Watch"):
                 responses = channel.unary_stream(rpc, **options)(request, timeout=timeout)
+                next(responses)
+                responses.cancel()
+            elif rpc.endswith("/Heartbeats"):
+                responses = channel.stream_stream(rpc, **options)(iter([request]), timeout=timeout)
                 next(responses)
                 responses.cancel()
             else:

@@ -91,6 +91,40 @@ def test_an_agents_own_heartbeat_is_served(servers: Servers) -> None:
     assert servers.run(_observed(servers, "dn1b"))
 
 
+def test_each_report_on_a_stream_is_checked_as_it_arrives(servers: Servers) -> None:
+    """A Heartbeats stream is authorized when it opens and each report on it again: the
+    agent's own reports are answered, one as another member ends the stream refused."""
+    channel = servers.channel("controller", "dn1b")
+    call = channel.stream_stream(
+        "/xcha.v1.Controller/Heartbeats",
+        request_serializer=pb.HeartbeatRequest.SerializeToString,
+        response_deserializer=pb.HeartbeatReply.FromString,
+    )
+    own = pb.HeartbeatRequest(status=pb.MemberStatus(datanode="dn1", member="dn1b", boot_id="s", sequence=1))
+    other = pb.HeartbeatRequest(
+        status=pb.MemberStatus(
+            datanode="dn1",
+            member="dn1a",
+            postgres_status=pb.PostgresStatus(running=False, role=pb.ROLE_STOPPED),
+            postmaster_died=True,
+        ),
+        reason="postmaster died",
+    )
+    replies = call(iter([own]), timeout=10)
+    assert next(replies).heartbeat_interval > 0
+    assert servers.run(_observed(servers, "dn1b"))
+    before = servers.state()
+    replies = call(iter([own, other]), timeout=10)
+    assert next(replies).heartbeat_interval > 0
+    with pytest.raises(grpc.RpcError) as refused:
+        next(replies)
+    assert refused.value.code() == DENIED
+    assert "xcha://agent/dn1/dn1b may not call Controller.Heartbeats as member 'dn1a'" in (
+        refused.value.details() or ""
+    )
+    assert servers.state() == before, "a refused report changed something"
+
+
 async def _observed(servers: Servers, member: str) -> bool:
     return servers.controller.observations[member].status is not None
 

@@ -319,3 +319,39 @@ async def test_a_switchover_whose_promote_reply_was_lost_never_restarts_the_old_
     assert controller.groups["dn1"].switchover_failed
     controller._apply(controller.view("dn1"), Decision(GroupState.SINGLE, (), "restarting dn1a"))
     assert not controller.groups["dn1"].promote_sent
+
+
+async def test_a_tick_evaluates_a_group_when_time_can_change_its_decision(tmp_path: Path) -> None:
+    """A member silent for less than failure_timeout decides nothing yet: its group is evaluated
+    by the once-a-second sweep only (at scale, a busy controller that delays heartbeats must not
+    then evaluate all of their groups at every tick); from failure_timeout minus one tick of
+    silence on, and while a failure is under way, at every tick."""
+    now = [100.0]
+    controller = make_controller(tmp_path, ["dn1a", "dn1b"])
+    controller.clock = lambda: now[0]
+    put_group(controller, state=GroupState.PROTECTED, master="dn1a")
+    evaluated: list[float] = []
+    controller.evaluate = lambda datanode: evaluated.append(now[0]) or ""  # type: ignore[method-assign]
+    controller._probe = lambda member: asyncio.sleep(0)  # type: ignore[method-assign,assignment,return-value]
+    ticks = round(1.0 / controller.config.tick_interval)
+    for observation in controller.observations.values():
+        observation.received_at = now[0]
+    for silent in (0.1, 1.0):  # late, but far from failure_timeout
+        evaluated.clear()
+        now[0] = 100.0 + silent
+        for _ in range(ticks):
+            controller.tick()
+        assert len(evaluated) == 1, f"silent {silent} s: the sweep only, once a second"
+    evaluated.clear()
+    now[0] = 100.0 + controller.config.failure_timeout - controller.config.tick_interval / 2
+    for _ in range(3):
+        controller.tick()
+    assert len(evaluated) == 3, "about to be judged silent: every tick"
+    for observation in controller.observations.values():
+        observation.received_at = now[0]
+    controller.failures["dn1"] = (now[0], 0.0)
+    evaluated.clear()
+    for _ in range(3):
+        controller.tick()
+    assert len(evaluated) == 3, "a failure under way: every tick"
+    await asyncio.sleep(0)

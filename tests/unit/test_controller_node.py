@@ -7,13 +7,19 @@ from pathlib import Path
 import grpc
 import pytest
 
+from xcha.agent.agent import Agent
+from xcha.agent.config import load_agent_config
+from xcha.agent.state import StateFile
 from xcha.controller.config import load_controller_config
 from xcha.controller.node import ControllerNode
 from xcha.controller.routing import Router
 from xcha.controller.service import ControllerService
 from xcha.controller.store import SqliteLeadership, SqliteStore
 from xcha.errors import NotLeader
+from xcha.pg.instance import PostgresInstance
+from xcha.pg.runner import OsUser, Runner
 from xcha.rpc import LEADER_METADATA, create_server
+from xcha.topology import free_port
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
@@ -129,3 +135,112 @@ async def test_a_follower_refusal_carries_the_leader_address_to_the_client(tmp_p
         await asyncio.gather(*runs)
         for each in (first, second):
             await each.store.close()
+
+
+def stream_agent(tmp_path: Path, controllers: list[str]) -> Agent:
+    """dn1a's agent (no PostgreSQL: only its heartbeat loop runs) reporting to controllers."""
+    password = tmp_path / "replication.password"
+    password.write_text("secret\n")
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        f"""
+[agent]
+datanode = "dn1"
+member = "dn1a"
+listen = "127.0.0.1:7001"
+controllers = {controllers!r}
+state_dir = "{tmp_path}/agent"
+
+[postgres]
+data_dir = "{tmp_path}/dn1a/data"
+archive_dir = "{tmp_path}/archive"
+replication_password_file = "{password}"
+socket_dir = "{tmp_path}"
+
+[tls]
+insecure = true
+""".replace("'", '"')
+    )
+    config = load_agent_config(path)
+    runner = Runner(Path("/nonexistent/bindir"), OsUser.for_postgres())  # runs nothing
+    instance = PostgresInstance(config.postgres.instance_spec(config.member), runner, 150000)
+    return Agent(config, instance, StateFile(config.state_dir / "agent-state.json"))
+
+
+async def test_an_agent_streams_its_reports_to_the_leader_a_follower_names(tmp_path: Path) -> None:
+    """The agent's Heartbeats stream to a follower is answered not_leader with the leader's
+    address; the agent opens its stream to the leader, whose replies alone count as contact."""
+    ports = [free_port(), free_port()]
+    first, second = node(tmp_path, "c1", ports[0]), node(tmp_path, "c2", ports[1])
+    runs = [asyncio.ensure_future(first.run())]
+    await until(lambda: first.leading() is not None)
+    runs.append(asyncio.ensure_future(second.run()))
+    await until(lambda: second.leader_info is not None)
+    servers = []
+    for each, port in zip((first, second), ports, strict=True):
+        server, _, _ = create_server(f"127.0.0.1:{port}", each.config.tls)
+        pb_grpc.add_ControllerServicer_to_server(ControllerService(each), server)
+        await server.start()
+        servers.append(server)
+    agent = stream_agent(tmp_path, [f"127.0.0.1:{ports[1]}"])  # only the follower is configured
+    heartbeats = asyncio.ensure_future(agent._heartbeats())
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports[1]}") as channel:
+            call = pb_grpc.ControllerStub(channel).Heartbeats()
+            await call.write(heartbeat())
+            reply = await call.read()
+            assert reply.not_leader and reply.leader_address == f"127.0.0.1:{ports[0]}"
+            call.cancel()
+        leader = first.leading()
+        assert leader is not None
+        await until(lambda: agent.controller_ok_at is not None)
+        await until(lambda: (s := leader.observations["dn1a"].status) is not None and s.sequence >= 3)
+        assert agent.state.epoch == leader.epoch
+    finally:
+        agent.stop()
+        heartbeats.cancel()
+        await asyncio.gather(heartbeats, return_exceptions=True)
+        for server in servers:
+            await server.stop(None)
+        for each in (first, second):
+            await each.stop()
+        await asyncio.gather(*runs)
+        for each in (first, second):
+            await each.store.close()
+
+
+async def test_a_report_on_a_stream_is_answered_like_a_heartbeat_and_a_bad_one_ends_it(
+    tmp_path: Path,
+) -> None:
+    """Each report on the stream gets its reply, in order; one Heartbeat would refuse (an
+    address the controller could not use) ends the stream with that status."""
+    port = free_port()
+    first = node(tmp_path, "c1", port)
+    runs = [asyncio.ensure_future(first.run())]
+    await until(lambda: first.leading() is not None)
+    server, _, _ = create_server(f"127.0.0.1:{port}", first.config.tls)
+    pb_grpc.add_ControllerServicer_to_server(ControllerService(first), server)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = pb_grpc.ControllerStub(channel).Heartbeats()
+            for sequence in (1, 2, 3):
+                request = heartbeat()
+                request.status.sequence = sequence
+                await call.write(request)
+                reply = await call.read()
+                assert not reply.not_leader and reply.heartbeat_interval > 0
+                leader = first.leading()
+                assert leader is not None and leader.observations["dn1a"].status.sequence == sequence  # type: ignore[union-attr]
+            bad = heartbeat()
+            bad.status.sequence = 4
+            bad.status.agent_address = "no port"
+            await call.write(bad)
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await call.read()
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        await server.stop(None)
+        await first.stop()
+        await asyncio.gather(*runs)
+        await first.store.close()

@@ -27,7 +27,14 @@ from xcha.pg.instance import PostgresInstance, Timings
 from xcha.pg.probe import ping
 from xcha.pg.status import PgStatus
 from xcha.pg.syncrep import SyncStandbys
-from xcha.rpc import channel, endpoint_from_proto, endpoint_to_proto, status_to_proto
+from xcha.rpc import (
+    RenewingChannel,
+    channel,
+    endpoint_from_proto,
+    endpoint_to_proto,
+    generation,
+    status_to_proto,
+)
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
@@ -287,12 +294,13 @@ class Agent:
     # ---- heartbeats ---------------------------------------------------------------------
 
     async def _heartbeats(self) -> None:
-        """Heartbeats to the leading controller. With several controllers, a failed call moves
-        to the next address and a follower's reply ("not the leader") to the leader it names;
-        only the leader's replies count as contact and are acted on."""
+        """Heartbeats to the leading controller, on one stream kept open to it (`ReportStream`).
+        With several controllers, a failed exchange moves to the next address and a follower's
+        reply ("not the leader") to the leader it names; only the leader's replies count as
+        contact and are acted on."""
         addresses = list(self.config.controller_addresses)
-        channels: dict[str, pb_grpc.ControllerStub] = {}
-        opened = []
+        channels: dict[str, grpc.aio.Channel | RenewingChannel] = {}
+        stream: ReportStream | None = None
         current = 0
         unreachable_logged = False
         try:
@@ -303,21 +311,20 @@ class Agent:
                 reason, self._change_reason = self._change_reason or "interval", ""
                 address = addresses[current]
                 if address not in channels:
-                    opened.append(channel(address, self.config.tls))
-                    channels[address] = pb_grpc.ControllerStub(opened[-1])
+                    channels[address] = channel(address, self.config.tls)
+                if stream is not None and not stream.usable(address, channels[address]):
+                    stream.close()
+                    stream = None
+                if stream is None:
+                    stream = ReportStream(address, channels[address])
                 request = pb.HeartbeatRequest(status=self.member_status(), reason=reason)
                 try:
-                    reply = await channels[address].Heartbeat(
-                        request, timeout=max(self.heartbeat_interval, 0.5)
-                    )
-                except grpc.aio.AioRpcError as error:
+                    reply = await stream.exchange(request, max(self.heartbeat_interval, 0.5))
+                except ReportFailed as error:
+                    stream.close()
+                    stream = None
                     if not unreachable_logged:
-                        log.warning(
-                            "%s: controller %s unreachable: %s",
-                            self.config.member,
-                            address,
-                            error.details() or error.code().name,
-                        )
+                        log.warning("%s: controller %s unreachable: %s", self.config.member, address, error)
                         unreachable_logged = True
                     current = (current + 1) % len(addresses)
                     if len(addresses) > 1:
@@ -337,7 +344,9 @@ class Agent:
                 self.controller_ok_at = time.monotonic()
                 await self._follow_reply(reply)
         finally:
-            for each in opened:
+            if stream is not None:
+                stream.close()
+            for each in channels.values():
                 await each.close()
 
     async def _follow_reply(self, reply: pb.HeartbeatReply) -> None:
@@ -569,6 +578,46 @@ class Agent:
 
     def stop(self) -> None:
         self._stopping.set()
+
+
+class ReportFailed(Exception):
+    """A heartbeat got no reply: the stream failed, ended, or did not answer in time."""
+
+
+class ReportStream:
+    """One Heartbeats stream to one controller: each report is answered by one reply, in order.
+    It is opened on the agent's kept channel to that address (no new TLS handshake), and opened
+    anew after a failure or a certificate reload."""
+
+    def __init__(self, address: str, opened: "grpc.aio.Channel | RenewingChannel") -> None:
+        self.address = address
+        self.generation = generation(opened)
+        self.call = pb_grpc.ControllerStub(opened).Heartbeats()
+
+    def usable(self, address: str, opened: "grpc.aio.Channel | RenewingChannel") -> bool:
+        return address == self.address and generation(opened) == self.generation and not self.call.done()
+
+    async def exchange(self, request: pb.HeartbeatRequest, timeout: float) -> pb.HeartbeatReply:
+        """Send one report and wait for its reply; ReportFailed when none comes within timeout
+        (the stream cannot be used after that: close it)."""
+
+        try:
+            async with asyncio.timeout(timeout):
+                await self.call.write(request)
+                reply = await self.call.read()
+            if reply is grpc.aio.EOF:
+                raise ReportFailed("the controller ended the stream")
+            assert isinstance(reply, pb.HeartbeatReply)
+            return reply
+        except TimeoutError:
+            raise ReportFailed(f"no reply within {timeout:g} s") from None
+        except grpc.aio.AioRpcError as error:
+            raise ReportFailed(error.details() or error.code().name) from None
+        except asyncio.InvalidStateError:  # written to a call that had ended meanwhile
+            raise ReportFailed("the stream ended") from None
+
+    def close(self) -> None:
+        self.call.cancel()
 
 
 def _steps(timings: Timings) -> str:

@@ -15,7 +15,6 @@ from xcha.controller.ledger import Ledger
 from xcha.controller.observations import Observation
 from xcha.controller.routing import Router
 from xcha.controller.store import GroupRecord, MemberRecord, Snapshot, Store
-from xcha.controller.views import NEVER
 from xcha.errors import NotFound
 from xcha.names import Endpoint
 
@@ -81,7 +80,7 @@ class ControllerCore:
         self._evaluation_scheduled = False
         self._tasks: set[asyncio.Task[object]] = set()
         self._stopping = asyncio.Event()
-        self._last_sweep = -NEVER
+        self._sweep_slice = 0  # which slice of the groups the next tick sweeps (loop.tick)
         self.heartbeat_observer: Callable[[float], None] | None = None
         router.on_event = lambda dn, kind, message, details: self.event(dn, kind, message, details)
         self.event("", "controller", f"controller started with epoch {self.epoch}")

@@ -150,27 +150,44 @@ class Deciding(Acting):
     def tick(self) -> None:
         """Timers. Heartbeats that change something and probe results evaluate their group at
         once; a tick probes a master whose heartbeats are late and evaluates only the groups
-        where time alone can change a decision (a member is late, the group is not at rest),
-        plus every group once a second (grace, back-off and the like)."""
+        where time alone can change a decision at this tick: a member heard from has been
+        silent for failure_timeout, or will be by the next tick (the failure rule's threshold;
+        a shorter silence decides nothing yet, and a silence that never ends since this
+        controller started is "never", which time does not change), a master failure is under
+        way, or an operation is. Every group is also evaluated once a second (grace, back-off
+        and the like): a slice of the groups at each tick, so that no tick evaluates them all.
+        A group still initializing waits for its members' reports (each evaluates it) and for
+        that sweep. At scale this is what keeps a busy controller from evaluating every group
+        whose heartbeats its own load delays, at every tick (which loads it further)."""
         now = self.clock()
         late = 1.5 * self.config.heartbeat_interval
-        sweep = now - self._last_sweep >= SWEEP_INTERVAL
-        if sweep:
-            self._last_sweep = now
-        for datanode, group in self.groups.items():
+        interval = self.config.heartbeat_interval
+        # heard from before this, silent since: judged silent at this tick or the next
+        judged = now - (self.config.failure_timeout - self.config.tick_interval)
+        slices = max(1, round(SWEEP_INTERVAL / self.config.tick_interval))
+        self._sweep_slice = (self._sweep_slice + 1) % slices
+        observations, records = self.observations, self.records
+        # One pass over the members (not one per group): most are never late.
+        silent = {
+            records[name].datanode
+            for name, observation in observations.items()
+            if -NEVER < observation.received_at <= judged
+        }
+        for index, (datanode, group) in enumerate(self.groups.items()):
             master = group.master
             if master is not None:
-                observation = self.observations[master]
+                observation = observations[master]
                 if (
                     now - observation.received_at > late
                     and not observation.probing
-                    and now - observation.probe_at >= self.config.heartbeat_interval
+                    and now - observation.probe_at >= interval
                 ):
                     self._spawn(self._probe(master))
             if (
-                sweep
-                or group.state not in RUNNING_STATES
-                or any(now - self.observations[r.name].received_at > late for r in self.members_of(datanode))
+                index % slices == self._sweep_slice
+                or (group.state not in RUNNING_STATES and group.state != GroupState.INITIALIZING)
+                or datanode in silent
+                or datanode in self.failures
             ):
                 self.evaluate(datanode)
 

@@ -3,7 +3,7 @@ of this term when this process leads; a follower answers status and event questi
 store, tells agents and operators who leads, and refuses everything else (`NotLeader`)."""
 
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -11,9 +11,9 @@ from xcha.authz import Guard, caller
 from xcha.controller.controller import Controller
 from xcha.controller.node import ControllerNode
 from xcha.controller.store import GroupRecord, StoreError
-from xcha.errors import NotFound, NotLeader
+from xcha.errors import NotFound, NotLeader, XchaError
 from xcha.names import Endpoint, check_address
-from xcha.rpc import answer, event_to_proto
+from xcha.rpc import answer, event_to_proto, refuse
 from xcha.tls import material
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
@@ -67,17 +67,31 @@ class ControllerService(pb_grpc.ControllerServicer):
             leader.address,
         )
 
+    def _heartbeat(self, request: pb.HeartbeatRequest) -> pb.HeartbeatReply:
+        _check_addresses(request.status)
+        controller = self.node.leading()
+        if controller is None:
+            return self._not_leading()
+        return controller.heartbeat(request)
+
     async def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> pb.HeartbeatReply:
-        def work() -> pb.HeartbeatReply:
-            _check_addresses(request.status)
-            controller = self.node.leading()
-            if controller is None:
-                return self._not_leading()
-            return controller.heartbeat(request)
+        return await answer(context, lambda: self._heartbeat(request))
 
-        return await answer(context, work)
+    async def Heartbeats(  # type: ignore[override]
+        self, request_iterator: AsyncIterator[pb.HeartbeatRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        """Each report on the stream answered as Heartbeat answers it, in order, written through
+        the context (a servicer that yields its replies costs the controller an async generator
+        step per report). A report that Heartbeat would refuse ends the stream with that status
+        (the agent opens a new one)."""
+        async for request in request_iterator:
+            try:
+                reply = self._heartbeat(request)
+            except XchaError as error:
+                await refuse(context, error)
+            await context.write(reply)
 
     async def ReportNodeFailure(
         self, request: pb.NodeFailureReport, context: grpc.aio.ServicerContext

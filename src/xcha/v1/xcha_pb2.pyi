@@ -377,6 +377,8 @@ Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
 
 @_typing.final
 class HeartbeatReply(_message.Message):
+    """On a Heartbeats stream the controller answers every report, in order, with one reply."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EPOCH_FIELD_NUMBER: _builtins.int

@@ -373,6 +373,11 @@ class ControllerStub:
                 request_serializer=xcha_dot_v1_dot_xcha__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=xcha_dot_v1_dot_xcha__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.Heartbeats = channel.stream_stream(
+                '/xcha.v1.Controller/Heartbeats',
+                request_serializer=xcha_dot_v1_dot_xcha__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=xcha_dot_v1_dot_xcha__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
         self.ReportNodeFailure = channel.unary_unary(
                 '/xcha.v1.Controller/ReportNodeFailure',
                 request_serializer=xcha_dot_v1_dot_xcha__pb2.NodeFailureReport.SerializeToString,
@@ -424,7 +429,19 @@ class ControllerServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Heartbeat(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One report, one reply (agents of earlier versions; each call costs the controller far
+        more than a message on an open stream).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Heartbeats(self, request_iterator, context):
+        """An agent's reports on one stream it keeps open (one TLS handshake, one HTTP/2 stream):
+        each report is answered with one reply on the stream, in order, exactly as Heartbeat
+        answers it. A controller that does not lead answers not_leader, and the agent opens its
+        stream to the leader instead.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -488,6 +505,11 @@ def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
+                    request_deserializer=xcha_dot_v1_dot_xcha__pb2.HeartbeatRequest.FromString,
+                    response_serializer=xcha_dot_v1_dot_xcha__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'Heartbeats': grpc.stream_stream_rpc_method_handler(
+                    servicer.Heartbeats,
                     request_deserializer=xcha_dot_v1_dot_xcha__pb2.HeartbeatRequest.FromString,
                     response_serializer=xcha_dot_v1_dot_xcha__pb2.HeartbeatReply.SerializeToString,
             ),
@@ -562,6 +584,33 @@ class Controller:
             request,
             target,
             '/xcha.v1.Controller/Heartbeat',
+            xcha_dot_v1_dot_xcha__pb2.HeartbeatRequest.SerializeToString,
+            xcha_dot_v1_dot_xcha__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeats(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/xcha.v1.Controller/Heartbeats',
             xcha_dot_v1_dot_xcha__pb2.HeartbeatRequest.SerializeToString,
             xcha_dot_v1_dot_xcha__pb2.HeartbeatReply.FromString,
             options,

@@ -123,6 +123,15 @@ class ControllerStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ControllerAsyncStub: ...
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_xcha_pb2.HeartbeatRequest, _xcha_pb2.HeartbeatReply]
+    """One report, one reply (agents of earlier versions; each call costs the controller far
+    more than a message on an open stream).
+    """
+    Heartbeats: _grpc.StreamStreamMultiCallable[_xcha_pb2.HeartbeatRequest, _xcha_pb2.HeartbeatReply]
+    """An agent's reports on one stream it keeps open (one TLS handshake, one HTTP/2 stream):
+    each report is answered with one reply on the stream, in order, exactly as Heartbeat
+    answers it. A controller that does not lead answers not_leader, and the agent opens its
+    stream to the leader instead.
+    """
     ReportNodeFailure: _grpc.UnaryUnaryMultiCallable[_xcha_pb2.NodeFailureReport, _xcha_pb2.NodeFailureAck]
     GetClusterStatus: _grpc.UnaryUnaryMultiCallable[_xcha_pb2.ClusterStatusRequest, _xcha_pb2.ClusterStatus]
     Switchover: _grpc.UnaryUnaryMultiCallable[_xcha_pb2.SwitchoverRequest, _xcha_pb2.OperationReply]
@@ -137,6 +146,15 @@ class ControllerStub:
 class ControllerAsyncStub(ControllerStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Heartbeat: _aio.UnaryUnaryMultiCallable[_xcha_pb2.HeartbeatRequest, _xcha_pb2.HeartbeatReply]  # type: ignore[assignment]
+    """One report, one reply (agents of earlier versions; each call costs the controller far
+    more than a message on an open stream).
+    """
+    Heartbeats: _aio.StreamStreamMultiCallable[_xcha_pb2.HeartbeatRequest, _xcha_pb2.HeartbeatReply]  # type: ignore[assignment]
+    """An agent's reports on one stream it keeps open (one TLS handshake, one HTTP/2 stream):
+    each report is answered with one reply on the stream, in order, exactly as Heartbeat
+    answers it. A controller that does not lead answers not_leader, and the agent opens its
+    stream to the leader instead.
+    """
     ReportNodeFailure: _aio.UnaryUnaryMultiCallable[_xcha_pb2.NodeFailureReport, _xcha_pb2.NodeFailureAck]  # type: ignore[assignment]
     GetClusterStatus: _aio.UnaryUnaryMultiCallable[_xcha_pb2.ClusterStatusRequest, _xcha_pb2.ClusterStatus]  # type: ignore[assignment]
     Switchover: _aio.UnaryUnaryMultiCallable[_xcha_pb2.SwitchoverRequest, _xcha_pb2.OperationReply]  # type: ignore[assignment]
@@ -153,7 +171,22 @@ class ControllerServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _xcha_pb2.HeartbeatRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_xcha_pb2.HeartbeatReply, _abc.Awaitable[_xcha_pb2.HeartbeatReply]]: ...
+    ) -> _typing.Union[_xcha_pb2.HeartbeatReply, _abc.Awaitable[_xcha_pb2.HeartbeatReply]]:
+        """One report, one reply (agents of earlier versions; each call costs the controller far
+        more than a message on an open stream).
+        """
+
+    @_abc_1.abstractmethod
+    def Heartbeats(
+        self,
+        request_iterator: _MaybeAsyncIterator[_xcha_pb2.HeartbeatRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_xcha_pb2.HeartbeatReply], _abc.AsyncIterator[_xcha_pb2.HeartbeatReply]]:
+        """An agent's reports on one stream it keeps open (one TLS handshake, one HTTP/2 stream):
+        each report is answered with one reply on the stream, in order, exactly as Heartbeat
+        answers it. A controller that does not lead answers not_leader, and the agent opens its
+        stream to the leader instead.
+        """
 
     @_abc_1.abstractmethod
     def ReportNodeFailure(
