@@ -95,6 +95,22 @@ def test_found_a_promotion_races_a_restart_of_the_old_master() -> None:
     assert outcome.violation is None, outcome.violation
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: the group turns protected as soon as the standby is listed synchronous, before it "
+    "has the commits the master acknowledged while unprotected (available policy)",
+)
+def test_found_protected_before_the_standby_has_what_was_acknowledged_unprotected() -> None:
+    """Found by the simulator (open) (seed 2854, pair, available): dn1b crashed, the group went
+    unprotected (synchronous_standby_names = '') and dn1a acknowledged commits alone; dn1b came
+    back, was named synchronous again and the group turned protected 1 ms later while dn1b was
+    one commit behind; dn1a crashed 47 ms later and dn1b, "the synchronous standby", was
+    promoted without commit 190. The fix: a standby confirms only once it has reached the
+    master's position at the moment it was named synchronous again."""
+    outcome = run_history(2854)
+    assert outcome.violation is None, outcome.violation
+
+
 # ---- each invariant checker catches a broken history ---------------------------------------
 
 
