@@ -125,10 +125,6 @@ class Ledger:
         if self.failure is not None:
             raise self.failure
 
-    @property
-    def pending(self) -> int:
-        return len(self._queue)
-
     async def _write_all(self) -> None:
         while True:
             await self._wake.wait()

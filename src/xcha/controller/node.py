@@ -43,11 +43,9 @@ class ControllerNode:
         self.clock = clock
         self.controller: Controller | None = None
         self.leader_info: LeaderInfo | None = None
-        self.terms = 0
         # Called with each term's controller as it starts (events, metrics subscribe here).
         self.term_listeners: list[Callable[[Controller], None]] = []
         self._stopping = asyncio.Event()
-        self.started = clock()
 
     @property
     def name(self) -> str:
@@ -86,7 +84,6 @@ class ControllerNode:
             log.warning("campaign failed: %s (trying again)", error)
             await asyncio.sleep(1.0)
             return
-        self.terms += 1
         log.info("%s leads (term %d)", self.name, token)
         try:
             controller = await Controller.open(
