@@ -1,11 +1,13 @@
 """`./run bench scale`: one controller, many datanode groups of simulated agents speaking the
 real gRPC protocol with mTLS as deployed (bench/scale_agents.py: a few processes, one
 certificate, channel and Heartbeats stream per member, no PostgreSQL behind them), at the
-default heartbeat interval and failure timeout. For each size in turn it measures the
-controller's CPU (its own, from /proc), its heartbeat handling time (its own histogram), the
-agents' round trips and missed heartbeats, and the time from one injected master crash to the
-Promote of its standby; then it draws CPU against the number of groups (a PNG beside the
-results, when matplotlib is installed: the test extras).
+default heartbeat interval, report interval and failure timeout. For each size in turn it
+measures the controller's CPU (its own, from /proc), its report handling time (its own
+histogram), the agents' round trips and missed heartbeats (reports unanswered in time, streams
+ended unasked), and the time from one injected master crash to the Promote of its standby; then
+it draws CPU against the number of groups (a PNG beside the results, when matplotlib is
+installed: the test extras). A heartbeat is one per agent per heartbeat_interval: on a stream,
+keep-alive pings stand for it between reports.
 Targets at 1,000 groups: CPU < 50 % of one core, handling p99 < 20 ms, crash -> Promote
 < 50 ms, no missed heartbeat."""
 
@@ -259,9 +261,11 @@ async def measure(
         "warmup_s": warmup,
         "window_s": window,
         "controller_cpu_pct": round(cpu / wall * 100, 1),
-        "heartbeats_per_s": round(handled / wall),
-        "offered_per_s": round(2 * groups / interval),
-        "cpu_us_per_heartbeat": round(cpu / handled * 1e6, 1) if handled else None,
+        "heartbeats_per_s": round(2 * groups / interval),
+        "reports_per_s": round(handled / wall),
+        "offered_per_s": round(2 * groups / (interval if protocol == "unary" else timings.REPORT_INTERVAL)),
+        "cpu_us_per_heartbeat": round(cpu / wall / (2 * groups / interval) * 1e6, 1),
+        "cpu_us_per_report": round(cpu / handled * 1e6, 1) if handled else None,
         "handling_p99_bucket_ms": p99,
         "rtt_p99_ms": round(max(rtt_p99s), 1) if rtt_p99s else None,
         "missed_in_window": sum(int(r["failed_in_window"]) for r in reports),
@@ -297,7 +301,7 @@ def plot(series: dict[str, list[dict[str, object]]], path: Path) -> bool:
             at = int(str(r["groups"]))
             left.plot([at], [float(str(r["controller_cpu_pct"]))], "x", color=line.get_color(), markersize=10)
             left.annotate(
-                f"fell behind: {r['heartbeats_per_s']} of {r['offered_per_s']} reports/s handled",
+                f"fell behind: {r['reports_per_s']} of {r['offered_per_s']} reports/s handled",
                 (at, float(str(r["controller_cpu_pct"]))),
                 textcoords="offset points",
                 xytext=(-150, -28),
@@ -307,7 +311,7 @@ def plot(series: dict[str, list[dict[str, object]]], path: Path) -> bool:
         if kept and behind:
             # what the largest size would need at the CPU per report of the largest size kept up
             last, at = kept[-1], int(str(behind[-1]["groups"]))
-            need = float(str(last["cpu_us_per_heartbeat"])) * float(str(behind[-1]["offered_per_s"])) / 1e4
+            need = float(str(last["cpu_us_per_heartbeat"])) * float(str(behind[-1]["heartbeats_per_s"])) / 1e4
             left.plot([at], [need], "o", markerfacecolor="none", color=line.get_color())
             left.annotate(
                 f"needed at {last['groups']} groups' CPU per report: {need:.0f} %",
@@ -320,7 +324,7 @@ def plot(series: dict[str, list[dict[str, object]]], path: Path) -> bool:
     left.axhline(50, color="red", linestyle="--", label="target at 1,000 groups: 50 %")
     left.set(xscale="log", xlabel="groups (2 agents each)", ylabel="CPU, % of one core")
     left.set_title("Controller CPU")
-    right.set(xscale="log", xlabel="groups (2 agents each)", ylabel="CPU µs per heartbeat handled")
+    right.set(xscale="log", xlabel="groups (2 agents each)", ylabel="CPU µs per heartbeat")
     right.set_title("Controller CPU per heartbeat (4 per agent per s)")
     for axis in (left, right):
         axis.grid(True, which="both", alpha=0.3)
@@ -334,7 +338,8 @@ def plot(series: dict[str, list[dict[str, object]]], path: Path) -> bool:
 
 
 def kept_up(run: dict[str, object]) -> bool:
-    return float(str(run["heartbeats_per_s"])) >= 0.9 * float(str(run["offered_per_s"]))
+    handled = run.get("reports_per_s", run["heartbeats_per_s"])  # runs before report_interval
+    return float(str(handled)) >= 0.9 * float(str(run["offered_per_s"]))
 
 
 def earlier_runs(name: str, stamp: str) -> list[dict[str, object]]:
@@ -381,9 +386,11 @@ async def run(args: argparse.Namespace) -> int:
         {
             "sizes": ",".join(map(str, sizes)),
             "heartbeat_interval": timings.HEARTBEAT_INTERVAL,
+            "report_interval": timings.REPORT_INTERVAL if args.protocol == "stream" else "-",
             "failure_timeout": timings.FAILURE_TIMEOUT,
             "tls": "mTLS, one certificate and connection per agent (as deployed)",
-            "protocol": "Heartbeats streams, one reply per report"
+            "protocol": "Heartbeats streams: reports on change and every report_interval, keep-alive "
+            "pings every heartbeat_interval between them"
             if args.protocol == "stream"
             else "unary Heartbeat calls (earlier agents)",
         },
@@ -395,7 +402,8 @@ async def run(args: argparse.Namespace) -> int:
             f"{r['settle_s']}" if r["settle_s"] is not None else f"no ({r['protected_at_window']})",
             r["controller_cpu_pct"],
             r["cpu_us_per_heartbeat"],
-            f"{r['heartbeats_per_s']} / {r['offered_per_s']}",
+            r["cpu_us_per_report"],
+            f"{r['reports_per_s']} / {r['offered_per_s']}",
             "-" if r["handling_p99_bucket_ms"] is None else r["handling_p99_bucket_ms"],
             "-" if r["rtt_p99_ms"] is None else r["rtt_p99_ms"],
             "-" if r["crash_to_promote_ms"] is None else round(float(str(r["crash_to_promote_ms"])), 1),
@@ -412,8 +420,9 @@ async def run(args: argparse.Namespace) -> int:
                 "agents",
                 "every group protected after s (no: how many were at the window)",
                 "controller CPU % of a core",
-                "CPU us per heartbeat",
-                "heartbeats/s handled / offered",
+                "CPU us per heartbeat (agent x interval)",
+                "CPU us per report",
+                "reports/s handled / expected",
                 "handling p99 ms (bucket bound)",
                 "agent round trip p99 ms",
                 "crash -> Promote ms",
@@ -426,10 +435,12 @@ async def run(args: argparse.Namespace) -> int:
     )
     result.notes.append(
         "Controller CPU is its own user + system time (/proc) over the window, after the warm-up; CPU "
-        "per heartbeat divides it by the heartbeats the controller handled in the window (its "
-        "histogram's count), so it includes everything else the controller does meanwhile (its 50 ms "
-        "timer, the once-a-second sweep of every group). Handling p99 is the upper bound of the "
-        "xcha_heartbeat_handling_seconds bucket that holds the 99th percentile of the heartbeats "
+        "per heartbeat divides it by the heartbeats in the window (one per agent per "
+        "heartbeat_interval: a report, or on a stream the keep-alive pings that stand for it), CPU "
+        "per report by the reports the controller handled (its histogram's count); both include "
+        "everything else the controller does meanwhile (keep-alive pings, its 50 ms timer, the "
+        "once-a-second sweep of every group). Handling p99 is the upper bound of the "
+        "xcha_heartbeat_handling_seconds bucket that holds the 99th percentile of the reports "
         "handled in the window; the round trip p99 is that of the reports sent in the window, the "
         "highest of the simulator processes' p99s (a report waits behind the others in the "
         "controller's queue: this is the agent's view)."
@@ -439,8 +450,9 @@ async def run(args: argparse.Namespace) -> int:
         "at most), each with a TLS handshake, and it adopts every group's master: the window opens "
         "once every group is protected (the time from the first agent's start, in the table) and the "
         "warm-up after it has passed. "
-        "A missed heartbeat is a report that got no reply within max(heartbeat_interval, 0.5 s): the "
-        "agent then opens its stream anew (or moves to the next controller). The whole run includes "
+        "A missed heartbeat is a report that got no reply within max(heartbeat_interval, 0.5 s), or a "
+        "stream that ended unasked (a keep-alive ping unanswered within that time): the agent then "
+        "opens its stream anew (or moves to the next controller). The whole run includes "
         "the start, the warm-up and the injected crash."
     )
     result.notes.append(
@@ -458,18 +470,18 @@ async def run(args: argparse.Namespace) -> int:
     for r in runs:
         if not kept_up(r):
             last = kept[-1] if kept else r
-            per_report = float(str(last["cpu_us_per_heartbeat"]))
+            per_heartbeat = float(str(last["cpu_us_per_heartbeat"]))
             need = (
-                f"{per_report * float(str(r['offered_per_s'])) / 1e4:.0f} % "
-                f"of a core ({last['groups']} groups' {per_report} us)"
+                f"{per_heartbeat * float(str(r['heartbeats_per_s'])) / 1e4:.0f} % "
+                f"of a core ({last['groups']} groups' {per_heartbeat} us per heartbeat)"
                 if kept
                 else "more than it got"
             )
             result.notes.append(
-                f"{r['groups']} groups: the controller fell behind ({r['heartbeats_per_s']} of "
+                f"{r['groups']} groups: the controller fell behind ({r['reports_per_s']} of "
                 f"{r['offered_per_s']} reports/s handled in the window): its CPU is what it got on this "
                 "machine (shared with the simulators and other work), not what it needed; at the CPU per "
-                f"report of the largest size that kept up it would need {need}."
+                f"heartbeat of the largest size that kept up it would need {need}."
             )
         if r["missed"]:
             result.notes.append(f"{r['groups']} groups: missed heartbeats by cause: {r['missed_reasons']}.")

@@ -1,10 +1,12 @@
 """Simulated agents for `./run bench scale`: one process speaks the real protocol for many
 members, each as the real agent does (`xcha.agent.agent.Agent._heartbeats`): its own mTLS
-channel with its own certificate (one TLS handshake), one Heartbeats stream kept open on it
-(`ReportStream`, the agent's own class), a report every heartbeat interval and at once when
-something changed, each answered by one reply within max(interval, 0.5 s) or the stream is
-opened anew. It records the round trips, and serves the node-role messages of one "victim"
-group so that a master crash can be injected and its promotion timed.
+channel with its own certificate (one TLS handshake) and the agent's keep-alive pings every
+heartbeat interval, one Heartbeats stream kept open on it (`ReportStream`, the agent's own
+class), a report at once when something changed and every report_interval (the controller's
+reply says) otherwise, each answered by one reply within max(interval, 0.5 s) or the stream is
+opened anew; a stream that ends (a keep-alive ping unanswered) is opened anew at once. It
+records the round trips, and serves the node-role messages of one "victim" group so that a
+master crash can be injected and its promotion timed.
 
 Run by bench/scale.py as `python -m bench.scale_agents ...`, which signals it: SIGUSR1 opens
 the measured window, SIGUSR2 closes it (and crashes the victim master), SIGTERM stops it; it
@@ -29,7 +31,7 @@ from bench.common import percentile
 from xcha.agent.agent import ReportFailed, ReportStream
 from xcha.authz import Guard
 from xcha.config import TlsConfig
-from xcha.rpc import RenewingChannel, channel, create_server
+from xcha.rpc import RenewingChannel, channel, create_server, liveness_options
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
@@ -198,7 +200,7 @@ class Counts:
         self.measuring = False  # SIGUSR1 .. SIGUSR2
         self.round_trips: list[float] = []  # ms, of the reports sent within the window
         self.answered = 0
-        self.failed = 0  # reports without a reply in time (the stream is opened anew)
+        self.failed = 0  # reports without a reply in time, streams ended unasked (opened anew)
         self.failed_in_window = 0
         self.reasons: dict[str, int] = {}
 
@@ -225,10 +227,18 @@ async def heartbeats(
     protocol: str,
 ) -> None:
     """The real agent's loop (`Agent._heartbeats`) for one member and one controller; with
-    `unary`, one Heartbeat call per report instead (agents of earlier versions)."""
+    `unary`, one Heartbeat call every interval instead (agents of earlier versions)."""
     await asyncio.sleep(offset)
     stream: ReportStream | None = None
     unary = pb_grpc.ControllerStub(opened) if protocol == "unary" else None
+    report_interval = interval  # until the controller's reply says
+    sent_at = -float("inf")
+
+    def ended(which: ReportStream) -> None:
+        if which is stream and not stopping.is_set():
+            counts.failure(counts.measuring, "stream ended")
+            member.change("controller stream ended")
+
     try:
         while not stopping.is_set():
             with contextlib.suppress(TimeoutError):
@@ -236,7 +246,13 @@ async def heartbeats(
                     await member.changed.wait()
             member.changed.clear()
             reason, member.reason = member.reason or "interval", ""
+            if unary is None and stream is not None and not stream.usable(address, opened):
+                stream = None
+            due = unary is not None or stream is None or reason != "interval"
+            if not due and time.monotonic() - sent_at < report_interval:
+                continue
             sent, measured = time.monotonic(), counts.measuring
+            sent_at = sent
             request = pb.HeartbeatRequest(status=member.status(), reason=reason)
             if unary is not None:  # the earlier agents' protocol, for comparison
                 try:
@@ -245,19 +261,18 @@ async def heartbeats(
                     counts.failure(measured, error.code().name)
                     continue
             else:
-                if stream is not None and not stream.usable(address, opened):
-                    stream.close()
-                    stream = None
                 if stream is None:
-                    stream = ReportStream(address, opened)
+                    stream = ReportStream(address, opened, interval, ended)
                 try:
                     reply = await stream.exchange(request, max(interval, 0.5))
                 except ReportFailed as error:
                     counts.failure(measured, str(error))
-                    stream.close()
-                    stream = None
+                    failed, stream = stream, None
+                    failed.close()
                     continue
             counts.answer(measured, time.monotonic() - sent)
+            if reply.report_interval > 0:
+                report_interval = reply.report_interval
             if reply.epoch > member.epoch:
                 member.epoch = reply.epoch
                 member.change(f"epoch {reply.epoch}")
@@ -303,7 +318,10 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     loop.add_signal_handler(signal.SIGUSR2, close_window)
     # One channel per member, with the member's own certificate: as many TLS connections to
     # the controller as there are agents, as deployed.
-    channels = [channel(args.controller, member_tls(certificates, m.member)) for m in members]
+    channels = [
+        channel(args.controller, member_tls(certificates, m.member), liveness_options(args.interval))
+        for m in members
+    ]
     tasks = [
         asyncio.create_task(
             heartbeats(

@@ -13,6 +13,7 @@ import grpc
 import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from xcha import timings
 from xcha.authz import Guard
 from xcha.config import TlsConfig
 from xcha.errors import InvalidInput, NotFound, NotLeader, Refused, XchaError
@@ -38,6 +39,32 @@ CLIENT_OPTIONS = [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
+
+
+def liveness_options(heartbeat_interval: float) -> list[tuple[str, int]]:
+    """HTTP/2 keep-alive pings every heartbeat_interval on an agent's connection to the
+    controller, both ends: gRPC's transport answers them (no Python runs, measured), and one
+    unanswered within reply_timeout closes the connection and so ends its Heartbeats stream.
+    A ping received resets the receiver's own ping timer, so pings mostly flow one way."""
+    every = max(1, round(heartbeat_interval * 1000))
+    timeout = round(timings.reply_timeout(heartbeat_interval) * 1000)
+    return [
+        ("grpc.keepalive_time_ms", every),
+        ("grpc.keepalive_timeout_ms", timeout),
+        ("grpc.http2.ping_timeout_ms", timeout),  # without it the timeout above is not applied
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_time_between_pings_ms", every),
+        ("grpc.http2.min_ping_interval_without_data_ms", every),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", max(1, every // 2)),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def _options(base: list[tuple[str, int]], extra: list[tuple[str, int]] | None) -> list[tuple[str, int]]:
+    return list({**dict(base), **dict(extra or [])}.items())
+
+
 SERVER_OPTIONS = [
     ("grpc.keepalive_time_ms", 5000),
     ("grpc.keepalive_timeout_ms", 2000),
@@ -91,14 +118,15 @@ async def refuse(context: grpc.aio.ServicerContext, error: XchaError | psycopg.E
 
 
 def create_server(
-    address: str, tls: TlsConfig, guard: Guard | None = None
+    address: str, tls: TlsConfig, guard: Guard | None = None, options: list[tuple[str, int]] | None = None
 ) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """A gRPC server bound to address (port 0 picks a free port) with the health service,
     requiring a client certificate from the CA and authorizing every call (guard: the one
-    interceptor, `xcha.authz`). Returns the server (not started), the bound port, and the
-    health servicer."""
+    interceptor, `xcha.authz`); options override the defaults (`liveness_options`). Returns
+    the server (not started), the bound port, and the health servicer."""
+    merged = _options(SERVER_OPTIONS, options)
     if tls.insecure:
-        server = grpc.aio.server(options=SERVER_OPTIONS)
+        server = grpc.aio.server(options=merged)
         port = server.add_insecure_port(address)
         log.warning(
             "PLAINTEXT on %s ([tls] insecure = true): callers are neither authenticated nor "
@@ -106,7 +134,7 @@ def create_server(
             address,
         )
     else:
-        server = grpc.aio.server(interceptors=[guard or Guard()], options=SERVER_OPTIONS)
+        server = grpc.aio.server(interceptors=[guard or Guard()], options=merged)
         port = server.add_secure_port(address, _server_credentials(material(tls)))
     if port == 0:
         raise OSError(f"cannot listen on {address}")
@@ -147,10 +175,14 @@ def _credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
-def channel(target: str, tls: TlsConfig) -> "grpc.aio.Channel | RenewingChannel":
+def channel(
+    target: str, tls: TlsConfig, options: list[tuple[str, int]] | None = None
+) -> "grpc.aio.Channel | RenewingChannel":
+    """A channel to target; options override the defaults (`liveness_options`)."""
+    merged = _options(CLIENT_OPTIONS, options)
     if tls.insecure:
-        return grpc.aio.insecure_channel(target, options=CLIENT_OPTIONS)
-    return RenewingChannel(target, material(tls))
+        return grpc.aio.insecure_channel(target, options=merged)
+    return RenewingChannel(target, material(tls), merged)
 
 
 class RenewingChannel:
@@ -158,9 +190,10 @@ class RenewingChannel:
     call opens a new channel with the new files, and the old one closes once its calls are done.
     It offers what xcha's stubs use: unary calls, streams, close, `async with`."""
 
-    def __init__(self, target: str, used: Material) -> None:
+    def __init__(self, target: str, used: Material, options: list[tuple[str, int]] | None = None) -> None:
         self.target = target
         self.used = used
+        self.options = options or CLIENT_OPTIONS
         self._generation = used.generation
         self._channel = self._open()
         self._callables: dict[str, Any] = {}
@@ -171,7 +204,7 @@ class RenewingChannel:
         credentials = grpc.ssl_channel_credentials(
             root_certificates=files.ca, private_key=files.key, certificate_chain=files.cert
         )
-        return grpc.aio.secure_channel(self.target, credentials, options=CLIENT_OPTIONS)
+        return grpc.aio.secure_channel(self.target, credentials, options=self.options)
 
     def current(self) -> grpc.aio.Channel:
         if self._generation != self.used.generation:

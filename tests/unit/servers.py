@@ -31,7 +31,7 @@ from xcha.controller.service import ControllerService
 from xcha.controller.store import SqliteLeadership, SqliteStore
 from xcha.pg.instance import PostgresInstance
 from xcha.pg.runner import OsUser, Runner
-from xcha.rpc import blocking_channel, create_server, mark_serving
+from xcha.rpc import blocking_channel, create_server, liveness_options, mark_serving
 from xcha.tls import Identity, create_ca, issue
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
@@ -173,7 +173,12 @@ class Servers:
         await self.controller.ledger.flush()
         self.agent = self._agent()
         self.guards = {"controller": Guard(), "agent": Guard()}
-        server, port, health = create_server("127.0.0.1:0", self.tls("controller"), self.guards["controller"])
+        server, port, health = create_server(
+            "127.0.0.1:0",
+            self.tls("controller"),
+            self.guards["controller"],
+            liveness_options(self.node.config.heartbeat_interval),
+        )
         pb_grpc.add_ControllerServicer_to_server(
             ControllerService(self.node, self.guards["controller"]), server
         )

@@ -335,7 +335,7 @@ async def test_a_tick_evaluates_a_group_when_time_can_change_its_decision(tmp_pa
     controller._probe = lambda member: asyncio.sleep(0)  # type: ignore[method-assign,assignment,return-value]
     ticks = round(1.0 / controller.config.tick_interval)
     for observation in controller.observations.values():
-        observation.received_at = now[0]
+        observation.received_at = observation.last_heard = now[0]
     for silent in (0.1, 1.0):  # late, but far from failure_timeout
         evaluated.clear()
         now[0] = 100.0 + silent
@@ -348,7 +348,7 @@ async def test_a_tick_evaluates_a_group_when_time_can_change_its_decision(tmp_pa
         controller.tick()
     assert len(evaluated) == 3, "about to be judged silent: every tick"
     for observation in controller.observations.values():
-        observation.received_at = now[0]
+        observation.received_at = observation.last_heard = now[0]
     controller.failures["dn1"] = (now[0], 0.0)
     evaluated.clear()
     for _ in range(3):

@@ -61,6 +61,7 @@ def master(
     member = MemberView(
         name=name,
         heartbeat_age=0.1,
+        report_age=0.1,
         pg=PgStatus(
             running=True,
             in_recovery=False,
@@ -90,6 +91,7 @@ def standby(
         name=name,
         mode=mode,
         heartbeat_age=0.1,
+        report_age=0.1,
         pg=PgStatus(
             running=True,
             in_recovery=True,
@@ -798,11 +800,19 @@ def test_first_k_needs_only_one_synchronous_standby() -> None:
 def test_positions_are_fresh_only_when_every_candidate_reported_after_the_failure(
     ages: tuple[float, float], fresh: bool
 ) -> None:
-    dn1b = standby(position=LSN + 100, heartbeat_age=ages[0])
-    dn1c = standby("dn1c", heartbeat_age=ages[1])
+    dn1b = standby(position=LSN + 100, report_age=ages[0])
+    dn1c = standby("dn1c", report_age=ages[1])
     choice = choose_candidate(lost_with(dn1b, dn1c, sync_set=("dn1b", "dn1c")))
     assert choice.member is not None
     assert (choice.member.name, choice.fresh) == ("dn1b", fresh)
+
+
+def test_a_standby_heard_now_on_its_stream_still_has_positions_as_old_as_its_report() -> None:
+    """An open Heartbeats stream says the agent is alive (heartbeat_age 0), not that the
+    positions of its last report, sent before the failure, are current."""
+    dn1b = standby(heartbeat_age=0.0, report_age=1.5)
+    choice = choose_candidate(lost_with(dn1b))
+    assert choice.member is not None and not choice.fresh
 
 
 def test_an_unfresh_non_candidate_does_not_make_the_choice_stale() -> None:

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import replace
 
 import grpc
@@ -27,12 +27,14 @@ from xcha.pg.instance import PostgresInstance, Timings
 from xcha.pg.probe import ping
 from xcha.pg.status import PgStatus
 from xcha.pg.syncrep import SyncStandbys
+from xcha.reports import fingerprint
 from xcha.rpc import (
     RenewingChannel,
     channel,
     endpoint_from_proto,
     endpoint_to_proto,
     generation,
+    liveness_options,
     status_to_proto,
 )
 from xcha.v1 import xcha_pb2 as pb
@@ -60,7 +62,11 @@ class Agent:
         self._upstream_ok_at = time.monotonic()
         self.heartbeat_interval = timings.HEARTBEAT_INTERVAL  # until the controller says
         self.failure_timeout = timings.FAILURE_TIMEOUT
+        self.report_interval = timings.REPORT_INTERVAL
         self.controller_ok_at: float | None = None
+        # The stream on which the leader last answered: while it is open, the controller is
+        # heard (keep-alive pings close it when either end stops).
+        self._contact: ReportStream | None = None
         self._ignored_epoch = 0  # the last older epoch whose replies were ignored (logged once)
         self._operation_lock = asyncio.Lock()
         self._changed = asyncio.Event()
@@ -104,9 +110,21 @@ class Agent:
             self._save(epoch=epoch)
 
     def controller_silent_for(self) -> float:
-        """Seconds since the controller last answered a heartbeat (since start-up when it has
-        not answered yet)."""
+        """Seconds since the leading controller was last heard: 0 while the stream on which it
+        answered is open; else since its last reply, or shortly before that stream ended
+        (since start-up when it has not answered yet)."""
+        if self._contact is not None and not self._contact.ended:
+            return 0.0
         return time.monotonic() - max(self.controller_ok_at or 0.0, self._started)
+
+    def _stream_ended(self, stream: "ReportStream") -> None:
+        """A stream to a controller ended (closed by either end, or a keep-alive ping went
+        unanswered): report again at once, on a new one."""
+        if stream is self._contact:
+            self._contact = None
+            heard = time.monotonic() - timings.stream_silence(stream.heartbeat_interval)
+            self.controller_ok_at = max(self.controller_ok_at or 0.0, heard)
+        self.signal_change("controller stream ended")
 
     def signal_change(self, reason: str) -> None:
         """Something that matters changed: heartbeat now, not at the next interval."""
@@ -294,15 +312,20 @@ class Agent:
     # ---- heartbeats ---------------------------------------------------------------------
 
     async def _heartbeats(self) -> None:
-        """Heartbeats to the leading controller, on one stream kept open to it (`ReportStream`).
-        With several controllers, a failed exchange moves to the next address and a follower's
-        reply ("not the leader") to the leader it names; only the leader's replies count as
-        contact and are acted on."""
+        """Reports to the leading controller, on one stream kept open to it (`ReportStream`): at
+        once when something the controller decides on changed (`xcha.reports.fingerprint`,
+        checked every heartbeat_interval besides the changes signalled at once), and every
+        report_interval regardless; between reports keep-alive pings on the connection stand
+        for heartbeats. With several controllers, a failed exchange moves to the next address
+        and a follower's reply ("not the leader") to the leader it names; only the leader's
+        replies count as contact and are acted on."""
         addresses = list(self.config.controller_addresses)
         channels: dict[str, grpc.aio.Channel | RenewingChannel] = {}
         stream: ReportStream | None = None
         current = 0
         unreachable_logged = False
+        sent: tuple[object, ...] = ()
+        sent_at = -float("inf")
         try:
             while not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -311,15 +334,28 @@ class Agent:
                 reason, self._change_reason = self._change_reason or "interval", ""
                 address = addresses[current]
                 if address not in channels:
-                    channels[address] = channel(address, self.config.tls)
+                    channels[address] = channel(
+                        address, self.config.tls, liveness_options(self.heartbeat_interval)
+                    )
                 if stream is not None and not stream.usable(address, channels[address]):
                     stream.close()
                     stream = None
+                status = self.status_report()
+                seen = fingerprint(status)
+                # Before any answer (or from an older controller) every interval, as before.
+                every = self.report_interval if self._contact is not None else self.heartbeat_interval
+                unchanged = stream is not None and reason == "interval" and seen == sent
+                if unchanged and time.monotonic() - sent_at < every:
+                    continue
                 if stream is None:
-                    stream = ReportStream(address, channels[address])
-                request = pb.HeartbeatRequest(status=self.member_status(), reason=reason)
+                    stream = ReportStream(
+                        address, channels[address], self.heartbeat_interval, self._stream_ended
+                    )
+                status.sequence = next(self._sequence)
+                request = pb.HeartbeatRequest(status=status, reason=reason)
+                sent, sent_at = seen, time.monotonic()
                 try:
-                    reply = await stream.exchange(request, max(self.heartbeat_interval, 0.5))
+                    reply = await stream.exchange(request, timings.reply_timeout(self.heartbeat_interval))
                 except ReportFailed as error:
                     stream.close()
                     stream = None
@@ -342,8 +378,10 @@ class Agent:
                     log.info("%s: controller %s reachable again", self.config.member, address)
                     unreachable_logged = False
                 self.controller_ok_at = time.monotonic()
+                self._contact = stream if reply.report_interval > 0 else None
                 await self._follow_reply(reply)
         finally:
+            self._contact = None
             if stream is not None:
                 stream.close()
             for each in channels.values():
@@ -361,6 +399,8 @@ class Agent:
             self.heartbeat_interval = reply.heartbeat_interval
         if reply.failure_timeout > 0:
             self.failure_timeout = reply.failure_timeout
+        if reply.report_interval > 0:
+            self.report_interval = reply.report_interval
         if reply.epoch > self.state.epoch:
             self._save(epoch=reply.epoch)
             # The controller waits for every member's report at its epoch before it trusts
@@ -587,12 +627,26 @@ class ReportFailed(Exception):
 class ReportStream:
     """One Heartbeats stream to one controller: each report is answered by one reply, in order.
     It is opened on the agent's kept channel to that address (no new TLS handshake), and opened
-    anew after a failure or a certificate reload."""
+    anew after a failure or a certificate reload. `ended` is called once when it ends, by
+    either end or because a keep-alive ping on its connection went unanswered."""
 
-    def __init__(self, address: str, opened: "grpc.aio.Channel | RenewingChannel") -> None:
+    def __init__(
+        self,
+        address: str,
+        opened: "grpc.aio.Channel | RenewingChannel",
+        heartbeat_interval: float,
+        ended: "Callable[[ReportStream], None] | None" = None,
+    ) -> None:
         self.address = address
+        self.heartbeat_interval = heartbeat_interval  # the keep-alive interval of its channel
         self.generation = generation(opened)
         self.call = pb_grpc.ControllerStub(opened).Heartbeats()
+        if ended is not None:
+            self.call.add_done_callback(lambda _: ended(self))
+
+    @property
+    def ended(self) -> bool:
+        return bool(self.call.done())
 
     def usable(self, address: str, opened: "grpc.aio.Channel | RenewingChannel") -> bool:
         return address == self.address and generation(opened) == self.generation and not self.call.done()

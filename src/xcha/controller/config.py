@@ -42,6 +42,7 @@ class ControllerConfig:
     name: str = "controller"  # this controller among several (etcd store)
     advertise: str = ""  # where agents and operators reach it (default: listen)
     peers: tuple[str, ...] = ()  # every controller's address, this one's included
+    report_interval: float = timings.REPORT_INTERVAL  # an unchanged report is sent again this often
     _by_name: dict[str, DatanodeConfig] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -105,6 +106,13 @@ def load_controller_config(path: Path) -> ControllerConfig:
         "heartbeat_interval", timings.HEARTBEAT_INTERVAL, minimum=0.05, maximum=30
     )
     failure_timeout = controller.number("failure_timeout", timings.FAILURE_TIMEOUT, minimum=0.2, maximum=600)
+    report_interval = controller.number("report_interval", timings.REPORT_INTERVAL, minimum=0.05, maximum=600)
+    if report_interval < heartbeat_interval:
+        problems.add(
+            "controller.report_interval",
+            f"must be at least heartbeat_interval ({heartbeat_interval:g} s): between reports, "
+            "keep-alive pings every heartbeat_interval say the agent is alive",
+        )
     probe_timeout = controller.number("probe_timeout", timings.PROBE_TIMEOUT, minimum=0.05, maximum=30)
     startup_grace = controller.number("startup_grace", failure_timeout, minimum=0, maximum=3600)
     if startup_grace < failure_timeout:
@@ -160,6 +168,7 @@ def load_controller_config(path: Path) -> ControllerConfig:
         name,
         advertise,
         peers,
+        report_interval,
     )
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from xcha import timings
 from xcha.controller.agents import Agents
 from xcha.controller.config import ControllerConfig
 from xcha.controller.ledger import Ledger
@@ -48,6 +49,11 @@ class ControllerCore:
         self.clock = clock
         self.leading = leading
         self.started = clock()
+        # Liveness on Heartbeats streams (`Observation.heard_at`): reports older than this mean
+        # a stuck agent however alive its connection; a stream's end says the agent was
+        # heard up to stream_silence before it.
+        self.stale_after = config.report_interval + config.failure_timeout
+        self.stream_silence = timings.stream_silence(config.heartbeat_interval)
         self.ledger = Ledger(store, snapshot, leading)
         self.epoch = snapshot.epoch + 1  # a controller take-over deposes whoever acted before
         self.ledger.set_epoch(self.epoch)
@@ -110,6 +116,9 @@ class ControllerCore:
     def _bump_epoch(self) -> None:
         self.epoch += 1
         self.ledger.set_epoch(self.epoch)
+
+    def heard_at(self, name: str, now: float) -> float:
+        return self.observations[name].heard_at(now, self.stale_after)
 
     def _endpoint(self, name: str | None) -> Endpoint | None:
         """Where the member's PostgreSQL is reached, from its record (`observe` keeps the record

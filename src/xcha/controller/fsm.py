@@ -224,7 +224,7 @@ def choose_candidate(
     if not pool:
         return CandidateChoice(None, False, reason)
     best = max(pool, key=lambda m: m.pg.position)
-    fresh = all(m.heartbeat_age <= fresh_after for m in pool)
+    fresh = all(m.report_age <= fresh_after for m in pool)
     lost = 0
     if data_loss:
         master = view.master_view

@@ -28,9 +28,15 @@ class Deciding(Acting):
         config = self.config.datanode(datanode)
         assert config is not None
         # How long a standby has been missing from the master's reports, in the master's report
-        # time: when the master stops reporting (it may hang), nothing is "missing" for longer.
-        master_observation = self.observations.get(group.master) if group.master else None
-        master_reported_at = master_observation.received_at if master_observation else -NEVER
+        # time: when the master is silent (it may hang), nothing is "missing" for longer. A
+        # standby its latest report lists streaming is not missing.
+        master_heard = self.heard_at(group.master, now) if group.master else -NEVER
+        master_status = self.observations[group.master].status if group.master else None
+        streaming = {
+            d.name
+            for d in (master_status.postgres_status.downstreams if master_status is not None else ())
+            if d.state == "streaming"
+        }
         members = []
         for record in self.members_of(datanode):
             observation = self.observations[record.name]
@@ -39,7 +45,8 @@ class Deciding(Acting):
                 MemberView(
                     name=record.name,
                     mode=record.mode,
-                    heartbeat_age=now - observation.received_at,
+                    heartbeat_age=now - observation.heard_at(now, self.stale_after),
+                    report_age=now - observation.received_at,
                     pg=observation.pg,
                     endpoint=self._endpoint(record.name),
                     epoch=status.epoch if status else 0,
@@ -53,7 +60,9 @@ class Deciding(Acting):
                     probe_age=now - observation.probe_at,
                     busy=observation.busy,
                     follow_backoff=now - observation.follow_failed_at < FOLLOW_BACKOFF,
-                    streaming_missing_for=master_reported_at - observation.streaming_seen_at,
+                    streaming_missing_for=(
+                        0.0 if record.name in streaming else master_heard - observation.streaming_seen_at
+                    ),
                     removed=record.removed,
                 )
             )
@@ -149,7 +158,7 @@ class Deciding(Acting):
 
     def tick(self) -> None:
         """Timers. Heartbeats that change something and probe results evaluate their group at
-        once; a tick probes a master whose heartbeats are late and evaluates only the groups
+        once; a tick probes a master that is silent and evaluates only the groups
         where time alone can change a decision at this tick: a member heard from has been
         silent for failure_timeout, or will be by the next tick (the failure rule's threshold;
         a shorter silence decides nothing yet, and a silence that never ends since this
@@ -166,19 +175,19 @@ class Deciding(Acting):
         judged = now - (self.config.failure_timeout - self.config.tick_interval)
         slices = max(1, round(SWEEP_INTERVAL / self.config.tick_interval))
         self._sweep_slice = (self._sweep_slice + 1) % slices
-        observations, records = self.observations, self.records
+        observations, records, stale_after = self.observations, self.records, self.stale_after
         # One pass over the members (not one per group): most are never late.
         silent = {
             records[name].datanode
             for name, observation in observations.items()
-            if -NEVER < observation.received_at <= judged
+            if -NEVER < observation.heard_at(now, stale_after) <= judged
         }
         for index, (datanode, group) in enumerate(self.groups.items()):
             master = group.master
             if master is not None:
                 observation = observations[master]
                 if (
-                    now - observation.received_at > late
+                    now - observation.heard_at(now, stale_after) > late
                     and not observation.probing
                     and now - observation.probe_at >= interval
                 ):

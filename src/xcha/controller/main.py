@@ -9,7 +9,7 @@ from xcha.controller.config import ControllerConfig
 from xcha.controller.node import ControllerNode
 from xcha.controller.service import ControllerService
 from xcha.controller.store import Leadership, SqliteLeadership, SqliteStore, Store
-from xcha.rpc import create_server, mark_serving
+from xcha.rpc import create_server, liveness_options, mark_serving
 from xcha.tls import reload_certificates, require_identity
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
@@ -44,7 +44,9 @@ async def serve_controller(config: ControllerConfig) -> None:
     store, leadership = open_store(config)
     node = ControllerNode(config, store, leadership)
     guard = Guard()
-    server, port, health = create_server(config.listen, config.tls, guard)
+    server, port, health = create_server(
+        config.listen, config.tls, guard, liveness_options(config.heartbeat_interval)
+    )
     pb_grpc.add_ControllerServicer_to_server(ControllerService(node, guard), server)
     metrics = None
     if config.metrics_listen:

@@ -43,8 +43,10 @@ class ControllerNode:
         self.clock = clock
         self.controller: Controller | None = None
         self.leader_info: LeaderInfo | None = None
-        # Called with each term's controller as it starts (events, metrics subscribe here).
+        # Called with each term's controller as it starts (events, metrics subscribe here),
+        # and when a term ends (agents' Heartbeats streams to this process are ended then).
         self.term_listeners: list[Callable[[Controller], None]] = []
+        self.term_end_listeners: list[Callable[[], None]] = []
         self._stopping = asyncio.Event()
 
     @property
@@ -117,6 +119,8 @@ class ControllerNode:
                 task.cancel()
             await asyncio.gather(*ends, return_exceptions=True)
             self.controller = None
+            for ended in self.term_end_listeners:
+                ended()
             await controller.stop()
             if self._stopping.is_set():
                 with contextlib.suppress(StoreError, OSError):

@@ -1,5 +1,6 @@
-"""What agents and probes report: heartbeats (answered with the member's goal), status
-replies, and the controller's own connection probes of a master whose heartbeats are late."""
+"""What agents and probes report: heartbeats (answered with the member's goal), whether their
+Heartbeats streams are open, status replies, and the controller's own connection probes of a
+master that is silent."""
 
 import asyncio
 import contextlib
@@ -10,11 +11,11 @@ import grpc
 
 from xcha.controller.agents import AgentStub
 from xcha.controller.core import ControllerCore
-from xcha.controller.observations import fingerprint
 from xcha.controller.store import MemberRecord
 from xcha.controller.views import GroupState
 from xcha.errors import Refused, XchaError
 from xcha.pg.probe import ping
+from xcha.reports import fingerprint
 from xcha.rpc import endpoint_to_proto
 from xcha.v1 import xcha_pb2 as pb
 
@@ -37,15 +38,37 @@ class Observing(ControllerCore):
                 goal=pb.GOAL_WAIT,
                 heartbeat_interval=self.config.heartbeat_interval,
                 failure_timeout=self.config.failure_timeout,
+                report_interval=self.config.report_interval,
                 detail=f"{status.member!r} is not a member of datanode {status.datanode!r}: "
                 "add it with `xcha ctl add-standby`",
             )
         self.observe(status.member, status, request.reason)
         return self.goal(record)
 
+    def is_member(self, datanode: str, name: str) -> bool:
+        record = self.records.get(name)
+        return record is not None and record.datanode == datanode
+
+    def stream_opened(self, name: str) -> None:
+        """A Heartbeats stream of the member's agent delivered its first report."""
+        observation = self.observations.get(name)
+        if observation is not None:
+            observation.streams += 1
+
+    def stream_closed(self, name: str) -> None:
+        """That stream ended (the agent closed it, or its connection failed a keep-alive ping)."""
+        observation = self.observations.get(name)
+        record = self.records.get(name)
+        if observation is None or record is None:
+            return
+        observation.closed(self.clock(), self.stream_silence, self.stale_after)
+        self.mark_dirty(record.datanode)
+
     def observe(self, name: str, status: pb.MemberStatus, reason: str = "interval") -> None:
         now = self.clock()
         observation = self.observations[name]
+        previous = observation.status
+        heard_before = observation.heard_at(now, self.stale_after)
         if not observation.update(status, now):
             return  # an older report that arrived late
         record = self.records[name]
@@ -63,11 +86,15 @@ class Observing(ControllerCore):
                 )
             )
         # The master's report says who streams; with no master recorded yet, the report of a
-        # master about to be adopted counts too (else its healthy standbys look missing).
+        # master about to be adopted counts too (else its healthy standbys look missing). A
+        # report holds until the next (an agent reports when it changes): who streamed in the
+        # previous one streamed until the master was last heard before this one.
         if self.groups[record.datanode].master in (name, None):
-            for downstream in status.postgres_status.downstreams:
-                if downstream.state == "streaming" and downstream.name in self.observations:
-                    self.observations[downstream.name].streaming_seen_at = now
+            for earlier, seen_at in ((previous, heard_before), (status, now)):
+                for downstream in earlier.postgres_status.downstreams if earlier is not None else ():
+                    follower = self.observations.get(downstream.name)
+                    if downstream.state == "streaming" and follower is not None:
+                        follower.streaming_seen_at = max(follower.streaming_seen_at, seen_at)
         seen = fingerprint(status)
         if seen != observation.fingerprint or reason != "interval":
             observation.fingerprint = seen
@@ -81,6 +108,7 @@ class Observing(ControllerCore):
             epoch=self.ledger.epoch,
             heartbeat_interval=self.config.heartbeat_interval,
             failure_timeout=self.config.failure_timeout,
+            report_interval=self.config.report_interval,
             detail=group.state.value,
         )
         if record.removed:

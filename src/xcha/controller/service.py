@@ -2,6 +2,7 @@
 of this term when this process leads; a follower answers status and event questions from the
 store, tells agents and operators who leads, and refuses everything else (`NotLeader`)."""
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -11,7 +12,7 @@ from xcha.authz import Guard, caller
 from xcha.controller.controller import Controller
 from xcha.controller.node import ControllerNode
 from xcha.controller.store import GroupRecord, StoreError
-from xcha.errors import NotFound, NotLeader, XchaError
+from xcha.errors import InvalidInput, NotFound, NotLeader, XchaError
 from xcha.names import Endpoint, check_address
 from xcha.rpc import answer, event_to_proto, refuse
 from xcha.tls import material
@@ -43,11 +44,19 @@ class ControllerService(pb_grpc.ControllerServicer):
         if not self.config.tls.insecure:
             material(self.config.tls).listeners.append(lambda warning: self._event("certificate", warning))
         node.term_listeners.append(self._term_started)
+        node.term_end_listeners.append(self._end_streams)
+        self._streams: set[asyncio.Task[object]] = set()
 
     def _term_started(self, controller: Controller) -> None:
         if not self.config.tls.insecure:
             for warning in material(self.config.tls).files.warnings():
                 controller.event("", "certificate", warning)
+
+    def _end_streams(self) -> None:
+        """A term ended: every agent's stream to this process ends too, so that no agent takes
+        its open stream here for contact with the leader (it reconnects and is redirected)."""
+        for task in list(self._streams):
+            task.cancel()
 
     def _event(self, kind: str, sentence: str) -> None:
         controller = self.node.leading()
@@ -85,13 +94,39 @@ class ControllerService(pb_grpc.ControllerServicer):
         """Each report on the stream answered as Heartbeat answers it, in order, written through
         the context (a servicer that yields its replies costs the controller an async generator
         step per report). A report that Heartbeat would refuse ends the stream with that status
-        (the agent opens a new one)."""
-        async for request in request_iterator:
-            try:
-                reply = self._heartbeat(request)
-            except XchaError as error:
-                await refuse(context, error)
-            await context.write(reply)
+        (the agent opens a new one). From its first report answered by the leader on, the open
+        stream stands for the member's heartbeats (`Observation.heard_at`); it ends with the
+        term."""
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        member = ""
+        counted: Controller | None = None  # the term's controller that counts this stream open
+        try:
+            async for request in request_iterator:
+                status = request.status
+                if member and status.member != member:
+                    await refuse(
+                        context, InvalidInput(f"this stream reports {member}, not {status.member!r}")
+                    )
+                try:
+                    _check_addresses(status)
+                    controller = self.node.leading()
+                    reply = controller.heartbeat(request) if controller else self._not_leading()
+                except XchaError as error:
+                    await refuse(context, error)
+                if (
+                    counted is None
+                    and controller is not None
+                    and controller.is_member(status.datanode, status.member)
+                ):
+                    counted, member = controller, status.member
+                    controller.stream_opened(member)
+                await context.write(reply)
+        finally:
+            self._streams.discard(task)
+            if counted is not None:
+                counted.stream_closed(member)
 
     async def ReportNodeFailure(
         self, request: pb.NodeFailureReport, context: grpc.aio.ServicerContext

@@ -34,7 +34,8 @@ class SyncFailurePolicy(StrEnum):
 class MemberView:
     name: str
     mode: str = "sync"  # sync or async standby when not the master
-    heartbeat_age: float = NEVER  # seconds since the agent last reported
+    heartbeat_age: float = NEVER  # seconds since the agent was last heard (report or open stream)
+    report_age: float = NEVER  # seconds since its last report (positions are that old)
     pg: PgStatus = field(default_factory=lambda: PgStatus(running=False))
     endpoint: Endpoint | None = None  # where its PostgreSQL is reached
     epoch: int = 0  # the agent's persisted epoch

@@ -358,7 +358,7 @@ class HeartbeatRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
-    """"interval", or what changed ("postmaster died", ...)"""
+    """"interval" (nothing changed), or what changed ("postmaster died", ...)"""
     @_builtins.property
     def status(self) -> Global___MemberStatus: ...
     def __init__(
@@ -391,6 +391,7 @@ class HeartbeatReply(_message.Message):
     NOT_LEADER_FIELD_NUMBER: _builtins.int
     LEADER_FIELD_NUMBER: _builtins.int
     LEADER_ADDRESS_FIELD_NUMBER: _builtins.int
+    REPORT_INTERVAL_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     goal: Global___Goal.ValueType
     upstream_member: _builtins.str
@@ -409,6 +410,11 @@ class HeartbeatReply(_message.Message):
     """the leader's name"""
     leader_address: _builtins.str
     """where it is reached"""
+    report_interval: _builtins.float
+    """Seconds: on a Heartbeats stream an agent whose report has not changed sends it again
+    after this long (between reports, HTTP/2 keep-alive pings every heartbeat_interval say
+    that both ends are alive). 0 from older controllers: report every heartbeat_interval.
+    """
     @_builtins.property
     def upstream(self) -> Global___Endpoint:
         """with GOAL_STANDBY"""
@@ -426,10 +432,11 @@ class HeartbeatReply(_message.Message):
         not_leader: _builtins.bool = ...,
         leader: _builtins.str = ...,
         leader_address: _builtins.str = ...,
+        report_interval: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["upstream", b"upstream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "epoch", b"epoch", "failure_timeout", b"failure_timeout", "goal", b"goal", "heartbeat_interval", b"heartbeat_interval", "leader", b"leader", "leader_address", b"leader_address", "not_leader", b"not_leader", "upstream", b"upstream", "upstream_member", b"upstream_member"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "epoch", b"epoch", "failure_timeout", b"failure_timeout", "goal", b"goal", "heartbeat_interval", b"heartbeat_interval", "leader", b"leader", "leader_address", b"leader_address", "not_leader", b"not_leader", "report_interval", b"report_interval", "upstream", b"upstream", "upstream_member", b"upstream_member"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -438,9 +438,12 @@ class ControllerServicer:
 
     def Heartbeats(self, request_iterator, context):
         """An agent's reports on one stream it keeps open (one TLS handshake, one HTTP/2 stream):
-        each report is answered with one reply on the stream, in order, exactly as Heartbeat
-        answers it. A controller that does not lead answers not_leader, and the agent opens its
-        stream to the leader instead.
+        a report when it changes and every report_interval, each answered with one reply on the
+        stream, in order, exactly as Heartbeat answers it. While the stream is open, keep-alive
+        pings (answered by gRPC's transport, not by either program) stand for heartbeats; a
+        ping unanswered within max(heartbeat_interval, 0.5 s) closes the connection. A
+        controller that does not lead answers not_leader, and the agent opens its stream to the
+        leader instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

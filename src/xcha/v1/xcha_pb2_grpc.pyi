@@ -128,9 +128,12 @@ class ControllerStub:
     """
     Heartbeats: _grpc.StreamStreamMultiCallable[_xcha_pb2.HeartbeatRequest, _xcha_pb2.HeartbeatReply]
     """An agent's reports on one stream it keeps open (one TLS handshake, one HTTP/2 stream):
-    each report is answered with one reply on the stream, in order, exactly as Heartbeat
-    answers it. A controller that does not lead answers not_leader, and the agent opens its
-    stream to the leader instead.
+    a report when it changes and every report_interval, each answered with one reply on the
+    stream, in order, exactly as Heartbeat answers it. While the stream is open, keep-alive
+    pings (answered by gRPC's transport, not by either program) stand for heartbeats; a
+    ping unanswered within max(heartbeat_interval, 0.5 s) closes the connection. A
+    controller that does not lead answers not_leader, and the agent opens its stream to the
+    leader instead.
     """
     ReportNodeFailure: _grpc.UnaryUnaryMultiCallable[_xcha_pb2.NodeFailureReport, _xcha_pb2.NodeFailureAck]
     GetClusterStatus: _grpc.UnaryUnaryMultiCallable[_xcha_pb2.ClusterStatusRequest, _xcha_pb2.ClusterStatus]
@@ -151,9 +154,12 @@ class ControllerAsyncStub(ControllerStub):
     """
     Heartbeats: _aio.StreamStreamMultiCallable[_xcha_pb2.HeartbeatRequest, _xcha_pb2.HeartbeatReply]  # type: ignore[assignment]
     """An agent's reports on one stream it keeps open (one TLS handshake, one HTTP/2 stream):
-    each report is answered with one reply on the stream, in order, exactly as Heartbeat
-    answers it. A controller that does not lead answers not_leader, and the agent opens its
-    stream to the leader instead.
+    a report when it changes and every report_interval, each answered with one reply on the
+    stream, in order, exactly as Heartbeat answers it. While the stream is open, keep-alive
+    pings (answered by gRPC's transport, not by either program) stand for heartbeats; a
+    ping unanswered within max(heartbeat_interval, 0.5 s) closes the connection. A
+    controller that does not lead answers not_leader, and the agent opens its stream to the
+    leader instead.
     """
     ReportNodeFailure: _aio.UnaryUnaryMultiCallable[_xcha_pb2.NodeFailureReport, _xcha_pb2.NodeFailureAck]  # type: ignore[assignment]
     GetClusterStatus: _aio.UnaryUnaryMultiCallable[_xcha_pb2.ClusterStatusRequest, _xcha_pb2.ClusterStatus]  # type: ignore[assignment]
@@ -183,9 +189,12 @@ class ControllerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_xcha_pb2.HeartbeatReply], _abc.AsyncIterator[_xcha_pb2.HeartbeatReply]]:
         """An agent's reports on one stream it keeps open (one TLS handshake, one HTTP/2 stream):
-        each report is answered with one reply on the stream, in order, exactly as Heartbeat
-        answers it. A controller that does not lead answers not_leader, and the agent opens its
-        stream to the leader instead.
+        a report when it changes and every report_interval, each answered with one reply on the
+        stream, in order, exactly as Heartbeat answers it. While the stream is open, keep-alive
+        pings (answered by gRPC's transport, not by either program) stand for heartbeats; a
+        ping unanswered within max(heartbeat_interval, 0.5 s) closes the connection. A
+        controller that does not lead answers not_leader, and the agent opens its stream to the
+        leader instead.
         """
 
     @_abc_1.abstractmethod
