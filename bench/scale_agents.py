@@ -110,6 +110,7 @@ class SimulatedMember:
                         flush_lsn=LSN,
                         replay_lsn=LSN,
                         reply_age=0.2,
+                        caught_up=True,
                     )
                 ]
                 if self.standby

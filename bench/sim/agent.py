@@ -15,7 +15,7 @@ from bench.sim.world import Postgres, World, common_prefix
 from xcha.agent.state import AgentState
 from xcha.errors import InvalidInput, PostgresError, StaleEpoch
 from xcha.names import Endpoint
-from xcha.pg.syncrep import SyncStandbys
+from xcha.pg.syncrep import CatchUp, SyncStandbys
 from xcha.rpc import status_to_proto
 from xcha.v1 import xcha_pb2 as pb
 
@@ -63,6 +63,7 @@ class SimAgent:
         self.upstream_check = pb.UpstreamCheck(checked=False)
         self.fingerprint: tuple[object, ...] = ()
         self.next_refresh = 0.0
+        self.catch_up = CatchUp()  # as xcha.agent.agent.Agent: which standbys have caught up
 
     @property
     def now(self) -> float:
@@ -88,6 +89,7 @@ class SimAgent:
         self.sequence = 0
         self.heartbeat_interval, self.failure_timeout = 0.25, 2.0
         self.upstream_check = pb.UpstreamCheck(checked=False)
+        self.catch_up = CatchUp()  # a new agent knows nothing of what its standbys caught up with
         pg = self.pg
         if not pg.running and pg.has_data and self.state.role == "standby" and not self.state.fenced:
             self.world.start(pg, standby=True)
@@ -161,7 +163,7 @@ class SimAgent:
             member=self.name,
             postgres=pb.Endpoint(host=pg.host, port=pg.port),
             agent_address=self.address,
-            postgres_status=status_to_proto(self.world.status(pg)),
+            postgres_status=status_to_proto(self.catch_up.mark(self.world.status(pg))),
             epoch=self.state.epoch,
             activity=self.activity,
             fenced=self.state.fenced,
@@ -183,7 +185,9 @@ class SimAgent:
         if pg.running:
             self.postmaster_died = False
         self.seen_running = pg.running
-        if self.now >= self.next_refresh:
+        # While a confirming standby catches up, a picture at every watch (Agent._watch): the
+        # moment it has caught up is a change to report.
+        if self.now >= self.next_refresh or self.catch_up.waiting:
             self.next_refresh = self.now + self.heartbeat_interval
             self._check_upstream()
             fingerprint = self._significant()
@@ -195,14 +199,13 @@ class SimAgent:
     def _significant(self) -> tuple[object, ...]:
         pg = self.pg
         stream = pg.stream if pg.running and pg.in_recovery else None
-        downstreams = self.world.downstreams(pg) if pg.running else []
-        states = self.world.sync_states(pg, downstreams)
+        status = self.catch_up.mark(self.world.status(pg))
         return (
             pg.running,
             pg.in_recovery,
             pg.timeline,
             stream.upstream if stream else None,
-            tuple(sorted(states.items())),
+            tuple(sorted((d.name, d.sync_state, d.caught_up) for d in status.downstreams)),
             pg.sync_names,
         )
 
@@ -326,6 +329,7 @@ class SimAgent:
                 detail = "bootstrapped"
             elif pg.running and pg.in_recovery:
                 if sync is not None:
+                    self.catch_up.reset()
                     pg.sync_names = sync.render(150000)
                 await self.sleep(PROMOTE)
                 if not pg.running:
@@ -412,6 +416,7 @@ class SimAgent:
         async with self.operation("setting synchronous standbys"):
             await self.sleep(RELOAD)
             value = sync.render(150000)
+            self.catch_up.reset()
             self.pg.sync_names = value
         self.trace(f"agent {self.name}: synchronous_standby_names = '{value}' (epoch {epoch})")
         return value

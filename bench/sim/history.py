@@ -338,6 +338,9 @@ class History:
         def deliver(result: object) -> None:
             _settle(answer, result)
 
+        def broken() -> None:
+            _settle(answer, _rpc_error(grpc.StatusCode.UNAVAILABLE, "keepalive watchdog timeout"))
+
         async def serve() -> None:
             try:
                 result: object = await agent.handle(method, request)
@@ -350,7 +353,7 @@ class History:
                 raise
             if reply_lost:
                 result = _rpc_error(grpc.StatusCode.UNAVAILABLE, "connection reset")
-            self.world.send(host, CONTROLLER, lambda: deliver(result), lossy=False)
+            self.world.send(host, CONTROLLER, lambda: deliver(result), lossy=False, broken=broken)
 
         def arrive() -> None:
             if not agent.alive:
@@ -363,7 +366,7 @@ class History:
         if reset and not reply_lost:
             loop.call_later(0.002, deliver, _rpc_error(grpc.StatusCode.UNAVAILABLE, "connection reset"))
         else:
-            self.world.send(CONTROLLER, host, arrive, lossy=False)
+            self.world.send(CONTROLLER, host, arrive, lossy=False, broken=broken)
         deadline = loop.time() + timeout
         boot = agent.boots  # the agent process the connection is to
         unhealthy_since: float | None = None

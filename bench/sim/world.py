@@ -51,6 +51,7 @@ class Stream:
     incarnation: int  # the upstream postmaster's; a restart breaks the connection
     last_data_at: float
     flushed: int  # what the upstream last heard the standby has flushed
+    pid: int = 0  # the WAL sender's: each connection is a new one
 
 
 @dataclass
@@ -121,6 +122,7 @@ class World:
         self.acked: dict[int, int] = {}  # position -> commit id, every acknowledged commit
         self.ack_source: tuple[str, int, int] | None = None  # (member, incarnation, wal_version)
         self.commits = 0
+        self.next_pid = 20000
         self._sync_cache: dict[str, SyncStandbys] = {}
         self.violation: Violation | None = None
 
@@ -129,10 +131,19 @@ class World:
     def up(self, a: str, b: str) -> bool:
         return a == b or not self.net.cut[frozenset((a, b))]
 
-    def send(self, source: str, target: str, deliver: Callable[[], None], lossy: bool = True) -> None:
+    def send(
+        self,
+        source: str,
+        target: str,
+        deliver: Callable[[], None],
+        lossy: bool = True,
+        broken: Callable[[], None] | None = None,
+    ) -> None:
         """Deliver later. lossy (a heartbeat or its reply): lost when cut at sending or at
         arrival, lost or duplicated as the faults say. Otherwise (a message on a TCP
-        connection): retransmitted until the cut heals, for up to RETRANSMIT seconds."""
+        connection): retransmitted until the cut heals, for up to RETRANSMIT seconds; then
+        the connection is dead (gRPC keepalive) and `broken` is called: a message on a TCP
+        connection is never silently lost while the connection lives on."""
         if lossy and (not self.up(source, target) or (self.net.loss and self.rng.random() < self.net.loss)):
             return
         copies = 2 if lossy and self.net.duplication and self.rng.random() < self.net.duplication else 1
@@ -144,6 +155,8 @@ class World:
                 deliver()
             elif not lossy and loop.time() < give_up:
                 loop.call_later(0.2, arrive)
+            elif not lossy and broken is not None:
+                broken()
 
         for _ in range(copies):
             loop.call_later(
@@ -210,11 +223,13 @@ class World:
                     lsn(s.flushed),
                     lsn(s.flushed),
                     now - s.last_data_at,
+                    s.pid,
                 )
                 for s in downstreams
             ),
             synchronous_standby_names=pg.sync_names,
             port=pg.port,
+            position_after_senders=None if pg.in_recovery else position,  # one instant: nothing moved
             taken_at=now,
         )
 
@@ -327,7 +342,10 @@ class World:
                 or not is_prefix(standby.wal, upstream.wal)
             ):
                 return  # the WAL receiver retries (or has diverged: it needs pg_rewind)
-            stream = Stream(standby.name, upstream.name, upstream.incarnation, now, len(standby.wal))
+            self.next_pid += 1
+            stream = Stream(
+                standby.name, upstream.name, upstream.incarnation, now, len(standby.wal), self.next_pid
+            )
             standby.stream = upstream.senders[standby.name] = stream
         source = self.members[stream.upstream]
         if not self._flowing(standby, source) or self.rng.random() < 0.2:

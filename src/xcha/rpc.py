@@ -306,6 +306,7 @@ def status_to_proto(status: PgStatus) -> pb.PostgresStatus:
                 flush_lsn=d.flush_lsn or 0,
                 replay_lsn=d.replay_lsn or 0,
                 reply_age=d.reply_age if d.reply_age is not None else -1,
+                caught_up=d.caught_up,
             )
             for d in status.downstreams
         ],
@@ -356,6 +357,7 @@ def status_from_proto(message: pb.PostgresStatus) -> PgStatus:
                 d.flush_lsn or None,
                 d.replay_lsn or None,
                 d.reply_age if d.reply_age >= 0 else None,
+                caught_up=d.caught_up,
             )
             for d in message.downstreams
         ),

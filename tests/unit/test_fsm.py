@@ -44,9 +44,14 @@ def endpoint(name: str) -> Endpoint:
     return Endpoint("127.0.0.1", PORTS[name])
 
 
-def downstream(name: str, sync_state: str = "sync", state: str = "streaming") -> Downstream:
-    """A pg_stat_replication row on the master."""
-    return Downstream(name, state, sync_state, LSN, LSN)
+def downstream(
+    name: str, sync_state: str = "sync", state: str = "streaming", caught_up: bool | None = None
+) -> Downstream:
+    """A pg_stat_replication row on the master; a confirming (sync / quorum) standby has
+    caught up by default (its agent says so)."""
+    if caught_up is None:
+        caught_up = state == "streaming" and sync_state in ("sync", "quorum")
+    return Downstream(name, state, sync_state, LSN, LSN, caught_up=caught_up)
 
 
 def master(
@@ -700,6 +705,40 @@ def test_a_base_backup_stream_named_like_a_member_confirms_nothing() -> None:
     assert "not confirming: dn1b (following)" in decision.reason
     running = decide(replace(view, members=(master(), standby())))
     assert (running.row, running.next_state) == (row("sync_satisfied"), S.PROTECTED)
+
+
+def test_a_standby_named_synchronous_confirms_only_once_it_has_caught_up() -> None:
+    """Found by the simulator (seed 2854): commits acknowledged while unprotected are not on a
+    standby named synchronous again until it has flushed past them. Until the master's agent
+    says it has caught up, it confirms nothing: no `protected`, and the summary says why."""
+    behind = master(downstreams=(downstream("dn1b", caught_up=False),))
+    for state in (S.SINGLE, S.UNPROTECTED, S.DEGRADED):
+        view = group(state, (behind, standby()), sync_set=())
+        assert confirming_standbys(view) == ()
+        decision = decide(view)
+        assert decision.next_state == state and decision.sync_set is None
+        assert "dn1b (catching up with commits acknowledged without it)" in decision.reason
+    caught_up = decide(group(S.UNPROTECTED, (master(), standby()), sync_set=()))
+    assert (caught_up.row, caught_up.next_state) == (row("sync_satisfied"), S.PROTECTED)
+    assert caught_up.sync_set == ("dn1b",)
+
+
+def test_a_synchronous_standby_not_caught_up_is_no_failover_candidate() -> None:
+    """FIRST 1 (dn1b, dn1c): dn1b is lost and dn1c, the potential standby, becomes sync while
+    behind. It confirms nothing until caught up: the group is unprotected, dn1c is not
+    recorded in sync_set, and a crash of the master then finds no safe candidate."""
+    dn1c_behind = master(
+        sync_names="FIRST 1 (dn1b, dn1c)", downstreams=(downstream("dn1c", caught_up=False),)
+    )
+    members = (dn1c_behind, replace(gone(standby()), streaming_missing_for=5.0), standby("dn1c"))
+    decision = decide(group(S.PROTECTED, members))
+    assert (decision.row, decision.next_state, decision.sync_set) == (
+        row("sync_lost", "available"),
+        S.UNPROTECTED,
+        (),
+    )
+    view = group(S.UNPROTECTED, (crashed(dn1c_behind), *members[1:]), sync_set=())
+    assert decide(view).next_state != S.FAILOVER
 
 
 def test_a_group_without_master_has_no_master_failure() -> None:

@@ -26,7 +26,7 @@ from xcha.names import Endpoint, check_port
 from xcha.pg.instance import PostgresInstance, Timings
 from xcha.pg.probe import ping
 from xcha.pg.status import PgStatus
-from xcha.pg.syncrep import SyncStandbys
+from xcha.pg.syncrep import CatchUp, SyncStandbys
 from xcha.reports import fingerprint
 from xcha.rpc import (
     RenewingChannel,
@@ -56,6 +56,9 @@ class Agent:
         if self.state.port is not None:
             instance.port = self.state.port
         self.pg = PgStatus(running=False, port=instance.port)
+        # Which confirming standbys have flushed every commit acknowledged before they
+        # confirmed: a new agent (an adopted master) knows of none until they catch up again.
+        self.catch_up = CatchUp()
         self.activity = "starting"
         self.last_error = ""
         self.upstream_check = pb.UpstreamCheck(checked=False)
@@ -174,7 +177,7 @@ class Agent:
             status.port,
             receiver.status if receiver else None,
             (receiver.upstream_host, receiver.upstream_port) if receiver else None,
-            tuple((d.name, d.state, d.sync_state) for d in status.downstreams),
+            tuple((d.name, d.state, d.sync_state, d.caught_up) for d in status.downstreams),
             status.synchronous_standby_names,
         )
 
@@ -196,6 +199,7 @@ class Agent:
                 self.last_error = f"status query failed: {str(error).strip() or type(error).__name__}"
                 last = self.pg if self.pg.postmaster_pid == pid else PgStatus(running=True)
                 status = replace(last, running=True, postmaster_pid=pid, port=self.instance.port)
+        status = self.catch_up.mark(status)
         self.pg = status
         if status.running:
             self.postmaster_died = False
@@ -235,7 +239,9 @@ class Agent:
             exited = self._postmaster_gone.is_set()  # the refresh below clears it
             pid = self.instance.postmaster_pid()  # polls (and so reaps) a postmaster xcha started
             now = time.monotonic()
-            if (pid is not None) != self.pg.running or now >= next_refresh:
+            # While a confirming standby catches up, a picture at every watch: the moment it
+            # has caught up is a change to report (the controller counts it from then on).
+            if (pid is not None) != self.pg.running or now >= next_refresh or self.catch_up.waiting:
                 was_running = self.pg.running
                 await self._refresh(pid)
                 if was_running and not self.pg.running and not self._operation_lock.locked():
@@ -468,6 +474,7 @@ class Agent:
                 status = await self.refresh()
                 if status.role == "standby":
                     if sync is not None:
+                        self.catch_up.reset()
                         await self.instance.set_synchronous_standbys(sync)
                     detail = f"promoted a standby in {await self.instance.promote() * 1000:.0f} ms"
                 elif status.role == "master":
@@ -536,6 +543,10 @@ class Agent:
     async def set_synchronous_standbys(self, epoch: int, member: str, sync: SyncStandbys) -> str:
         self.accept_epoch(epoch, member)
         async with self._operation("setting synchronous standbys"):
+            # Every standby catches up again with a position read once the names are in effect
+            # (the refresh that ends the operation): a commit acknowledged before then may have
+            # waited for none of them.
+            self.catch_up.reset()
             value = await self.instance.set_synchronous_standbys(sync)
         log.info("%s: synchronous_standby_names = '%s' (epoch %d)", member, value, epoch)
         return f"synchronous_standby_names = '{value}'"

@@ -300,7 +300,9 @@ def _master_report_fresh(view: GroupView) -> bool:
 
 @_per_view
 def confirming_standbys(view: GroupView) -> tuple[str, ...]:
-    """Standbys the master reports as confirming commits now (sync / quorum, streaming) that
+    """Standbys the master reports as confirming commits now (sync / quorum, streaming) and
+    caught up: flushed past every commit the master acknowledged before it confirmed (while
+    unprotected, or through another standby); only these hold every acknowledged commit. They
     also report themselves a running standby: a WAL stream alone (a base backup's, say) is no
     standby that could be promoted."""
     master = view.master_view
@@ -311,6 +313,7 @@ def confirming_standbys(view: GroupView) -> tuple[str, ...]:
         for d in master.pg.downstreams
         if d.state == "streaming"
         and d.sync_state in ("sync", "quorum")
+        and d.caught_up
         and (member := view.member(d.name)) is not None
         and member.pg.running
         and member.pg.in_recovery is True
@@ -652,14 +655,15 @@ def _summary(view: GroupView) -> str:
     if view.master_view is not None:
         confirming = confirming_standbys(view)
         summary += f", confirming standbys: {', '.join(confirming) or 'none'}"
-        waiting = [_not_confirming(m) for m in view.standbys if m.name not in confirming]
+        waiting = [_not_confirming(m, view.master_view) for m in view.standbys if m.name not in confirming]
         if waiting and view.state != S.PROTECTED:
             summary += f"; not confirming: {', '.join(waiting)}"
     return summary
 
 
-def _not_confirming(member: MemberView) -> str:
-    """Why a standby does not count yet, as its own report says."""
+def _not_confirming(member: MemberView, master: MemberView) -> str:
+    """Why a standby does not count yet, as its own report (and the master's) says."""
+    sender = master.pg.downstream(member.name)
     if member.heartbeat_age == NEVER:
         why = "not heard from"
     elif member.activity != "idle":
@@ -668,6 +672,8 @@ def _not_confirming(member: MemberView) -> str:
         why = "PostgreSQL not running"
     elif member.mode != "sync":
         why = "asynchronous"
+    elif sender is not None and sender.sync_state in ("sync", "quorum") and not sender.caught_up:
+        why = "catching up with commits acknowledged without it"
     else:
         why = "not streaming synchronously"
     return f"{member.name} ({why})"

@@ -89,14 +89,15 @@ async def _snapshot(conn: Conn, version: int, pid: int, port: int) -> PgStatus:
     )
     cur = await conn.execute(
         sql.SQL(
-            """SELECT application_name, state, sync_state, flush_lsn::text, replay_lsn::text, {}
+            """SELECT application_name, state, sync_state, flush_lsn::text, replay_lsn::text, {}, pid
                FROM pg_stat_replication ORDER BY application_name"""
         ).format(sql.SQL(reply_age))
     )
     downstreams = tuple(
-        Downstream(str(name), str(state), str(sync_state), _lsn(flush), _lsn(replay), age)  # type: ignore[arg-type]
-        for name, state, sync_state, flush, replay, age in await cur.fetchall()
+        Downstream(str(name), str(state), str(sync_state), _lsn(flush), _lsn(replay), age, pid)  # type: ignore[arg-type]
+        for name, state, sync_state, flush, replay, age, pid in await cur.fetchall()
     )
+    after = await _position_after_senders(conn, "pg_current_wal_lsn", bool(in_recovery), downstreams)
     return PgStatus(
         running=True,
         postmaster_pid=pid,
@@ -111,6 +112,7 @@ async def _snapshot(conn: Conn, version: int, pid: int, port: int) -> PgStatus:
         downstreams=downstreams,
         synchronous_standby_names=str(sync_names),
         port=port,
+        position_after_senders=after,
         taken_at=taken_at,
     )
 
@@ -135,13 +137,14 @@ async def _snapshot_9x(conn: Conn, data_dir: Path, pid: int, port: int) -> PgSta
         timeline = max(checkpoint_timeline or 1, newest_history_timeline(data_dir / "pg_xlog"))
         receiver = wal_receiver_9x(pid, data_dir)
     cur = await conn.execute(
-        """SELECT application_name, state, sync_state, flush_location::text, replay_location::text
+        """SELECT application_name, state, sync_state, flush_location::text, replay_location::text, pid
            FROM pg_stat_replication ORDER BY application_name"""
     )
     downstreams = tuple(
-        Downstream(str(name), str(state), str(sync_state), _lsn(flush), _lsn(replay), None)
-        for name, state, sync_state, flush, replay in await cur.fetchall()
+        Downstream(str(name), str(state), str(sync_state), _lsn(flush), _lsn(replay), None, pid)  # type: ignore[arg-type]
+        for name, state, sync_state, flush, replay, pid in await cur.fetchall()
     )
+    after = await _position_after_senders(conn, "pg_current_xlog_location", bool(in_recovery), downstreams)
     return PgStatus(
         running=True,
         postmaster_pid=pid,
@@ -156,8 +159,22 @@ async def _snapshot_9x(conn: Conn, data_dir: Path, pid: int, port: int) -> PgSta
         downstreams=downstreams,
         synchronous_standby_names=str(sync_names),
         port=port,
+        position_after_senders=after,
         taken_at=taken_at,
     )
+
+
+async def _position_after_senders(
+    conn: Conn, function: str, in_recovery: bool, downstreams: tuple[Downstream, ...]
+) -> int | None:
+    """A master's WAL position read after pg_stat_replication (its own statement: no reading
+    order inside one statement to rely on). A standby that picture shows confirming and has
+    flushed up to it holds every commit acknowledged without it (syncrep.CatchUp)."""
+    if in_recovery or not downstreams:
+        return None
+    cur = await conn.execute(sql.SQL("SELECT {}()::text").format(sql.Identifier(function)))
+    row = await cur.fetchone()
+    return _lsn(row[0]) if row is not None else None
 
 
 def _conninfo_endpoint(conninfo: str) -> tuple[str | None, int | None]:

@@ -13,6 +13,10 @@ class Downstream:
     flush_lsn: int | None
     replay_lsn: int | None
     reply_age: float | None = None  # seconds since the standby last confirmed, at taken_at
+    pid: int | None = None  # its WAL sender's: a reconnected standby is another stream
+    # Set by the master's agent (syncrep.CatchUp): confirming, and flushed past every commit
+    # acknowledged before it confirmed.
+    caught_up: bool = False
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,10 @@ class PgStatus:
     downstreams: tuple[Downstream, ...] = field(default=())
     synchronous_standby_names: str = ""
     port: int | None = None
+    # master: pg_current_wal_lsn() read after pg_stat_replication. Every commit acknowledged
+    # before that read lies below it, so a standby seen confirming in this picture that has
+    # flushed up to it holds every commit acknowledged without it (syncrep.CatchUp).
+    position_after_senders: int | None = None
     # time.monotonic() when the server was asked: ages measured then grow older with the
     # snapshot (a picture kept while the server does not answer).
     taken_at: float | None = field(default=None, compare=False)

@@ -1,11 +1,12 @@
 """synchronous_standby_names: what it means and how each PostgreSQL version spells it."""
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from xcha.errors import InvalidInput
 from xcha.names import check_name
+from xcha.pg.status import PgStatus
 
 SyncMethod = Literal["first", "any"]
 
@@ -78,3 +79,62 @@ class SyncStandbys:
             policy, listed = SyncPolicy(), text
         names = tuple(part.strip().strip('"') for part in listed.split(",") if part.strip())
         return cls(policy, names)
+
+
+CONFIRMING = ("sync", "quorum")
+
+
+class CatchUp:
+    """Which standbys a master's agent may report as caught up: confirming commits now (a
+    streaming WAL sender in state sync or quorum) AND flushed up to the master's WAL position
+    read after the agent first saw that WAL sender confirm under the current
+    synchronous_standby_names. A commit acknowledged without waiting for the standby (while
+    the names were empty, or another standby confirmed) lies below that position: its commit
+    record was written before the acknowledgement. Every later commit waits for it (FIRST k)
+    or for the quorum it belongs to (ANY k).
+
+    Conservative by construction: a new WAL sender (the standby reconnected), a change of the
+    names (seen, or made by this agent: `reset`) and a new agent start each take a new, later
+    position. A standby that stops confirming and confirms again with the same WAL sender
+    between two pictures is not seen; the agent takes pictures often while a standby catches up.
+    """
+
+    def __init__(self) -> None:
+        self._names: str | None = None
+        self._points: dict[tuple[str, int | None], int] = {}
+        self.waiting = False  # a confirming standby has not caught up yet
+
+    def reset(self) -> None:
+        """The agent is changing synchronous_standby_names (or the role): every standby must
+        catch up again with a position read once the change is in effect."""
+        self._names = None
+        self._points.clear()
+
+    def mark(self, status: PgStatus) -> PgStatus:
+        """The picture with each downstream's caught_up set."""
+        if not status.running or status.in_recovery is not False:
+            self.reset()
+            self.waiting = False
+            return status
+        if status.synchronous_standby_names != self._names:
+            self._names = status.synchronous_standby_names
+            self._points.clear()
+        position = status.position_after_senders
+        points: dict[tuple[str, int | None], int] = {}
+        marked = []
+        waiting = False
+        for downstream in status.downstreams:
+            caught_up = False
+            if downstream.state == "streaming" and downstream.sync_state in CONFIRMING:
+                key = (downstream.name, downstream.pid)
+                point = self._points.get(key, position)
+                if point is not None:
+                    points[key] = point
+                    caught_up = downstream.flush_lsn is not None and downstream.flush_lsn >= point
+                waiting = waiting or not caught_up
+            marked.append(
+                replace(downstream, caught_up=caught_up) if caught_up != downstream.caught_up else downstream
+            )
+        self._points = points
+        self.waiting = waiting
+        return replace(status, downstreams=tuple(marked))

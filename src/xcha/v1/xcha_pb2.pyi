@@ -118,6 +118,7 @@ class Downstream(_message.Message):
     FLUSH_LSN_FIELD_NUMBER: _builtins.int
     REPLAY_LSN_FIELD_NUMBER: _builtins.int
     REPLY_AGE_FIELD_NUMBER: _builtins.int
+    CAUGHT_UP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """application_name = member name"""
     state: _builtins.str
@@ -128,6 +129,12 @@ class Downstream(_message.Message):
     replay_lsn: _builtins.int
     reply_age: _builtins.float
     """seconds since the standby last confirmed; negative: never"""
+    caught_up: _builtins.bool
+    """The master's agent: this standby confirms commits (sync / quorum) and has flushed every
+    commit acknowledged before it did (the master's WAL position read after the agent first
+    saw it confirm under the current synchronous_standby_names). Only then may the
+    controller count it as holding every acknowledged commit.
+    """
     def __init__(
         self,
         *,
@@ -137,10 +144,11 @@ class Downstream(_message.Message):
         flush_lsn: _builtins.int = ...,
         replay_lsn: _builtins.int = ...,
         reply_age: _builtins.float = ...,
+        caught_up: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["flush_lsn", b"flush_lsn", "name", b"name", "replay_lsn", b"replay_lsn", "reply_age", b"reply_age", "state", b"state", "sync_state", b"sync_state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["caught_up", b"caught_up", "flush_lsn", b"flush_lsn", "name", b"name", "replay_lsn", b"replay_lsn", "reply_age", b"reply_age", "state", b"state", "sync_state", b"sync_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
