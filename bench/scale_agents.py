@@ -28,6 +28,7 @@ from pathlib import Path
 import grpc
 
 from bench.common import percentile
+from xcha import timings
 from xcha.agent.agent import ReportFailed, ReportStream
 from xcha.authz import Guard
 from xcha.config import TlsConfig
@@ -263,7 +264,9 @@ async def heartbeats(
                     continue
             else:
                 if stream is None:
-                    stream = ReportStream(address, opened, interval, ended)
+                    stream = ReportStream(
+                        address, opened, timings.stream_silence(interval, timings.FAILURE_TIMEOUT), ended
+                    )
                 try:
                     reply = await stream.exchange(request, max(interval, 0.5))
                 except ReportFailed as error:
@@ -320,7 +323,11 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     # One channel per member, with the member's own certificate: as many TLS connections to
     # the controller as there are agents, as deployed.
     channels = [
-        channel(args.controller, member_tls(certificates, m.member), liveness_options(args.interval))
+        channel(
+            args.controller,
+            member_tls(certificates, m.member),
+            liveness_options(args.interval, timings.FAILURE_TIMEOUT),
+        )
         for m in members
     ]
     tasks = [

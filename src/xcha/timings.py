@@ -21,8 +21,18 @@ def reply_timeout(heartbeat_interval: float) -> float:
     return max(heartbeat_interval, 0.5)
 
 
-def stream_silence(heartbeat_interval: float) -> float:
+def ping_timeout(heartbeat_interval: float, failure_timeout: float) -> float:
+    """How long a keep-alive ping may go unanswered before the connection counts as lost:
+    longer than a report's reply (a loaded machine delays pings, and each lost connection
+    costs a reconnect), short enough that a stalled end is noticed by failure_timeout. It
+    does not delay a failover: the silence is dated back to the last answered ping."""
+    return max(
+        reply_timeout(heartbeat_interval), min(4 * heartbeat_interval, failure_timeout - heartbeat_interval)
+    )
+
+
+def stream_silence(heartbeat_interval: float, failure_timeout: float) -> float:
     """How long before a Heartbeats stream's end the other side may last have been heard: a
     keep-alive ping is sent at most heartbeat_interval after the last sign of life, and the
-    connection is closed reply_timeout after a ping went unanswered."""
-    return heartbeat_interval + reply_timeout(heartbeat_interval)
+    connection is closed ping_timeout after a ping went unanswered."""
+    return heartbeat_interval + ping_timeout(heartbeat_interval, failure_timeout)

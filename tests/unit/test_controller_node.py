@@ -244,3 +244,43 @@ async def test_a_report_on_a_stream_is_answered_like_a_heartbeat_and_a_bad_one_e
         await first.stop()
         await asyncio.gather(*runs)
         await first.store.close()
+
+
+async def test_an_agent_on_a_stream_reports_on_change_and_is_in_contact_between_reports(
+    tmp_path: Path,
+) -> None:
+    """Once settled, the agent's next report comes report_interval later (nothing changed);
+    meanwhile its open stream is contact (controller_silent_for 0). A term's end ends the
+    stream: the agent reconnects at once and reports again."""
+    port = free_port()
+    first = node(tmp_path, "c1", port)
+    runs = [asyncio.ensure_future(first.run())]
+    await until(lambda: first.leading() is not None)
+    server, _, _ = create_server(f"127.0.0.1:{port}", first.config.tls)
+    service = ControllerService(first)
+    pb_grpc.add_ControllerServicer_to_server(service, server)
+    await server.start()
+    agent = stream_agent(tmp_path, [f"127.0.0.1:{port}"])
+    heartbeats = asyncio.ensure_future(agent._heartbeats())
+    try:
+        leader = first.leading()
+        assert leader is not None
+        observation = leader.observations["dn1a"]
+        await until(lambda: (s := observation.status) is not None and s.epoch == leader.epoch)
+        await asyncio.sleep(0.3)
+        settled, since = observation.status.sequence, asyncio.get_running_loop().time()  # type: ignore[union-attr]
+        await until(lambda: observation.status.sequence > settled, timeout=first.config.report_interval + 2)  # type: ignore[union-attr]
+        assert asyncio.get_running_loop().time() - since > first.config.report_interval - 0.5
+        assert agent.controller_silent_for() == 0.0 and observation.streams == 1
+        contact = agent._contact
+        service._end_streams()  # what the end of a term does
+        await until(lambda: agent._contact is not None and agent._contact is not contact)
+        await until(lambda: observation.streams == 1)
+    finally:
+        agent.stop()
+        heartbeats.cancel()
+        await asyncio.gather(heartbeats, return_exceptions=True)
+        await server.stop(None)
+        await first.stop()
+        await asyncio.gather(*runs)
+        await first.store.close()

@@ -125,7 +125,7 @@ class Agent:
         unanswered): report again at once, on a new one."""
         if stream is self._contact:
             self._contact = None
-            heard = time.monotonic() - timings.stream_silence(stream.heartbeat_interval)
+            heard = time.monotonic() - stream.silence
             self.controller_ok_at = max(self.controller_ok_at or 0.0, heard)
         self.signal_change("controller stream ended")
 
@@ -341,7 +341,9 @@ class Agent:
                 address = addresses[current]
                 if address not in channels:
                     channels[address] = channel(
-                        address, self.config.tls, liveness_options(self.heartbeat_interval)
+                        address,
+                        self.config.tls,
+                        liveness_options(self.heartbeat_interval, self.failure_timeout),
                     )
                 if stream is not None and not stream.usable(address, channels[address]):
                     stream.close()
@@ -645,11 +647,12 @@ class ReportStream:
         self,
         address: str,
         opened: "grpc.aio.Channel | RenewingChannel",
-        heartbeat_interval: float,
+        silence: float,
         ended: "Callable[[ReportStream], None] | None" = None,
     ) -> None:
+        """silence: `timings.stream_silence` of its channel's keep-alive settings."""
         self.address = address
-        self.heartbeat_interval = heartbeat_interval  # the keep-alive interval of its channel
+        self.silence = silence
         self.generation = generation(opened)
         self.call = pb_grpc.ControllerStub(opened).Heartbeats()
         if ended is not None:

@@ -53,7 +53,7 @@ class ControllerCore:
         # a stuck agent however alive its connection; a stream's end says the agent was
         # heard up to stream_silence before it.
         self.stale_after = config.report_interval + config.failure_timeout
-        self.stream_silence = timings.stream_silence(config.heartbeat_interval)
+        self.stream_silence = timings.stream_silence(config.heartbeat_interval, config.failure_timeout)
         self.ledger = Ledger(store, snapshot, leading)
         self.epoch = snapshot.epoch + 1  # a controller take-over deposes whoever acted before
         self.ledger.set_epoch(self.epoch)

@@ -45,7 +45,7 @@ async def serve_controller(config: ControllerConfig) -> None:
     node = ControllerNode(config, store, leadership)
     guard = Guard()
     server, port, health = create_server(
-        config.listen, config.tls, guard, liveness_options(config.heartbeat_interval)
+        config.listen, config.tls, guard, liveness_options(config.heartbeat_interval, config.failure_timeout)
     )
     pb_grpc.add_ControllerServicer_to_server(ControllerService(node, guard), server)
     metrics = None
