@@ -265,9 +265,7 @@ async def test_a_detached_standby_receives_nothing_until_it_follows_again(
     await standby.detach()
     status = await standby.status()
     assert status.role == "standby" and status.wal_receiver is None
-    await wait_for(
-        lambda: _no_downstream(master, "dn1b"), what="the master's WAL sender for dn1b to end"
-    )
+    await wait_for(lambda: _no_downstream(master, "dn1b"), what="the master's WAL sender for dn1b to end")
     position = status.position
     # Nothing confirms for the master now (a commit would wait): commit without waiting.
     await sql(master, "SET synchronous_commit = local; INSERT INTO t VALUES (1), (2)")
