@@ -68,6 +68,7 @@ class SimulatedMember:
         self.agent_address = agent_address
         self.epoch = 0
         self.running = True
+        self.detached = False  # Detach: no WAL receiver until promoted
         self.boot_id = uuid.uuid4().hex
         self.sequence = itertools.count(1)
         self.changed = asyncio.Event()
@@ -128,7 +129,9 @@ class SimulatedMember:
                 flush_lsn=LSN,
                 replay_lsn=LSN,
                 port=self.port,
-                wal_receiver=pb.WalReceiver(
+                wal_receiver=None
+                if self.detached
+                else pb.WalReceiver(
                     status="streaming",
                     upstream=pb.Endpoint(host="127.0.0.1", port=self.upstream_port),
                     last_message_age=0.1,
@@ -147,6 +150,7 @@ class SimulatedMember:
             boot_id=self.boot_id,
             upstream=pb.UpstreamCheck(checked=not self.master, ok=True),
             postmaster_died=not self.running,
+            detached=self.detached and not self.master,
         )
 
 
@@ -175,6 +179,12 @@ class VictimAgent(pb_grpc.AgentServicer):
         self.member.running = False
         self.member.change("fencing done")
         return pb.RoleReply(status=await self.GetStatus(pb.GetStatusRequest(), context), detail="fenced")
+
+    async def Detach(self, request: pb.DetachRequest, context: grpc.aio.ServicerContext) -> pb.RoleReply:
+        self.member.epoch = max(self.member.epoch, request.epoch)
+        self.member.detached = True
+        self.member.change("detaching done")
+        return pb.RoleReply(status=await self.GetStatus(pb.GetStatusRequest(), context), detail="detached")
 
     async def _not_simulated(self, context: grpc.aio.ServicerContext) -> pb.RoleReply:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not simulated")

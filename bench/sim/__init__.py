@@ -3,7 +3,7 @@
 What is real: the controller itself (xcha.controller.controller.Controller: heartbeats and
 observe(), view(), the failure timer, the start-up grace, evaluate() and fsm.decide(), the
 persisted epoch and group records in a SqliteStore (in memory, kept across controller
-restarts), how each step is carried out (_promote, _fence, _follow, _set_sync, _refresh,
+restarts), how each step is carried out (_promote, _fence, _follow, _set_sync, _detach,
 _switchover) and the reroute barrier (routing.Router with simulated coordinators). It runs
 on an asyncio loop whose clock is virtual (bench/sim/loop.py), so its timers, timeouts and
 tasks behave as in production, deterministically, thousands of times faster.

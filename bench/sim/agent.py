@@ -172,6 +172,7 @@ class SimAgent:
             boot_id=f"{self.name}-{self.boots}",
             sequence=self.sequence,
             postmaster_died=self.postmaster_died,
+            detached=self.state.detached and not (pg.running and pg.in_recovery and pg.stream is not None),
         )
 
     # ---- watching PostgreSQL (called every WATCH_INTERVAL while alive and awake) -------------
@@ -312,6 +313,8 @@ class SimAgent:
             message = request.synchronous_standbys
             sync = SyncStandbys.parse(f"{message.method} {message.count} ({', '.join(message.names)})")
             detail = await self.set_synchronous_standbys(request.epoch, request.member, sync)
+        elif isinstance(request, pb.DetachRequest):
+            detail = await self.detach(request.epoch, request.member)
         elif isinstance(request, pb.CheckpointRequest):
             self.accept_epoch(request.epoch, request.member)
             detail = "checkpoint"
@@ -342,7 +345,7 @@ class SimAgent:
                 await self.sleep(START)
                 self.world.start(pg, standby=False)
                 detail = "started as master"
-            self.save(fenced=False, role="master", upstream_host="", upstream_port=0)
+            self.save(fenced=False, role="master", upstream_host="", upstream_port=0, detached=False)
         self.trace(f"agent {self.name}: {detail} (epoch {epoch})")
         return detail
 
@@ -352,7 +355,7 @@ class SimAgent:
         self.accept_epoch(epoch, member)
         upstream = self.world.by_endpoint[(endpoint.host, endpoint.port)]
         async with self.operation("following"):
-            self.save(upstream_host=endpoint.host, upstream_port=endpoint.port)
+            self.save(upstream_host=endpoint.host, upstream_port=endpoint.port, detached=False)
             pg = self.pg
             if pg.running and not pg.in_recovery:
                 await self.fence_instance()
@@ -403,6 +406,23 @@ class SimAgent:
         self.world.rewrite_wal(pg, list(upstream.wal), f"clone from {upstream.name}")
         self.world.start(pg, standby=True)
         return f"cloned from {upstream.name}"
+
+    async def detach(self, epoch: int, member: str) -> str:
+        """Agent.detach: the standby streams from no one until the next Follow (primary_conninfo
+        emptied and reloaded: its WAL receiver stops and is not started again)."""
+        self.accept_epoch(epoch, member)
+        pg = self.pg
+        if pg.running and not pg.in_recovery:
+            raise InvalidInput(f"{member} is not a standby: there is nothing to detach")
+        if not pg.running and self.state.role != "standby":
+            raise InvalidInput(f"{member} was not a standby when it stopped: nothing to detach")
+        async with self.operation("detaching"):
+            if pg.running:
+                await self.sleep(RELOAD)
+            self.world.detach(pg)
+            self.save(detached=True)
+        self.trace(f"agent {self.name}: detached (epoch {epoch})")
+        return "detached"
 
     async def fence(self, epoch: int, member: str, clean: bool) -> int:
         self.accept_epoch(epoch, member)

@@ -151,6 +151,9 @@ class _Stub:
     async def Checkpoint(self, request: pb.CheckpointRequest, timeout: float) -> pb.RoleReply:
         return await self._role(request, timeout)
 
+    async def Detach(self, request: pb.DetachRequest, timeout: float) -> pb.RoleReply:
+        return await self._role(request, timeout)
+
     async def Remove(self, request: pb.RemoveRequest, timeout: float) -> pb.RoleReply:
         return await self._role(request, timeout)
 

@@ -282,6 +282,13 @@ class World:
         self.trace(f"pg {pg.name}: promoted at position {len(pg.wal)} (TL{pg.timeline})")
         self._became_master(pg, "promoted")
 
+    def detach(self, pg: Postgres) -> None:
+        """primary_conninfo emptied: the WAL receiver stops and no other starts."""
+        pg.upstream = None
+        if pg.stream is not None:
+            self.trace(f"pg {pg.name}: WAL receiver stopped (detached from {pg.stream.upstream})")
+        self._close_receiver(pg)
+
     def rewrite_wal(self, pg: Postgres, wal: list[int], why: str) -> None:
         """pg_rewind (truncated to the fork point) or a clone (the upstream's WAL)."""
         pg.wal = wal

@@ -91,6 +91,7 @@ TABLE: dict[str, Rule] = {
     "/xcha.v1.Agent/Fence": NODE_ROLE,
     "/xcha.v1.Agent/SetSynchronousStandbys": NODE_ROLE,
     "/xcha.v1.Agent/Checkpoint": NODE_ROLE,
+    "/xcha.v1.Agent/Detach": NODE_ROLE,
     "/xcha.v1.Agent/Remove": NODE_ROLE,
     # The standard health service of both servers tells whether they serve, nothing more.
     "/grpc.health.v1.Health/Check": Rule(ROLES),

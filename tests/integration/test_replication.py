@@ -251,3 +251,43 @@ async def test_trust_authentication_is_logged_as_a_warning(
     )
     hba = (master.data_dir / "pg_hba.conf").read_text()
     assert "replication  xcha_repl            127.0.0.1/32       trust" in hba
+
+
+async def test_a_detached_standby_receives_nothing_until_it_follows_again(
+    make_instance: InstanceFactory,
+) -> None:
+    """Detach (a failover, before positions are read): the WAL receiver stops and stays stopped,
+    across a restart too, so the master can confirm nothing through this standby and its
+    position is final; follow() attaches it again."""
+    master, standby = await sync_pair(make_instance)
+    await sql(master, "CREATE TABLE t (id int)")
+    await wait_for(lambda: _count_rows(standby, "t", 0), what="the table on the standby")
+    await standby.detach()
+    status = await standby.status()
+    assert status.role == "standby" and status.wal_receiver is None
+    await wait_for(lambda: _no_downstream(master, "dn1b"), what="the master's WAL sender for dn1b to end")
+    position = status.position
+    # Nothing confirms for the master now (a commit would wait): commit without waiting.
+    await sql(master, "SET synchronous_commit = local; INSERT INTO t VALUES (1), (2)")
+    await asyncio.sleep(1.0)
+    assert (await standby.status()).position == position and await _count_rows(standby, "t", 0)
+    await standby.stop("fast")
+    await standby.start()
+    await asyncio.sleep(1.0)
+    restarted = await standby.status()
+    assert restarted.wal_receiver is None and restarted.position == position
+    await standby.detach()  # idempotent
+    await standby.follow(master.spec.endpoint)
+    await wait_for(lambda: _count_rows(standby, "t", 2), what="both rows on the re-attached standby")
+    assert (await standby.status()).wal_receiver is not None
+
+
+async def _count_rows(instance: PostgresInstance, table: str, expected: int) -> bool:
+    try:
+        return await sql(instance, f"SELECT count(*) FROM {table}") == [(expected,)]
+    except psycopg.errors.UndefinedTable:
+        return False
+
+
+async def _no_downstream(master: PostgresInstance, name: str) -> bool:
+    return (await master.status()).downstream(name) is None

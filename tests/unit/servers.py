@@ -81,6 +81,7 @@ def harmless_request(rpc: str, caller: Identity) -> Any:
             member=NOT_KNOWN, synchronous_standbys=pb.SyncStandbys(method="first", count=1)
         ),
         "/xcha.v1.Agent/Checkpoint": pb.CheckpointRequest(member=NOT_KNOWN),
+        "/xcha.v1.Agent/Detach": pb.DetachRequest(member=NOT_KNOWN),
         "/xcha.v1.Agent/Remove": pb.RemoveRequest(member=NOT_KNOWN),
     }
     return requests[rpc] if rpc in requests else request_class(rpc)()  # the health service

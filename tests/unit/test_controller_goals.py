@@ -131,6 +131,12 @@ class RecordingStub:
         self.calls.append((self.member, "Fence", timeout))
         return pb.RoleReply(status=self._status(), detail="fenced")
 
+    async def Detach(self, request: pb.DetachRequest, timeout: float) -> pb.RoleReply:
+        self.calls.append((self.member, "Detach", timeout))
+        status = self._status()
+        status.detached = True
+        return pb.RoleReply(status=status, detail="detached")
+
 
 @dataclass
 class RecordingAgents:
@@ -158,22 +164,21 @@ def recording_agents(controller: Controller) -> list[tuple[str, str, float]]:
     return calls
 
 
-async def test_a_refresh_asks_each_standby_the_state_machine_named_once_in_one_task(tmp_path: Path) -> None:
-    """One REFRESH step per standby: one group task asks exactly those (it used to start a task
-    per step, each asking every standby: k² GetStatus for k standbys)."""
+async def test_a_detach_asks_each_standby_the_state_machine_named_once_in_one_task(tmp_path: Path) -> None:
+    """One DETACH step per standby: one group task detaches exactly those, and their replies
+    (final positions, `detached`) are observed like heartbeats."""
     controller = make_controller(tmp_path, ["dn1a", "dn1b", "dn1c", "dn1d"])
     calls = recording_agents(controller)
-    steps = (Step(Action.REFRESH, "dn1b"), Step(Action.REFRESH, "dn1c"))
-    decision = Decision(GroupState.PROTECTED, steps, "asking the standbys for their positions")
+    steps = (Step(Action.DETACH, "dn1b"), Step(Action.DETACH, "dn1c"))
+    decision = Decision(GroupState.PROTECTED, steps, "detaching the standbys")
     controller._apply(controller.view("dn1"), decision)
     task = controller.group_tasks["dn1"]
     assert len(controller._tasks) == 1
     await asyncio.wait_for(task, 5)
-    probe_timeout = controller.config.probe_timeout
-    assert sorted(calls) == [("dn1b", "GetStatus", probe_timeout), ("dn1c", "GetStatus", probe_timeout)]
+    assert sorted(calls) == [("dn1b", "Detach", 30), ("dn1c", "Detach", 30)]
     for name in ("dn1b", "dn1c"):
         status = controller.observations[name].status
-        assert status is not None and status.member == name  # observed like a heartbeat
+        assert status is not None and status.member == name and status.detached
     assert controller.observations["dn1d"].status is None
 
 

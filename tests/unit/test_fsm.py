@@ -147,6 +147,11 @@ def cut_off(member: MemberView) -> MemberView:
     return replace(member, upstream_checked=True, upstream_ok=False)
 
 
+def detached(member: MemberView) -> MemberView:
+    """A standby its agent detached (Detach): no WAL receiver, its position final."""
+    return replace(member, pg=replace(member.pg, wal_receiver=None), detached=True)
+
+
 def group(
     state: GroupState = S.PROTECTED, members: tuple[MemberView, ...] | None = None, **changes: Any
 ) -> GroupView:
@@ -163,14 +168,18 @@ def group(
     return replace(view, **changes)
 
 
-def master_lost(state: GroupState = S.PROTECTED, **changes: Any) -> GroupView:
-    """dn1a hangs (silent, probe fails, dn1b receives no WAL) for 1 s; dn1b reported since."""
-    return group(state, (silent(master()), cut_off(standby())), **{"master_failed_for": 1.0, **changes})
+def master_lost(state: GroupState = S.PROTECTED, attached: bool = False, **changes: Any) -> GroupView:
+    """dn1a hangs (silent, probe fails, dn1b receives no WAL) for 1 s; dn1b was detached since
+    (attached: its WAL receiver still runs, it only finds dn1a no longer answering)."""
+    dn1b = cut_off(standby()) if attached else detached(standby())
+    return group(state, (silent(master()), dn1b), **{"master_failed_for": 1.0, **changes})
 
 
-def lost_unprotected(**changes: Any) -> GroupView:
-    """A single master (nothing synchronous) hangs; dn1b is an async standby 4096 bytes behind."""
-    members = (silent(unprotected_master()), cut_off(standby(mode="async")))
+def lost_unprotected(attached: bool = False, **changes: Any) -> GroupView:
+    """A single master (nothing synchronous) hangs; dn1b is an async standby 4096 bytes behind,
+    detached since (attached: not yet)."""
+    dn1b = standby(mode="async")
+    members = (silent(unprotected_master()), cut_off(dn1b) if attached else detached(dn1b))
     return group(S.SINGLE, members, sync_set=(), **{"master_failed_for": 1.0, **changes})
 
 
@@ -319,8 +328,9 @@ CASES: dict[int, Case] = {
         **PROMOTED,
     ),
     18: Case(
-        "master_failed", "reports_stale", lambda: master_lost(S.DEGRADED, master_failed_for=0.0), S.DEGRADED,
-        (Step(Action.REFRESH, "dn1b"),), ("master dn1a lost", "asking the standbys for their positions"),
+        "master_failed", "not_detached", lambda: master_lost(S.DEGRADED, attached=True), S.DEGRADED,
+        (Step(Action.DETACH, "dn1b"),),
+        ("master dn1a lost", "detaching the standbys from it before their positions are read"),
     ),
     19: Case(
         "master_failed", "master_restartable",
@@ -333,9 +343,9 @@ CASES: dict[int, Case] = {
         **PROMOTED,
     ),
     21: Case(
-        "master_failed", "data_loss_stale",
-        lambda: lost_unprotected(allow_data_loss=True, master_failed_for=0.0), S.SINGLE,
-        (Step(Action.REFRESH, "dn1b"),), ("master dn1a lost", "may lose data"),
+        "master_failed", "data_loss_not_detached",
+        lambda: lost_unprotected(attached=True, allow_data_loss=True), S.SINGLE,
+        (Step(Action.DETACH, "dn1b"),), ("master dn1a lost", "detaching the standbys", "may lose data"),
     ),
     22: Case(
         "master_failed", None, lost_unprotected, S.NO_CANDIDATE,
@@ -351,9 +361,9 @@ CASES: dict[int, Case] = {
         promote(), ("promoting dn1b (synchronous standby)",), **PROMOTED,
     ),
     25: Case(
-        "master_failed", "reports_stale",
-        lambda: master_lost(S.NO_CANDIDATE, master_failed_for=0.0), S.NO_CANDIDATE,
-        (Step(Action.REFRESH, "dn1b"),), ("asking the standbys for their positions",),
+        "master_failed", "not_detached",
+        lambda: master_lost(S.NO_CANDIDATE, attached=True), S.NO_CANDIDATE,
+        (Step(Action.DETACH, "dn1b"),), ("detaching the standbys from dn1a before their positions are read",),
     ),
     26: Case(
         "master_failed", "data_loss_candidate",
@@ -468,7 +478,7 @@ def test_operations_under_way_finish_while_paused_or_in_grace() -> None:
 def test_strict_promotes_with_the_sync_mode_members_as_synchronous_standbys() -> None:
     members = (
         silent(master()),
-        *(cut_off(m) for m in (standby(), standby("dn1c"), standby("dn1d", mode="async"))),
+        *(detached(m) for m in (standby(), standby("dn1c"), standby("dn1d", mode="async"))),
     )
     decision = decide(group(members=members, on_sync_failure=STRICT, master_failed_for=1.0))
     assert decision.row == FAILOVER_ROW
@@ -491,8 +501,8 @@ def test_a_synchronous_standby_not_heard_since_a_controller_restart_is_asked_bef
     view = group(members=(crashed(master()), gone(standby())), master_failed_for=0.3)
     decision = decide(view)
     assert (decision.row, decision.steps) == (
-        row("master_failed", "reports_stale", S.PROTECTED),
-        (Step(Action.REFRESH, "dn1b"),),
+        row("master_failed", "not_detached", S.PROTECTED),
+        (Step(Action.DETACH, "dn1b"),),
     )
     later = decide(replace(view, master_failed_for=TIMEOUT))
     assert later.steps == (Step(Action.START_MASTER, "dn1a"),), "after failure_timeout it is taken as lost"
@@ -521,12 +531,12 @@ def test_a_lost_master_with_a_lagging_async_standby_is_not_replaced_without_allo
     assert not any(step.action == Action.PROMOTE for step in decision.steps)
 
 
-def test_allow_data_loss_waits_for_fresh_positions_instead_of_giving_up() -> None:
-    """The controller sees master_failed_for = 0 on the tick that detects the failure, so no
-    position is fresh yet: the group must stay and ask, then promote on a later tick (before
-    the fix it went to no_candidate, where no row promotes with data loss)."""
-    first = decide(lost_unprotected(allow_data_loss=True, master_failed_for=0.0))
-    assert (first.next_state, first.steps) == (S.SINGLE, (Step(Action.REFRESH, "dn1b"),))
+def test_allow_data_loss_waits_for_final_positions_instead_of_giving_up() -> None:
+    """On the tick that detects the failure no standby is detached yet, so no position is
+    final: the group must stay and detach them, then promote on a later tick (it once went to
+    no_candidate, where no row promotes with data loss)."""
+    first = decide(lost_unprotected(attached=True, allow_data_loss=True, master_failed_for=0.0))
+    assert (first.next_state, first.steps) == (S.SINGLE, (Step(Action.DETACH, "dn1b"),))
     later = decide(lost_unprotected(allow_data_loss=True, master_failed_for=0.3))
     assert (later.next_state, later.steps) == (S.FAILOVER, promote())
 
@@ -564,9 +574,13 @@ def step(view: GroupView, **world: Any) -> tuple[GroupView, Decision]:
 
 
 def test_a_whole_failover_from_protected_back_to_protected() -> None:
-    view, refresh = step(group(), members=(silent(master()), cut_off(standby())), master_failed_for=0.0)
-    assert (refresh.row, view.state) == (row("master_failed", "reports_stale", S.PROTECTED), S.PROTECTED)
-    view, failover = step(view, master_failed_for=0.5)
+    view, detach = step(group(), members=(silent(master()), cut_off(standby())), master_failed_for=0.0)
+    assert (detach.row, detach.steps, view.state) == (
+        row("master_failed", "not_detached", S.PROTECTED),
+        (Step(Action.DETACH, "dn1b"),),
+        S.PROTECTED,
+    )
+    view, failover = step(view, master_failed_for=0.5, members=(silent(master()), detached(standby())))
     assert failover.row == FAILOVER_ROW
     assert (view.state, view.master, view.candidate, view.epoch) == (S.FAILOVER, "dn1b", "dn1b", 2)
     view, waiting = step(view, busy=True)
@@ -749,8 +763,11 @@ def test_a_group_without_master_has_no_master_failure() -> None:
 # ---- the candidate -------------------------------------------------------------------------
 
 
-def lost_with(*standbys: MemberView, **changes: Any) -> GroupView:
-    """dn1a (at LSN + 4096) lost for 1 s, with the given standbys."""
+def lost_with(*standbys: MemberView, attached: bool = False, **changes: Any) -> GroupView:
+    """dn1a (at LSN + 4096) lost for 1 s, with the given standbys, the running ones detached
+    since (attached: as given)."""
+    if not attached:
+        standbys = tuple(detached(m) if m.pg.running and m.pg.in_recovery else m for m in standbys)
     return group(members=(silent(master(position=LSN + 4096)), *standbys), master_failed_for=1.0, **changes)
 
 
@@ -826,36 +843,82 @@ def test_any_k_of_n_needs_n_minus_k_plus_one_reachable_quorum_members() -> None:
     assert choose_candidate(any1).member is None
 
 
-def test_first_k_needs_only_one_synchronous_standby() -> None:
-    view = lost_with(standby(), gone(standby("dn1c")), sync_set=("dn1b", "dn1c"))
-    choice = choose_candidate(view)
-    assert choice.member is not None and choice.member.name == "dn1b"
+def test_first_k_of_n_needs_n_minus_k_plus_one_like_any() -> None:
+    """FIRST 1 (dn1b, dn1c): when dn1b stops confirming, the master makes dn1c synchronous on
+    its own and acknowledges commits dn1b lacks; dn1c, unreachable, cannot be detached (found
+    by the simulator: seeds 3193, 4587)."""
+    one = lost_with(standby(), gone(standby("dn1c")), sync_set=("dn1b", "dn1c"))
+    refused = choose_candidate(one)
+    assert refused.member is None
+    assert (
+        refused.reason == "FIRST 1 of 2: 1 of the 2 standbys needed to be sure of every commit are reachable"
+    )
+    potential = master(position=LSN + 4096, sync_names="FIRST 1 (dn1b, dn1c)")
+    both = group(
+        members=(silent(potential), detached(standby()), detached(standby("dn1c", position=LSN + 100))),
+        master_failed_for=1.0,
+    )
+    choice = choose_candidate(both)
+    assert choice.member is not None
+    assert (choice.member.name, choice.fresh) == ("dn1c", True), "the potential standby may be ahead"
+    assert choice.reason == "most advanced of the synchronous and potential standbys"
+    pair = choose_candidate(lost_with(standby()))
+    assert pair.member is not None and pair.member.name == "dn1b"
 
 
 @pytest.mark.parametrize(
-    ("ages", "fresh"),
-    [((0.1, 0.2), True), ((1.0, 1.0), True), ((0.1, 1.5), False), ((1.5, 0.1), False)],
+    ("detach", "fresh"),
+    [((True, True), True), ((True, False), False), ((False, True), False), ((False, False), False)],
 )
-def test_positions_are_fresh_only_when_every_candidate_reported_after_the_failure(
-    ages: tuple[float, float], fresh: bool
+def test_positions_are_final_only_when_every_candidate_is_detached(
+    detach: tuple[bool, bool], fresh: bool
 ) -> None:
-    dn1b = standby(position=LSN + 100, report_age=ages[0])
-    dn1c = standby("dn1c", report_age=ages[1])
-    choice = choose_candidate(lost_with(dn1b, dn1c, sync_set=("dn1b", "dn1c")))
+    """The old master (silent: it may only be cut off from the controller) can confirm commits
+    through a standby still streaming from it, after its position was read."""
+    dn1b = standby(position=LSN + 100)
+    dn1c = standby("dn1c")
+    members = tuple(detached(m) if d else cut_off(m) for m, d in zip((dn1b, dn1c), detach, strict=True))
+    choice = choose_candidate(lost_with(*members, attached=True, sync_set=("dn1b", "dn1c")))
     assert choice.member is not None
     assert (choice.member.name, choice.fresh) == ("dn1b", fresh)
+
+
+def test_any_k_of_n_promotes_once_enough_are_detached_while_others_still_stream() -> None:
+    """ANY 2 (dn1b, dn1c, dn1d): two detached are enough (n-k+1 = 2): dn1d, still streaming,
+    cannot make a quorum of two alone, so the old master can acknowledge nothing more."""
+    quorum = {"sync_set": ("dn1b", "dn1c", "dn1d"), "policy": SyncPolicy("any", 2)}
+    view = lost_with(
+        detached(standby()),
+        detached(standby("dn1c", position=LSN + 50)),
+        cut_off(standby("dn1d", position=LSN + 100)),
+        attached=True,
+        **quorum,
+    )
+    choice = choose_candidate(view)
+    assert choice.member is not None
+    assert (choice.member.name, choice.fresh) == ("dn1c", True), "dn1d alone cannot confirm for ANY 2"
+    assert [s.member for s in decide(view).steps if s.action == Action.PROMOTE] == ["dn1c"]
+
+
+@pytest.mark.parametrize(("report_age", "fresh"), [(0.5, True), (1.5, False)])
+def test_after_a_reported_crash_a_position_reported_since_is_final(report_age: float, fresh: bool) -> None:
+    """The master's agent says its postmaster is gone: nothing more is sent, so no detach is
+    needed; a position reported before the failure is not final yet."""
+    view = group(members=(crashed(master()), cut_off(standby(report_age=report_age))), master_failed_for=1.0)
+    choice = choose_candidate(view)
+    assert choice.member is not None and choice.fresh == fresh
 
 
 def test_a_standby_heard_now_on_its_stream_still_has_positions_as_old_as_its_report() -> None:
     """An open Heartbeats stream says the agent is alive (heartbeat_age 0), not that the
     positions of its last report, sent before the failure, are current."""
     dn1b = standby(heartbeat_age=0.0, report_age=1.5)
-    choice = choose_candidate(lost_with(dn1b))
+    choice = choose_candidate(group(members=(crashed(master()), dn1b), master_failed_for=1.0))
     assert choice.member is not None and not choice.fresh
 
 
-def test_an_unfresh_non_candidate_does_not_make_the_choice_stale() -> None:
-    view = lost_with(standby(), standby("dn1c", mode="async", heartbeat_age=1.5))
+def test_a_non_candidate_still_streaming_does_not_make_the_choice_stale() -> None:
+    view = lost_with(detached(standby()), cut_off(standby("dn1c", mode="async")), attached=True)
     assert choose_candidate(view).fresh
 
 
@@ -871,9 +934,15 @@ def test_a_target_that_is_not_a_usable_standby_is_refused(target: str) -> None:
     assert choice.reason == f"{target} is not a running, reachable standby"
 
 
-def test_a_target_is_chosen_even_when_another_standby_is_more_advanced() -> None:
-    view = lost_with(standby(), standby("dn1c", position=LSN + 100), sync_set=("dn1b", "dn1c"))
-    choice = choose_candidate(view, target="dn1b")
+def test_a_target_is_chosen_only_when_it_holds_what_the_most_advanced_holds() -> None:
+    quorum = {"sync_set": ("dn1b", "dn1c"), "policy": SyncPolicy("any", 1)}
+    view = lost_with(standby(), standby("dn1c", position=LSN + 100), **quorum)
+    refused = choose_candidate(view, target="dn1b")
+    assert (refused.member, refused.reason) == (None, "dn1b may lack commits dn1c holds")
+    allowed = choose_candidate(view, allow_data_loss=True, target="dn1b")
+    assert allowed.member is not None and allowed.member.name == "dn1b"
+    level = lost_with(standby(), standby("dn1c"), **quorum)
+    choice = choose_candidate(level, target="dn1b")
     assert choice.member is not None and choice.member.name == "dn1b"
 
 
@@ -1042,7 +1111,7 @@ def test_a_candidate_whose_promotion_failed_is_promoted_again_when_it_holds_ever
     group stayed no_candidate for ever)."""
     view = group(
         S.NO_CANDIDATE,
-        (fenced(master()), cut_off(standby())),
+        (fenced(master()), detached(standby())),
         master="dn1b",
         candidate="dn1b",
         epoch=2,
@@ -1052,3 +1121,41 @@ def test_a_candidate_whose_promotion_failed_is_promoted_again_when_it_holds_ever
     decision = decide(view)
     assert (decision.next_state, decision.new_master) == (S.FAILOVER, "dn1b")
     assert decision.steps == (Step(Action.PROMOTE, "dn1b"),)
+
+
+def test_a_failed_candidate_recorded_as_master_is_detached_too() -> None:
+    """no_candidate after Promote failed: dn1b, recorded as the master, is a running standby
+    still streaming; it is the one to detach (the group would otherwise wait for ever)."""
+    view = group(
+        S.NO_CANDIDATE,
+        (fenced(master()), cut_off(standby())),
+        master="dn1b",
+        candidate="dn1b",
+        epoch=2,
+        master_failed_for=3.0,
+    )
+    decision = decide(view)
+    assert (decision.row, decision.steps) == (
+        row("master_failed", "not_detached", S.NO_CANDIDATE),
+        (Step(Action.DETACH, "dn1b"),),
+    )
+
+
+def test_detach_skips_masters_busy_and_detached_standbys() -> None:
+    members = (
+        silent(master()),
+        cut_off(standby()),
+        detached(standby("dn1c")),
+        cut_off(standby("dn1d", busy=True)),
+    )
+    quorum = {"sync_set": ("dn1b", "dn1c", "dn1d"), "policy": SyncPolicy("any", 2)}
+    view = group(members=members, master_failed_for=1.0, **quorum)
+    assert decide(view).steps == (Step(Action.DETACH, "dn1b"),)
+
+
+def test_a_detached_standby_follows_the_master_again_at_once() -> None:
+    """A failover that did not happen (the master came back): a detached standby is not a
+    WAL receiver still connecting; it is told to follow at once."""
+    view = group(members=(master(downstreams=()), replace(detached(standby()), streaming_missing_for=0.1)))
+    decision = decide(view)
+    assert Step(Action.FOLLOW, "dn1b") in decision.steps

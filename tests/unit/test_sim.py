@@ -113,28 +113,20 @@ def test_found_protected_before_the_standby_has_what_was_acknowledged_unprotecte
     assert outcome.violation is None, outcome.violation
 
 
-_OLD_MASTER_ACKS = (
-    "open: a failover decided while the old master can still reach a standby that is not the "
-    "candidate: the old master acknowledges commits through it that the candidate lacks"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=_OLD_MASTER_ACKS)
 @pytest.mark.parametrize("seed", [1347, 3193, 4576, 4587, 7828])
 def test_found_the_old_master_acknowledges_through_another_standby_after_a_failover(seed: int) -> None:
-    """Found by the simulator (open; latent before the catch-up rule, which changed the
+    """Found by the simulator (fixed; latent before the catch-up rule, which changed the
     histories: the previous attempt's run showed it as seed 8354). Quorum ANY 1 (dn1b, dn1c) or
     FIRST 1 (dn1b, dn1c): the master hangs or is partitioned for about failure_timeout; the
     failure rule holds (heartbeat silent, probe fails, every standby's last report says it
-    receives no WAL) and the candidate is promoted. The old master resumes (the hang or the
-    partition ends) before its agent self-fences (its own timer runs from the last standby
-    reply and the last heartbeat reply, both later than what the controller counts from) and
-    before the best-effort Fence or a heartbeat reply deposes it. The other standby still
-    streams from it (nothing told it to stop) and confirms: the old master acknowledges
-    commits the new master lacks (seed 4576: also after the positions were read, so the
-    "most advanced" candidate is not). A pair cannot show this: its only synchronous standby
-    is the one promoted. The fix needs the non-candidate standbys of the quorum to stop
-    streaming from the old master before positions are read and a candidate is promoted."""
+    receives no WAL) and the candidate was promoted. The old master resumed (the hang or the
+    partition ended) before its agent self-fenced and before the best-effort Fence or a
+    heartbeat reply deposed it; the other standby still streamed from it (nothing told it to
+    stop) and confirmed: the old master acknowledged commits the new master lacked (seed 4576:
+    also after the positions were read, so the "most advanced" candidate was not). Now the
+    standbys are detached (Detach: their WAL receivers stop until the next Follow) before
+    positions are read, and only detached standbys' positions count (n-k+1 of the n that may
+    confirm, FIRST k as ANY k): the old master can confirm nothing more."""
     outcome = run_history(seed)
     assert outcome.violation is None, outcome.violation
 

@@ -164,6 +164,8 @@ class Agent:
             upstream=self.upstream_check,
             boot_id=self._boot_id,
             postmaster_died=self.postmaster_died,
+            # Said only while no WAL receiver runs: a report is never "detached" while one does.
+            detached=self.state.detached and self.pg.wal_receiver is None,
         )
 
     # ---- observing PostgreSQL ------------------------------------------------------------
@@ -501,7 +503,12 @@ class Agent:
                     detail += f"; no port takeover: {error}"
                     log.error("%s: %s", member, error)
             self._save(
-                fenced=False, role="master", port=self.instance.port, upstream_host="", upstream_port=0
+                fenced=False,
+                role="master",
+                port=self.instance.port,
+                upstream_host="",
+                upstream_port=0,
+                detached=False,
             )
         log.info("%s: %s (epoch %d)", member, detail, epoch)
         return detail, time.monotonic() - started
@@ -515,7 +522,7 @@ class Agent:
             raise InvalidInput(f"{member} was removed from its group")
         started = time.monotonic()
         async with self._operation("following"):
-            self._save(upstream_host=upstream.host, upstream_port=upstream.port)
+            self._save(upstream_host=upstream.host, upstream_port=upstream.port, detached=False)
             status = await self.refresh()
             if status.running and not status.in_recovery:  # a master, or not known not to be one
                 await self._fence_instance()
@@ -552,6 +559,27 @@ class Agent:
             value = await self.instance.set_synchronous_standbys(sync)
         log.info("%s: synchronous_standby_names = '%s' (epoch %d)", member, value, epoch)
         return f"synchronous_standby_names = '{value}'"
+
+    async def detach(self, epoch: int, member: str, reason: str = "") -> tuple[str, float]:
+        """Stay a standby but stop receiving WAL from the upstream, until the next Follow: a
+        failover reads positions only once the old master can confirm nothing more through
+        this standby (its position is then final). Idempotent; a stopped standby is configured
+        so that it streams from no one when it starts. A master is refused."""
+        self.accept_epoch(epoch, member)
+        if self.state.removed:
+            raise InvalidInput(f"{member} was removed from its group")
+        started = time.monotonic()
+        async with self._operation("detaching"):
+            status = await self.refresh()
+            if status.running and not status.in_recovery:
+                raise InvalidInput(f"{member} is not a standby: there is nothing to detach")
+            if not status.running and self.state.role != "standby":
+                raise InvalidInput(f"{member} was not a standby when it stopped: nothing to detach")
+            seconds = await self.instance.detach()
+            self._save(detached=True)
+        detail = f"detached ({reason or 'no reason given'}): WAL receiver stopped in {seconds * 1000:.0f} ms"
+        log.warning("%s: %s (epoch %d)", member, detail, epoch)
+        return detail, time.monotonic() - started
 
     async def checkpoint(self, epoch: int, member: str) -> str:
         self.accept_epoch(epoch, member)

@@ -92,6 +92,13 @@ class AgentService(pb_grpc.AgentServicer):
 
         return await _call(context, work)
 
+    async def Detach(self, request: pb.DetachRequest, context: grpc.aio.ServicerContext) -> pb.RoleReply:
+        async def work() -> pb.RoleReply:
+            detail, seconds = await self.agent.detach(request.epoch, request.member, request.reason)
+            return await self._reply(detail, seconds)
+
+        return await _call(context, work)
+
     async def Remove(self, request: pb.RemoveRequest, context: grpc.aio.ServicerContext) -> pb.RoleReply:
         async def work() -> pb.RoleReply:
             return await self._reply(await self.agent.remove(request.epoch, request.member))

@@ -17,6 +17,7 @@ class AgentState:
     role: str = ""  # the role last configured: master or standby
     upstream_host: str = ""
     upstream_port: int = 0
+    detached: bool = False  # a standby told to stream from no one (Detach) until the next Follow
 
     def but(self, **changes: object) -> "AgentState":
         return replace(self, **changes)  # type: ignore[arg-type]

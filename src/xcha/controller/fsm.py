@@ -7,6 +7,7 @@ reason. The failure rule, candidate choice and desired synchronous standbys live
 as pure functions. docs/design.md shows the diagram generated from TRANSITIONS.
 """
 
+import contextlib
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -32,7 +33,7 @@ class Action(StrEnum):
     PROMOTE = "promote"  # bump the epoch, fence the old master, promote the candidate
     RESEND_PROMOTE = "resend_promote"
     SWITCHOVER = "switchover"  # bump the epoch, stop the master cleanly, promote the target
-    REFRESH = "refresh"  # ask the standbys for fresh positions
+    DETACH = "detach"  # stop the standbys streaming from the old master; their positions are final
     REROUTE = "reroute"  # re-point every coordinator (a barrier)
     FOLLOW = "follow"  # make a member a standby of the master
     SET_SYNC = "set_sync"  # synchronous_standby_names on the master
@@ -155,7 +156,7 @@ def master_failure(view: GroupView) -> FailureVerdict:
 @dataclass(frozen=True)
 class CandidateChoice:
     member: MemberView | None
-    fresh: bool  # positions reported after the failure was detected
+    fresh: bool  # final positions: every standby they were read from is detached
     reason: str
     lost_bytes: int = 0
 
@@ -184,47 +185,85 @@ def unheard_sync_standbys(view: GroupView) -> list[MemberView]:
     ]
 
 
+def confirmers(view: GroupView) -> tuple[str, ...]:
+    """The standbys through which the master may confirm commits: those synchronous when it
+    was last protected, and every one its last report names in synchronous_standby_names
+    (FIRST k moves to a potential standby on its own when a synchronous one stops confirming;
+    no controller is asked)."""
+    names = list(view.sync_set)
+    master = view.master_view
+    if master is not None and master.pg.synchronous_standby_names:
+        with contextlib.suppress(InvalidInput):
+            names += SyncStandbys.parse(master.pg.synchronous_standby_names).names
+    standbys = {m.name for m in view.standbys}
+    return tuple(name for name in dict.fromkeys(names) if name in standbys)
+
+
 def choose_candidate(
     view: GroupView, allow_data_loss: bool = False, target: str | None = None
 ) -> CandidateChoice:
-    """Only a standby that was synchronous when the master was last protected holds every
-    acknowledged commit. FIRST k: any of those; ANY k of n: positions from n-k+1 of them are
-    needed to be sure the most advanced one holds every commit. Highest flushed LSN wins."""
-    fresh_after = view.master_failed_for
+    """Only standbys through which the master could confirm commits (`confirmers`), k of n
+    for each commit, FIRST or ANY alike, hold them: positions from n-k+1 of them are needed
+    to be sure the most advanced one holds every acknowledged commit, and one of them must have
+    been synchronous when the master was last protected (it holds what was acknowledged
+    before). Positions count only from detached standbys: a standby that still streams from
+    the old master (it may hang or be cut off from the controller only) can confirm commits
+    after its position was read, and with n-k+1 detached the old master can confirm nothing
+    more. A master its agent reports stopped (or a standby) sends nothing more: then a
+    position reported after the failure is final too. Highest flushed LSN wins. `fresh`: the
+    positions are final; else the standbys are to be detached first."""
     usable = [m for m in view.standbys if _usable(view, m)]
+    quiet = master_failure(view).crashed
+    chosen = None
     if target is not None:
-        usable = [m for m in usable if m.name == target]
-        if not usable:
+        chosen = next((m for m in usable if m.name == target), None)
+        if chosen is None:
             return CandidateChoice(None, False, f"{target} is not a running, reachable standby")
-    sync_usable = [m for m in usable if m.name in view.sync_set]
-    if sync_usable:
-        if view.policy.method == "any":
-            needed = len(view.sync_set) - view.policy.count + 1
-            if len(sync_usable) < needed:
-                pool: list[MemberView] = []
-                reason = (
-                    f"ANY {view.policy.count} of {len(view.sync_set)}: {len(sync_usable)} of the "
-                    f"{needed} standbys needed to be sure of every commit are reachable"
-                )
-            else:
-                pool, reason = sync_usable, "most advanced of the quorum"
+
+    def final(member: MemberView) -> bool:
+        return member.detached or (quiet and member.report_age <= view.master_failed_for)
+
+    named = confirmers(view)
+    named_usable = [m for m in usable if m.name in named]
+    pool: list[MemberView] = []
+    fresh = False
+    if any(m.name in view.sync_set for m in named_usable):
+        needed = len(named) - view.policy.count + 1
+        detached = [m for m in named_usable if final(m)]
+        method = view.policy.method.upper()
+        if len(named_usable) < needed:
+            reason = (
+                f"{method} {view.policy.count} of {len(named)}: {len(named_usable)} of the "
+                f"{needed} standbys needed to be sure of every commit are reachable"
+            )
+        elif len(detached) >= needed and any(m.name in view.sync_set for m in detached):
+            pool, fresh = detached, True
         else:
-            pool, reason = sync_usable, "synchronous standby"
+            pool = named_usable
+        if pool:
+            reason = "most advanced of the quorum" if view.policy.method == "any" else "synchronous standby"
+            if len(named) > 1 and view.policy.method != "any":
+                reason = "most advanced of the synchronous and potential standbys"
+    elif not view.sync_set:
+        reason = "no standby was synchronous when the master was last protected"
     else:
-        pool = []
-        if target is not None and target not in view.sync_set:
-            reason = f"{target} was not a synchronous standby when the master was last protected"
-        elif not view.sync_set:
-            reason = "no standby was synchronous when the master was last protected"
+        reason = f"no synchronous standby ({', '.join(view.sync_set)}) is running and reachable"
+    if chosen is not None and pool:
+        # The operator's target, when it holds what the most advanced of the pool holds.
+        most = max(pool, key=lambda m: m.pg.position)
+        if chosen in pool and chosen.pg.position >= most.pg.position:
+            pool = [chosen]
+        elif chosen.name not in view.sync_set and chosen.name not in named:
+            pool, reason = [], f"{target} was not a synchronous standby when the master was last protected"
         else:
-            reason = f"no synchronous standby ({', '.join(view.sync_set)}) is running and reachable"
+            pool, reason = [], f"{target} may lack commits {most.name} holds"
     data_loss = False
     if not pool and allow_data_loss and usable:
-        pool, data_loss = usable, True
+        pool, data_loss = ([chosen] if chosen is not None else usable), True
+        fresh = all(final(m) for m in pool)
     if not pool:
         return CandidateChoice(None, False, reason)
     best = max(pool, key=lambda m: m.pg.position)
-    fresh = all(m.report_age <= fresh_after for m in pool)
     lost = 0
     if data_loss:
         master = view.master_view
@@ -386,9 +425,11 @@ def _needs_follow(view: GroupView) -> MemberView | None:
             and receiver.upstream_host == master.endpoint.host
             and receiver.upstream_port == master.endpoint.port
         )
-        # A standby whose WAL receiver is (re)connecting gets a moment before it is re-done.
+        # A standby whose WAL receiver is (re)connecting gets a moment before it is re-done; a
+        # detached one (a failover that did not happen) follows again at once.
         starting = (
-            member.pg.running
+            not member.detached
+            and member.pg.running
             and member.pg.in_recovery
             and receiver is None
             and member.streaming_missing_for < view.failure_timeout
@@ -396,6 +437,24 @@ def _needs_follow(view: GroupView) -> MemberView | None:
         if not following and not starting:
             return member
     return None
+
+
+def _to_detach(view: GroupView) -> list[MemberView]:
+    """Every standby the old master may still send WAL to: reachable (or a synchronous one
+    not heard from since this controller started), not detached, not busy, not a master. A
+    recorded master that is a standby (its promotion failed) is one of them."""
+    unheard = unheard_sync_standbys(view)
+    return [
+        m
+        for m in view.members
+        if (m.name != view.master or (m.pg.running and m.pg.in_recovery is True))
+        and (m.reachable(view.failure_timeout) or m in unheard)
+        and not m.detached
+        and not m.busy
+        and not m.removed
+        and not m.fenced
+        and not (m.pg.running and m.pg.in_recovery is False)
+    ]
 
 
 def _sync_lost(view: GroupView) -> bool:
@@ -528,14 +587,14 @@ CONDITIONS: dict[str, Callable[[GroupView], bool]] = {
     "master_failed": lambda v: master_failure(v).failed and not v.busy,
     "master_found_stopped": _master_found_stopped,
     "candidate_ready": lambda v: (c := _candidate(v)).member is not None and c.fresh,
-    "reports_stale": lambda v: (
+    "not_detached": lambda v: (
         ((c := _candidate(v)).member is not None and not c.fresh)
         or (c.member is None and bool(unheard_sync_standbys(v)))
     ),
     "data_loss_candidate": lambda v: (
         v.allow_data_loss and (c := _data_loss_candidate(v)).member is not None and c.fresh
     ),
-    "data_loss_stale": lambda v: (
+    "data_loss_not_detached": lambda v: (
         v.allow_data_loss and (c := _data_loss_candidate(v)).member is not None and not c.fresh
     ),
     "master_restartable": _master_restartable,
@@ -597,15 +656,15 @@ _TABLE: tuple[tuple[tuple[str, ...] | str, str, str | None, str, Action, str], .
     # The master is lost.
     (MASTER_LOST_WITH_CANDIDATES, "master_failed", "candidate_ready", S.FAILOVER, Action.PROMOTE,
      "master {master} lost ({failure}): promoting {candidate_choice} ({candidate_reason})"),
-    (MASTER_LOST_WITH_CANDIDATES, "master_failed", "reports_stale", SAME, Action.REFRESH,
-     "master {master} lost ({failure}): asking the standbys for their positions"),
+    (MASTER_LOST_WITH_CANDIDATES, "master_failed", "not_detached", SAME, Action.DETACH,
+     "master {master} lost ({failure}): detaching the standbys from it before their positions are read"),
     (RUNNING_STATES, "master_failed", "master_restartable", SAME, Action.START_MASTER,
      "master {master} crashed and no standby holds every commit ({candidate_reason}): restarting it"),
     (RUNNING_STATES, "master_failed", "data_loss_candidate", S.FAILOVER, Action.PROMOTE,
      "master {master} lost ({failure}): {data_loss_reason}"),
-    (RUNNING_STATES, "master_failed", "data_loss_stale", SAME, Action.REFRESH,
-     "master {master} lost ({failure}): asking the standbys for their positions before a promotion "
-     "that may lose data"),
+    (RUNNING_STATES, "master_failed", "data_loss_not_detached", SAME, Action.DETACH,
+     "master {master} lost ({failure}): detaching the standbys from it before a promotion that may "
+     "lose data"),
     (RUNNING_STATES, "master_failed", None, S.NO_CANDIDATE, Action.NONE,
      "master {master} lost ({failure}) and no standby is safe to promote: {candidate_reason}"),
     (S.NO_CANDIDATE, "master_running", None, S.SINGLE, Action.NONE,
@@ -614,8 +673,8 @@ _TABLE: tuple[tuple[tuple[str, ...] | str, str, str | None, str, Action, str], .
     # acknowledged commits the candidate lacks), and never while a restart of it runs.
     (S.NO_CANDIDATE, "master_failed", "candidate_ready", S.FAILOVER, Action.PROMOTE,
      "promoting {candidate_choice} ({candidate_reason})"),
-    (S.NO_CANDIDATE, "master_failed", "reports_stale", SAME, Action.REFRESH,
-     "asking the standbys for their positions"),
+    (S.NO_CANDIDATE, "master_failed", "not_detached", SAME, Action.DETACH,
+     "detaching the standbys from {master} before their positions are read"),
     (S.NO_CANDIDATE, "master_failed", "data_loss_candidate", S.FAILOVER, Action.PROMOTE,
      "{data_loss_reason}"),
     (S.NO_CANDIDATE, "master_restartable", None, SAME, Action.START_MASTER,
@@ -791,14 +850,9 @@ def _plan(index: int, row: Transition, view: GroupView) -> Decision:
                 new_candidate=switch_to,
                 clear_request=row.event == "switchover_requested",
             )
-        case Action.REFRESH:
-            # One step per standby to ask; the controller asks them all in one group task.
-            unheard = unheard_sync_standbys(view)
-            steps = tuple(
-                Step(Action.REFRESH, m.name)
-                for m in view.standbys
-                if m.reachable(view.failure_timeout) or m in unheard
-            )
+        case Action.DETACH:
+            # One step per standby to detach; the controller detaches them all in one group task.
+            steps = tuple(Step(Action.DETACH, m.name) for m in _to_detach(view))
         case Action.REROUTE:
             new_master = view.candidate if view.state in (S.FAILOVER, S.SWITCHOVER) else view.master
             return Decision(

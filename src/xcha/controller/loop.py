@@ -64,6 +64,7 @@ class Deciding(Acting):
                         0.0 if record.name in streaming else master_heard - observation.streaming_seen_at
                     ),
                     removed=record.removed,
+                    detached=status.detached and observation.pg.wal_receiver is None if status else False,
                 )
             )
         failure = self.failures.get(datanode)
@@ -148,12 +149,13 @@ class Deciding(Acting):
                 f"{group.state} -> {decision.next_state}: {decision.reason}",
                 {"from": group.state.value, "to": decision.next_state.value},
             )
-        refresh = [step.member for step in decision.steps if step.action == Action.REFRESH and step.member]
-        if refresh:
-            # One group task asks every standby the state machine named, at once.
-            self._group_task(view.name, self._refresh(refresh))
+        detach = [step.member for step in decision.steps if step.action == Action.DETACH and step.member]
+        if detach:
+            # One group task detaches every standby the state machine named, at once.
+            self.event(view.name, "detach", decision.reason, {"members": detach})
+            self._group_task(view.name, self._detach(detach, decision.reason))
         for step in decision.steps:
-            if step.action != Action.REFRESH:
+            if step.action != Action.DETACH:
                 self._start(view, step, decision.reason)
 
     def tick(self) -> None:

@@ -2,18 +2,14 @@
 Heartbeats streams are open, status replies, and the controller's own connection probes of a
 master that is silent."""
 
-import asyncio
-import contextlib
 import time
 from dataclasses import replace
-
-import grpc
 
 from xcha.controller.agents import AgentStub
 from xcha.controller.core import ControllerCore
 from xcha.controller.store import MemberRecord
 from xcha.controller.views import GroupState
-from xcha.errors import Refused, XchaError
+from xcha.errors import Refused
 from xcha.pg.probe import ping
 from xcha.reports import fingerprint
 from xcha.rpc import endpoint_to_proto
@@ -150,13 +146,6 @@ class Observing(ControllerCore):
                 f"the agent at {record.agent_address} answered as {status.datanode}/{status.member}, "
                 f"not {record.datanode}/{member}"
             )
-
-    async def _refresh(self, members: list[str]) -> None:
-        async def one(member: str) -> None:
-            with contextlib.suppress(grpc.aio.AioRpcError, XchaError):
-                await self._get_status(member, self.config.probe_timeout, "refresh")
-
-        await asyncio.gather(*(one(m) for m in members))
 
     async def _probe(self, member: str) -> None:
         observation = self.observations[member]

@@ -152,6 +152,21 @@ class Acting(Observing):
                 {"member": member},
             )
 
+    async def _detach(self, members: list[str], reason: str) -> None:
+        """Detach standbys, all at once (a failover: nothing more can be confirmed through them
+        and their positions, in the replies, are final). One that cannot be detached, or whose
+        agent does not answer, keeps the group waiting a moment before it is asked again."""
+
+        async def one(member: str) -> bool:
+            request = pb.DetachRequest(epoch=self.epoch, member=member, reason=reason)
+            return (
+                await self._call(member, "Detach", lambda stub: stub.Detach(request, timeout=30)) is not None
+            )
+
+        results = await asyncio.gather(*(one(m) for m in members))
+        if not all(results):
+            await asyncio.sleep(self.config.heartbeat_interval)
+
     async def _fence(
         self, member: str, reason: str, *, clean: bool = False, timeout: float = FENCE_TIMEOUT
     ) -> pb.RoleReply | None:

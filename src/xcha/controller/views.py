@@ -51,6 +51,10 @@ class MemberView:
     follow_backoff: bool = False  # a recent Follow failed: wait before the next
     streaming_missing_for: float = NEVER  # since the master last reported it streaming
     removed: bool = False
+    # Its agent stopped its WAL receiver on purpose (Detach) and none runs: it receives WAL
+    # from no one until the next Follow, so its position is final and the old master can
+    # confirm nothing more through it.
+    detached: bool = False
 
     def reachable(self, failure_timeout: float) -> bool:
         return self.heartbeat_age < failure_timeout

@@ -122,7 +122,11 @@ class PostgresInstance:
         return password
 
     def replication_spec(
-        self, role: Role, upstream: Endpoint | None = None, sync: SyncStandbys | None = None
+        self,
+        role: Role,
+        upstream: Endpoint | None = None,
+        sync: SyncStandbys | None = None,
+        detached: bool = False,
     ) -> ReplicationSpec:
         current_user = pwd.getpwuid(os.geteuid()).pw_name
         return ReplicationSpec(
@@ -143,6 +147,7 @@ class PostgresInstance:
             allowed_networks=self.spec.allowed_networks,
             sync=sync,
             pgxc=self.spec.pgxc,
+            detached=detached,
         )
 
     def _write_passfile(self) -> None:
@@ -156,9 +161,9 @@ class PostgresInstance:
         password through PGPASSFILE."""
         return {} if self.version >= versions.PASSFILE_SINCE else {"PGPASSFILE": str(self.spec.passfile)}
 
-    def configure(self, role: Role, upstream: Endpoint | None = None) -> None:
-        """Write the files for role; a standby streams from upstream."""
-        rendering = render(self.replication_spec(role, upstream))
+    def configure(self, role: Role, upstream: Endpoint | None = None, detached: bool = False) -> None:
+        """Write the files for role; a standby streams from upstream (detached: from no one)."""
+        rendering = render(self.replication_spec(role, upstream, detached=detached))
         for warning in rendering.warnings:
             log.warning("%s: %s", self.spec.name, warning)
         for rendered in rendering.files:
@@ -742,6 +747,31 @@ class PostgresInstance:
         aside = self.data_dir.with_name(f"{self.data_dir.name}.old-{stamp}")
         self.data_dir.rename(aside)
         return aside
+
+    async def detach(self, timeout: float = 30) -> float:
+        """Stop this standby's WAL receiver for good (until `follow` configures an upstream
+        again): it is configured without primary_conninfo, which 13+ applies on a reload; 12
+        (primary_conninfo needs a restart) and older (recovery.conf) restart the standby. A
+        WAL receiver merely killed would be started again by the startup process. Returns the
+        seconds taken; a stopped standby is only configured."""
+        started = time.monotonic()
+        self.configure("standby", detached=True)
+        if self.postmaster_pid() is None:
+            return time.monotonic() - started
+        if self.version >= versions.PRIMARY_CONNINFO_RELOADS_SINCE:
+            await self.reload()
+        else:
+            await self.stop("fast")
+            await self.start()
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(PostgresError, psycopg.Error, OSError, TimeoutError):
+                status = await self.status(timeout=1.0)
+                if status.running and status.in_recovery and status.wal_receiver is None:
+                    return time.monotonic() - started
+            if time.monotonic() >= deadline:
+                raise PostgresError(f"the WAL receiver still runs {timeout:g} s after detaching")
+            await asyncio.sleep(0.02)
 
     async def _streams_from(self, upstream: Endpoint, timeout: float) -> bool:
         """Whether this standby's WAL receiver streams from upstream within timeout."""

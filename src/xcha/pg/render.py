@@ -53,6 +53,7 @@ class ReplicationSpec:
     allowed_networks: tuple[str, ...] = ()
     sync: SyncStandbys | None = None
     pgxc: PgxcSettings | None = None  # an XL or XC datanode; None: plain PostgreSQL
+    detached: bool = False  # a standby that streams from no one (Detach): no primary_conninfo
 
     def __post_init__(self) -> None:
         if self.version < OLDEST_RENDERED:
@@ -83,7 +84,9 @@ class ReplicationSpec:
             except ValueError:
                 message = f"invalid allowed network {network!r}: expected CIDR, e.g. 192.0.2.0/24"
                 raise InvalidInput(message) from None
-        if self.role == "standby":
+        if self.detached and self.role != "standby":
+            raise InvalidInput("only a standby can be detached")
+        if self.role == "standby" and not self.detached:
             if self.primary_host is None or self.primary_port is None:
                 raise InvalidInput("a standby needs the primary's host and port")
             check_host(self.primary_host, "primary host")
@@ -266,9 +269,18 @@ def _recovery_settings(spec: ReplicationSpec) -> list[str]:
         password_note = [
             "# the password comes from ~/.pgpass of the server's OS user (passfile= needs PostgreSQL 10)"
         ]
+    if spec.detached:
+        # 12+: an empty primary_conninfo starts no WAL receiver. recovery.conf (before 12) has
+        # no such rule: an empty one would connect with libpq's defaults, so it has none.
+        streaming = (
+            [_setting("primary_conninfo", "''", "detached: streams from no one until told to follow")]
+            if spec.version >= 120000
+            else ["# detached: no primary_conninfo, streams from no one until told to follow"]
+        )
+    else:
+        streaming = [*password_note, _setting("primary_conninfo", guc_quote(primary_conninfo(spec)))]
     return [
-        *password_note,
-        _setting("primary_conninfo", guc_quote(primary_conninfo(spec))),
+        *streaming,
         _setting(
             "restore_command",
             guc_quote(restore_command(spec.archive_dir)),

@@ -10,6 +10,7 @@ from pathlib import Path
 from xcha.pg.flavor import Flavor, PgxcSettings, password_method
 
 PASSFILE_SINCE = 100000  # libpq's passfile= connection option (older: PGPASSFILE)
+PRIMARY_CONNINFO_RELOADS_SINCE = 130000  # a reload applies primary_conninfo (before: a restart)
 PG_PROMOTE_SINCE = 120000  # pg_promote(); before it `pg_ctl promote`
 PG_CTL_WAITS_SINCE = 100000  # pg_ctl promote waits unless -W (9.3: never waits, takes only -D)
 PG_REWIND_SINCE = 90500

@@ -298,6 +298,7 @@ class MemberStatus(_message.Message):
     BOOT_ID_FIELD_NUMBER: _builtins.int
     SEQUENCE_FIELD_NUMBER: _builtins.int
     POSTMASTER_DIED_FIELD_NUMBER: _builtins.int
+    DETACHED_FIELD_NUMBER: _builtins.int
     datanode: _builtins.str
     member: _builtins.str
     agent_address: _builtins.str
@@ -323,6 +324,10 @@ class MemberStatus(_message.Message):
     """The agent saw its running postmaster exit without being asked to stop it: a crash.
     False for a PostgreSQL found stopped when the agent started (a clean restart, a
     reboot, maintenance) and for one the agent stopped on purpose.
+    """
+    detached: _builtins.bool
+    """A standby whose WAL receiver was stopped on purpose (Detach): it streams from no one
+    until told to follow, so its position is final and nothing is confirmed through it.
     """
     @_builtins.property
     def postgres(self) -> Global___Endpoint:
@@ -350,10 +355,11 @@ class MemberStatus(_message.Message):
         boot_id: _builtins.str = ...,
         sequence: _builtins.int = ...,
         postmaster_died: _builtins.bool = ...,
+        detached: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["postgres", b"postgres", "postgres_status", b"postgres_status", "upstream", b"upstream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "agent_address", b"agent_address", "agent_version", b"agent_version", "boot_id", b"boot_id", "datanode", b"datanode", "epoch", b"epoch", "fenced", b"fenced", "has_data", b"has_data", "last_error", b"last_error", "member", b"member", "postgres", b"postgres", "postgres_status", b"postgres_status", "postmaster_died", b"postmaster_died", "sequence", b"sequence", "upstream", b"upstream"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activity", b"activity", "agent_address", b"agent_address", "agent_version", b"agent_version", "boot_id", b"boot_id", "datanode", b"datanode", "detached", b"detached", "epoch", b"epoch", "fenced", b"fenced", "has_data", b"has_data", "last_error", b"last_error", "member", b"member", "postgres", b"postgres", "postgres_status", b"postgres_status", "postmaster_died", b"postmaster_died", "sequence", b"sequence", "upstream", b"upstream"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -625,6 +631,35 @@ class CheckpointRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckpointRequest: _TypeAlias = CheckpointRequest  # noqa: Y015
+
+@_typing.final
+class DetachRequest(_message.Message):
+    """Stop streaming from the upstream (a failover, before positions are read): the old master
+    can no longer have commits confirmed through this standby. Idempotent; undone by Follow.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    MEMBER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    member: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        member: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "member", b"member", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DetachRequest: _TypeAlias = DetachRequest  # noqa: Y015
 
 @_typing.final
 class RemoveRequest(_message.Message):

@@ -64,6 +64,11 @@ class AgentStub:
                 request_serializer=xcha_dot_v1_dot_xcha__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=xcha_dot_v1_dot_xcha__pb2.RoleReply.FromString,
                 _registered_method=True)
+        self.Detach = channel.unary_unary(
+                '/xcha.v1.Agent/Detach',
+                request_serializer=xcha_dot_v1_dot_xcha__pb2.DetachRequest.SerializeToString,
+                response_deserializer=xcha_dot_v1_dot_xcha__pb2.RoleReply.FromString,
+                _registered_method=True)
         self.Remove = channel.unary_unary(
                 '/xcha.v1.Agent/Remove',
                 request_serializer=xcha_dot_v1_dot_xcha__pb2.RemoveRequest.SerializeToString,
@@ -113,6 +118,13 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Detach(self, request, context):
+        """Stay a standby but stop receiving WAL from the upstream, until the next Follow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Remove(self, request, context):
         """Leave the group: stop and stay stopped.
         """
@@ -151,6 +163,11 @@ def add_AgentServicer_to_server(servicer, server):
             'Checkpoint': grpc.unary_unary_rpc_method_handler(
                     servicer.Checkpoint,
                     request_deserializer=xcha_dot_v1_dot_xcha__pb2.CheckpointRequest.FromString,
+                    response_serializer=xcha_dot_v1_dot_xcha__pb2.RoleReply.SerializeToString,
+            ),
+            'Detach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Detach,
+                    request_deserializer=xcha_dot_v1_dot_xcha__pb2.DetachRequest.FromString,
                     response_serializer=xcha_dot_v1_dot_xcha__pb2.RoleReply.SerializeToString,
             ),
             'Remove': grpc.unary_unary_rpc_method_handler(
@@ -320,6 +337,33 @@ class Agent:
             target,
             '/xcha.v1.Agent/Checkpoint',
             xcha_dot_v1_dot_xcha__pb2.CheckpointRequest.SerializeToString,
+            xcha_dot_v1_dot_xcha__pb2.RoleReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Detach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/xcha.v1.Agent/Detach',
+            xcha_dot_v1_dot_xcha__pb2.DetachRequest.SerializeToString,
             xcha_dot_v1_dot_xcha__pb2.RoleReply.FromString,
             options,
             channel_credentials,

@@ -43,6 +43,8 @@ class AgentStub:
     """Stop serving writes: stop the instance and keep it stopped."""
     SetSynchronousStandbys: _grpc.UnaryUnaryMultiCallable[_xcha_pb2.SetSynchronousStandbysRequest, _xcha_pb2.RoleReply]
     Checkpoint: _grpc.UnaryUnaryMultiCallable[_xcha_pb2.CheckpointRequest, _xcha_pb2.RoleReply]
+    Detach: _grpc.UnaryUnaryMultiCallable[_xcha_pb2.DetachRequest, _xcha_pb2.RoleReply]
+    """Stay a standby but stop receiving WAL from the upstream, until the next Follow."""
     Remove: _grpc.UnaryUnaryMultiCallable[_xcha_pb2.RemoveRequest, _xcha_pb2.RoleReply]
     """Leave the group: stop and stay stopped."""
 
@@ -58,6 +60,8 @@ class AgentAsyncStub(AgentStub):
     """Stop serving writes: stop the instance and keep it stopped."""
     SetSynchronousStandbys: _aio.UnaryUnaryMultiCallable[_xcha_pb2.SetSynchronousStandbysRequest, _xcha_pb2.RoleReply]  # type: ignore[assignment]
     Checkpoint: _aio.UnaryUnaryMultiCallable[_xcha_pb2.CheckpointRequest, _xcha_pb2.RoleReply]  # type: ignore[assignment]
+    Detach: _aio.UnaryUnaryMultiCallable[_xcha_pb2.DetachRequest, _xcha_pb2.RoleReply]  # type: ignore[assignment]
+    """Stay a standby but stop receiving WAL from the upstream, until the next Follow."""
     Remove: _aio.UnaryUnaryMultiCallable[_xcha_pb2.RemoveRequest, _xcha_pb2.RoleReply]  # type: ignore[assignment]
     """Leave the group: stop and stay stopped."""
 
@@ -106,6 +110,14 @@ class AgentServicer(metaclass=_abc_1.ABCMeta):
         request: _xcha_pb2.CheckpointRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_xcha_pb2.RoleReply, _abc.Awaitable[_xcha_pb2.RoleReply]]: ...
+
+    @_abc_1.abstractmethod
+    def Detach(
+        self,
+        request: _xcha_pb2.DetachRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_xcha_pb2.RoleReply, _abc.Awaitable[_xcha_pb2.RoleReply]]:
+        """Stay a standby but stop receiving WAL from the upstream, until the next Follow."""
 
     @_abc_1.abstractmethod
     def Remove(
