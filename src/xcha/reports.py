@@ -24,4 +24,5 @@ def fingerprint(status: pb.MemberStatus) -> tuple[object, ...]:
         status.epoch,
         status.has_data,
         status.postmaster_died,
+        status.detached,
     )
