@@ -233,6 +233,7 @@ async def heartbeats(
     opened: "grpc.aio.Channel | RenewingChannel",
     address: str,
     interval: float,
+    keepalive: timings.Keepalive,
     offset: float,
     counts: Counts,
     stopping: asyncio.Event,
@@ -274,9 +275,7 @@ async def heartbeats(
                     continue
             else:
                 if stream is None:
-                    stream = ReportStream(
-                        address, opened, timings.stream_silence(interval, timings.FAILURE_TIMEOUT), ended
-                    )
+                    stream = ReportStream(address, opened, keepalive.silence, ended)
                 try:
                     reply = await stream.exchange(request, max(interval, 0.5))
                 except ReportFailed as error:
@@ -332,11 +331,12 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     loop.add_signal_handler(signal.SIGUSR2, close_window)
     # One channel per member, with the member's own certificate: as many TLS connections to
     # the controller as there are agents, as deployed.
+    keepalive = timings.Keepalive.of(args.interval, timings.KEEPALIVE_INTERVAL, timings.FAILURE_TIMEOUT)
     channels = [
         channel(
             args.controller,
             member_tls(certificates, m.member),
-            liveness_options(args.interval, timings.FAILURE_TIMEOUT),
+            liveness_options(keepalive),
         )
         for m in members
     ]
@@ -347,6 +347,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
                 channels[i],
                 args.controller,
                 args.interval,
+                keepalive,
                 args.ramp * i / len(members) + args.interval * random.random(),
                 counts,
                 stopping,

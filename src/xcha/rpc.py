@@ -41,13 +41,13 @@ CLIENT_OPTIONS = [
 ]
 
 
-def liveness_options(heartbeat_interval: float, failure_timeout: float) -> list[tuple[str, int]]:
-    """HTTP/2 keep-alive pings every heartbeat_interval on an agent's connection to the
-    controller, both ends: gRPC's transport answers them (no Python runs, measured), and one
-    unanswered within `timings.ping_timeout` closes the connection and so ends its Heartbeats
-    stream. A ping received resets the receiver's own ping timer, so pings mostly flow one way."""
-    every = max(1, round(heartbeat_interval * 1000))
-    timeout = round(timings.ping_timeout(heartbeat_interval, failure_timeout) * 1000)
+def liveness_options(keepalive: timings.Keepalive) -> list[tuple[str, int]]:
+    """HTTP/2 keep-alive pings on an agent's connection to the controller, both ends: gRPC's
+    transport answers them (no Python runs, measured), and one unanswered within the timeout
+    closes the connection and so ends its Heartbeats stream. A ping received resets the
+    receiver's own ping timer, so pings mostly flow one way."""
+    every = max(1, round(keepalive.interval * 1000))
+    timeout = round(keepalive.timeout * 1000)
     return [
         ("grpc.keepalive_time_ms", every),
         ("grpc.keepalive_timeout_ms", timeout),

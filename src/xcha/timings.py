@@ -2,12 +2,16 @@
 them, and the state machine's views, the agent before the controller's first heartbeat reply
 and the deployments `xcha up` writes start from them.
 
-The controller sends its heartbeat_interval and failure_timeout to the agents in every
-heartbeat reply; an agent uses these defaults only until the first reply.
+The controller sends its heartbeat_interval, report_interval, keepalive_interval and
+failure_timeout to the agents in every heartbeat reply; an agent uses these defaults only
+until the first reply.
 """
 
-HEARTBEAT_INTERVAL = 0.25  # liveness: keep-alive pings (or, unary, reports) this often
-REPORT_INTERVAL = 2.0  # an agent on a Heartbeats stream re-sends an unchanged report this often
+from dataclasses import dataclass
+
+HEARTBEAT_INTERVAL = 0.25  # unary agents report this often; an agent checks its PostgreSQL this often
+REPORT_INTERVAL = 5.0  # an agent on a Heartbeats stream re-sends an unchanged report this often
+KEEPALIVE_INTERVAL = 0.5  # between reports, keep-alive pings this often stand for heartbeats
 FAILURE_TIMEOUT = 2.0  # how long a member may go unheard before the failure rule judges it
 PROBE_TIMEOUT = 0.5  # one direct PostgreSQL probe (the controller's; an agent's of its upstream)
 TICK_INTERVAL = 0.05  # the controller's timer: failure timers and retries are checked this often
@@ -21,18 +25,31 @@ def reply_timeout(heartbeat_interval: float) -> float:
     return max(heartbeat_interval, 0.5)
 
 
-def ping_timeout(heartbeat_interval: float, failure_timeout: float) -> float:
-    """How long a keep-alive ping may go unanswered before the connection counts as lost:
-    longer than a report's reply (a loaded machine delays pings, and each lost connection
-    costs a reconnect), short enough that a stalled end is noticed by failure_timeout. It
-    does not delay a failover: the silence is dated back to the last answered ping."""
-    return max(
-        reply_timeout(heartbeat_interval), min(4 * heartbeat_interval, failure_timeout - heartbeat_interval)
-    )
+@dataclass(frozen=True)
+class Keepalive:
+    """HTTP/2 keep-alive pings on an agent's connection to the controller, which stand for
+    heartbeats between reports on its Heartbeats stream."""
 
+    interval: float  # a ping this long after the last sign of life
+    timeout: float  # unanswered this long: the connection is closed, its stream ends
+    heartbeat_interval: float
 
-def stream_silence(heartbeat_interval: float, failure_timeout: float) -> float:
-    """How long before a Heartbeats stream's end the other side may last have been heard: a
-    keep-alive ping is sent at most heartbeat_interval after the last sign of life, and the
-    connection is closed ping_timeout after a ping went unanswered."""
-    return heartbeat_interval + ping_timeout(heartbeat_interval, failure_timeout)
+    @classmethod
+    def of(cls, heartbeat_interval: float, keepalive_interval: float, failure_timeout: float) -> "Keepalive":
+        """The timeout is longer than a report's reply (a loaded machine delays pings, and each
+        lost connection costs a reconnect), and short enough that a stalled end is noticed by
+        failure_timeout."""
+        timeout = max(
+            reply_timeout(heartbeat_interval),
+            min(4 * heartbeat_interval, failure_timeout - keepalive_interval),
+        )
+        return cls(keepalive_interval, timeout, heartbeat_interval)
+
+    @property
+    def silence(self) -> float:
+        """How long before a stream's end the other end counts as last heard: the ping that
+        went unanswered was sent `timeout` before, and the one before it, answered, at most
+        `interval` before that. Dated back by heartbeat_interval, not interval: a stall shorter
+        than failure_timeout - heartbeat_interval never fails over, as with a report every
+        heartbeat_interval (a real stall is judged up to interval - heartbeat_interval later)."""
+        return self.heartbeat_interval + self.timeout

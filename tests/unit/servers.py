@@ -178,7 +178,7 @@ class Servers:
             "127.0.0.1:0",
             self.tls("controller"),
             self.guards["controller"],
-            liveness_options(self.node.config.heartbeat_interval, self.node.config.failure_timeout),
+            liveness_options(self.node.config.keepalive),
         )
         pb_grpc.add_ControllerServicer_to_server(
             ControllerService(self.node, self.guards["controller"]), server

@@ -1023,3 +1023,25 @@ def test_store_and_controller_list_problems_are_listed_with_their_keys(
     problems = problems_of(load_agent_config, write(tmp_path, agent, "agent.toml"))
     assert keys_of(problems) == ["agent.controller", "agent.controllers"]
     assert "give controller or controllers, not both" in message_for(problems, "agent.controller")
+
+
+@pytest.mark.parametrize(
+    ("settings", "problem"),
+    [
+        ("keepalive_interval = 0.1", "must be between heartbeat_interval (0.25 s) and report_interval (5 s)"),
+        ("keepalive_interval = 6", "must be between heartbeat_interval (0.25 s) and report_interval (5 s)"),
+        ("keepalive_interval = 1.5", "must be at most failure_timeout / 2 (1 s)"),
+        ("keepalive_interval = 1", None),
+    ],
+)
+def test_keepalive_interval_lies_between_heartbeats_and_reports_and_within_half_the_failure_timeout(
+    tmp_path: Path, settings: str, problem: str | None
+) -> None:
+    path = write(tmp_path, controller_toml(settings))
+    if problem is None:
+        config = load_controller_config(path)
+        assert (config.keepalive_interval, config.report_interval) == (1.0, 5.0)
+        assert config.keepalive.silence == config.heartbeat_interval + config.keepalive.timeout
+    else:
+        ((where, message),) = problems_of(load_controller_config, path)
+        assert where == "controller.keepalive_interval" and message.startswith(problem)

@@ -62,24 +62,34 @@ def test_without_a_stream_a_member_is_heard_at_its_last_report() -> None:
     assert observation.heard_at(11.0, STALE) == 10.0
 
 
-def test_ping_timeout_notices_a_stall_before_failure_timeout() -> None:
-    """A stall is noticed by heartbeat_interval + ping_timeout, within failure_timeout (the
-    controller can probe before it judges), for the defaults and the tightest config."""
-    for interval, failure in ((timings.HEARTBEAT_INTERVAL, timings.FAILURE_TIMEOUT), (0.05, 0.2), (1.0, 2.5)):
-        assert timings.stream_silence(interval, failure) <= max(
-            failure, interval + timings.reply_timeout(interval)
-        )
-        assert timings.ping_timeout(interval, failure) >= timings.reply_timeout(interval)
+def test_a_stall_is_noticed_by_failure_timeout_and_dated_back_no_further_than_its_start() -> None:
+    """A stall is noticed (the connection closed) by keepalive interval + timeout, within
+    failure_timeout for the defaults and the config limits (keepalive_interval at most
+    failure_timeout / 2), so the controller can probe before it judges; the silence is dated
+    back by heartbeat_interval + timeout, which keeps "a stall shorter than failure_timeout -
+    heartbeat_interval never fails over"."""
+    cases = (
+        (timings.HEARTBEAT_INTERVAL, timings.KEEPALIVE_INTERVAL, timings.FAILURE_TIMEOUT),
+        (0.25, 0.25, 2.0),
+        (0.25, 1.0, 2.0),
+        (1.0, 2.5, 5.0),
+    )
+    for interval, every, failure in cases:
+        keepalive = timings.Keepalive.of(interval, every, failure)
+        assert keepalive.interval + keepalive.timeout <= failure
+        assert keepalive.timeout >= timings.reply_timeout(interval)
+        assert keepalive.silence == interval + keepalive.timeout
 
 
 CLIENT = textwrap.dedent("""
     import asyncio, sys, time
     import grpc
     from xcha.rpc import liveness_options
+    from xcha.timings import Keepalive
     from xcha.v1 import xcha_pb2 as pb, xcha_pb2_grpc as pb_grpc
 
     async def main() -> None:
-        options = liveness_options(float(sys.argv[2]), float(sys.argv[3]))
+        options = liveness_options(Keepalive.of(*map(float, sys.argv[2:5])))
         async with grpc.aio.insecure_channel(sys.argv[1], options=options) as channel:
             call = pb_grpc.ControllerStub(channel).Heartbeats()
             status = pb.MemberStatus(member="dn1a", datanode="dn1", boot_id="b", sequence=1)
@@ -95,8 +105,9 @@ CLIENT = textwrap.dedent("""
 async def test_a_stalled_agent_is_noticed_by_its_stream_and_its_silence_dated_back(tmp_path: Path) -> None:
     """A real controller and a real gRPC client in another process: one report, then nothing
     but keep-alive pings: heard now, for longer than failure_timeout. SIGSTOP of the client:
-    its stream ends within heartbeat_interval + ping_timeout (+ scheduling), and the member
-    counts as silent since no later than the stop."""
+    its stream ends within keepalive_interval + its timeout (+ scheduling), and the member
+    counts as silent since no later than the stop (dated back by heartbeat_interval + the
+    ping timeout: at most keepalive_interval - heartbeat_interval after the last ping answered)."""
     config = tmp_path / "controller.toml"
     config.write_text(f"""
 [controller]
@@ -122,12 +133,12 @@ insecure = true
         router=lambda: Router("none", []),
     )
     run = asyncio.ensure_future(node.run())
-    options = liveness_options(loaded.heartbeat_interval, loaded.failure_timeout)
+    options = liveness_options(loaded.keepalive)
     server, port, _ = create_server("127.0.0.1:0", loaded.tls, options=options)
     pb_grpc.add_ControllerServicer_to_server(ControllerService(node), server)
     await server.start()
     client = subprocess.Popen(
-        [sys.executable, "-c", CLIENT, f"127.0.0.1:{port}", "0.25", "1.5"],
+        [sys.executable, "-c", CLIENT, f"127.0.0.1:{port}", "0.25", "0.5", "1.5"],
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
@@ -148,9 +159,10 @@ insecure = true
             await asyncio.sleep(0.02)
         noticed = time.monotonic() - stopped
         assert observation.streams == 0, "the stalled agent's stream never ended"
-        silence = timings.stream_silence(0.25, 1.5)
-        assert noticed < silence + 1.0, f"noticed after {noticed:.2f} s"
-        assert controller.heard_at("dn1a", controller.clock()) <= stopped + 0.05
+        keepalive = loaded.keepalive
+        assert noticed < keepalive.interval + keepalive.timeout + 1.0, f"noticed after {noticed:.2f} s"
+        slack = keepalive.interval - keepalive.heartbeat_interval
+        assert controller.heard_at("dn1a", controller.clock()) <= stopped + slack + 0.05
     finally:
         client.send_signal(signal.SIGCONT)
         client.kill()

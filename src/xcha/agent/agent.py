@@ -66,6 +66,7 @@ class Agent:
         self.heartbeat_interval = timings.HEARTBEAT_INTERVAL  # until the controller says
         self.failure_timeout = timings.FAILURE_TIMEOUT
         self.report_interval = timings.REPORT_INTERVAL
+        self.keepalive_interval = timings.KEEPALIVE_INTERVAL
         self.controller_ok_at: float | None = None
         # The stream on which the leader last answered: while it is open, the controller is
         # heard (keep-alive pings close it when either end stops).
@@ -334,6 +335,7 @@ class Agent:
         unreachable_logged = False
         sent: tuple[object, ...] = ()
         sent_at = -float("inf")
+        channel_keepalive: timings.Keepalive | None = None
         try:
             while not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -341,12 +343,15 @@ class Agent:
                 self._changed.clear()
                 reason, self._change_reason = self._change_reason or "interval", ""
                 address = addresses[current]
+                keepalive = timings.Keepalive.of(
+                    self.heartbeat_interval, self.keepalive_interval, self.failure_timeout
+                )
+                if keepalive != channel_keepalive:  # the controller's timings differ: new channels
+                    for each in channels.values():
+                        await each.close()
+                    channels, channel_keepalive = {}, keepalive
                 if address not in channels:
-                    channels[address] = channel(
-                        address,
-                        self.config.tls,
-                        liveness_options(self.heartbeat_interval, self.failure_timeout),
-                    )
+                    channels[address] = channel(address, self.config.tls, liveness_options(keepalive))
                 if stream is not None and not stream.usable(address, channels[address]):
                     stream.close()
                     stream = None
@@ -411,6 +416,8 @@ class Agent:
             self.failure_timeout = reply.failure_timeout
         if reply.report_interval > 0:
             self.report_interval = reply.report_interval
+        if reply.keepalive_interval > 0:
+            self.keepalive_interval = reply.keepalive_interval
         if reply.epoch > self.state.epoch:
             self._save(epoch=reply.epoch)
             # The controller waits for every member's report at its epoch before it trusts
@@ -678,7 +685,7 @@ class ReportStream:
         silence: float,
         ended: "Callable[[ReportStream], None] | None" = None,
     ) -> None:
-        """silence: `timings.stream_silence` of its channel's keep-alive settings."""
+        """silence: `timings.Keepalive.silence` of its channel's keep-alive settings."""
         self.address = address
         self.silence = silence
         self.generation = generation(opened)

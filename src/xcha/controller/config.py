@@ -43,6 +43,12 @@ class ControllerConfig:
     advertise: str = ""  # where agents and operators reach it (default: listen)
     peers: tuple[str, ...] = ()  # every controller's address, this one's included
     report_interval: float = timings.REPORT_INTERVAL  # an unchanged report is sent again this often
+    keepalive_interval: float = timings.KEEPALIVE_INTERVAL  # pings between reports
+
+    @property
+    def keepalive(self) -> timings.Keepalive:
+        return timings.Keepalive.of(self.heartbeat_interval, self.keepalive_interval, self.failure_timeout)
+
     _by_name: dict[str, DatanodeConfig] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -106,12 +112,23 @@ def load_controller_config(path: Path) -> ControllerConfig:
         "heartbeat_interval", timings.HEARTBEAT_INTERVAL, minimum=0.05, maximum=30
     )
     failure_timeout = controller.number("failure_timeout", timings.FAILURE_TIMEOUT, minimum=0.2, maximum=600)
-    report_interval = controller.number("report_interval", timings.REPORT_INTERVAL, minimum=0.05, maximum=600)
-    if report_interval < heartbeat_interval:
+    report_interval = controller.number(
+        "report_interval", max(timings.REPORT_INTERVAL, heartbeat_interval), minimum=0.05, maximum=600
+    )
+    keepalive_interval = controller.number(
+        "keepalive_interval", max(timings.KEEPALIVE_INTERVAL, heartbeat_interval), minimum=0.05, maximum=300
+    )
+    if not heartbeat_interval <= keepalive_interval <= report_interval:
         problems.add(
-            "controller.report_interval",
-            f"must be at least heartbeat_interval ({heartbeat_interval:g} s): between reports, "
-            "keep-alive pings every heartbeat_interval say the agent is alive",
+            "controller.keepalive_interval",
+            f"must be between heartbeat_interval ({heartbeat_interval:g} s) and report_interval "
+            f"({report_interval:g} s): between reports, keep-alive pings say the agent is alive",
+        )
+    elif keepalive_interval > max(heartbeat_interval, failure_timeout / 2):
+        problems.add(
+            "controller.keepalive_interval",
+            f"must be at most failure_timeout / 2 ({failure_timeout / 2:g} s), so that a stalled "
+            "agent is noticed before failure_timeout",
         )
     probe_timeout = controller.number("probe_timeout", timings.PROBE_TIMEOUT, minimum=0.05, maximum=30)
     startup_grace = controller.number("startup_grace", failure_timeout, minimum=0, maximum=3600)
@@ -169,6 +186,7 @@ def load_controller_config(path: Path) -> ControllerConfig:
         advertise,
         peers,
         report_interval,
+        keepalive_interval,
     )
 
 

@@ -9,7 +9,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from xcha import timings
 from xcha.controller.agents import Agents
 from xcha.controller.config import ControllerConfig
 from xcha.controller.ledger import Ledger
@@ -53,7 +52,7 @@ class ControllerCore:
         # a stuck agent however alive its connection; a stream's end says the agent was
         # heard up to stream_silence before it.
         self.stale_after = config.report_interval + config.failure_timeout
-        self.stream_silence = timings.stream_silence(config.heartbeat_interval, config.failure_timeout)
+        self.stream_silence = config.keepalive.silence
         self.ledger = Ledger(store, snapshot, leading)
         self.epoch = snapshot.epoch + 1  # a controller take-over deposes whoever acted before
         self.ledger.set_epoch(self.epoch)

@@ -44,9 +44,7 @@ async def serve_controller(config: ControllerConfig) -> None:
     store, leadership = open_store(config)
     node = ControllerNode(config, store, leadership)
     guard = Guard()
-    server, port, health = create_server(
-        config.listen, config.tls, guard, liveness_options(config.heartbeat_interval, config.failure_timeout)
-    )
+    server, port, health = create_server(config.listen, config.tls, guard, liveness_options(config.keepalive))
     pb_grpc.add_ControllerServicer_to_server(ControllerService(node, guard), server)
     metrics = None
     if config.metrics_listen:

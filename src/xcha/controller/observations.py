@@ -66,6 +66,6 @@ class Observation:
 
     def closed(self, now: float, silence: float, stale_after: float) -> None:
         """A stream ended at now: its far end was alive up to `silence` before
-        (`timings.stream_silence`), unless its reports had gone stale before that."""
+        (`timings.Keepalive.silence`), unless its reports had gone stale before that."""
         self.streams = max(0, self.streams - 1)
         self.last_heard = max(self.last_heard, min(now - silence, self.received_at + stale_after))

@@ -35,6 +35,7 @@ class Observing(ControllerCore):
                 heartbeat_interval=self.config.heartbeat_interval,
                 failure_timeout=self.config.failure_timeout,
                 report_interval=self.config.report_interval,
+                keepalive_interval=self.config.keepalive_interval,
                 detail=f"{status.member!r} is not a member of datanode {status.datanode!r}: "
                 "add it with `xcha ctl add-standby`",
             )
@@ -105,6 +106,7 @@ class Observing(ControllerCore):
             heartbeat_interval=self.config.heartbeat_interval,
             failure_timeout=self.config.failure_timeout,
             report_interval=self.config.report_interval,
+            keepalive_interval=self.config.keepalive_interval,
             detail=group.state.value,
         )
         if record.removed:

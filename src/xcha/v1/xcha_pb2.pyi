@@ -406,6 +406,7 @@ class HeartbeatReply(_message.Message):
     LEADER_FIELD_NUMBER: _builtins.int
     LEADER_ADDRESS_FIELD_NUMBER: _builtins.int
     REPORT_INTERVAL_FIELD_NUMBER: _builtins.int
+    KEEPALIVE_INTERVAL_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     goal: Global___Goal.ValueType
     upstream_member: _builtins.str
@@ -426,9 +427,10 @@ class HeartbeatReply(_message.Message):
     """where it is reached"""
     report_interval: _builtins.float
     """Seconds: on a Heartbeats stream an agent whose report has not changed sends it again
-    after this long (between reports, HTTP/2 keep-alive pings every heartbeat_interval say
-    that both ends are alive). 0 from older controllers: report every heartbeat_interval.
+    after this long (between reports, HTTP/2 keep-alive pings say that both ends are alive). 0 from older controllers: report every heartbeat_interval.
     """
+    keepalive_interval: _builtins.float
+    """Seconds between HTTP/2 keep-alive pings on the agent's connection to the controller."""
     @_builtins.property
     def upstream(self) -> Global___Endpoint:
         """with GOAL_STANDBY"""
@@ -447,10 +449,11 @@ class HeartbeatReply(_message.Message):
         leader: _builtins.str = ...,
         leader_address: _builtins.str = ...,
         report_interval: _builtins.float = ...,
+        keepalive_interval: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["upstream", b"upstream"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "epoch", b"epoch", "failure_timeout", b"failure_timeout", "goal", b"goal", "heartbeat_interval", b"heartbeat_interval", "leader", b"leader", "leader_address", b"leader_address", "not_leader", b"not_leader", "report_interval", b"report_interval", "upstream", b"upstream", "upstream_member", b"upstream_member"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "epoch", b"epoch", "failure_timeout", b"failure_timeout", "goal", b"goal", "heartbeat_interval", b"heartbeat_interval", "keepalive_interval", b"keepalive_interval", "leader", b"leader", "leader_address", b"leader_address", "not_leader", b"not_leader", "report_interval", b"report_interval", "upstream", b"upstream", "upstream_member", b"upstream_member"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

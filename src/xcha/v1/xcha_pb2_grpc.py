@@ -484,8 +484,8 @@ class ControllerServicer:
         """An agent's reports on one stream it keeps open (one TLS handshake, one HTTP/2 stream):
         a report when it changes and every report_interval, each answered with one reply on the
         stream, in order, exactly as Heartbeat answers it. While the stream is open, keep-alive
-        pings (answered by gRPC's transport, not by either program) stand for heartbeats; a
-        ping unanswered within max(heartbeat_interval, 0.5 s) closes the connection. A
+        pings every keepalive_interval (answered by gRPC's transport, not by either program)
+        stand for heartbeats; a ping unanswered in time closes the connection. A
         controller that does not lead answers not_leader, and the agent opens its stream to the
         leader instead.
         """
