@@ -139,20 +139,18 @@ def test_found_the_old_master_acknowledges_through_another_standby_after_a_failo
     assert outcome.violation is None, outcome.violation
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a switchover whose target stops after Promote went out waits for it to say it is "
-    "a standby, for ever",
-)
 @pytest.mark.parametrize("seed", [425, 4537])
 def test_found_a_switchover_whose_target_stopped_is_stuck(seed: int) -> None:
-    """Found by the simulator (open; latent: the fix for seed 7924 keeps the old master stopped
+    """Found by the simulator (fixed; latent: the fix for seed 7924 keeps the old master stopped
     until the target says it is a standby). Seed 4537 (pair): the controller dies right after
     the switchover's Promote reached dn1a; dn1a, promoted, hears neither the controller nor a
     synchronous standby and fences itself; the restarted controller resumes the switchover,
     which stalls ("dn1a may have been promoted (it does not say it is a standby)") and
     restarts, for ever: both servers stay stopped. Seed 425 (quorum): the target crashes
-    during the switchover, the same loop."""
+    while being promoted, the same loop. Now a target that says its PostgreSQL does not run
+    once Promote went out is started as master (fsm row switchover / idle [target_stopped]: a
+    failover to it at a new epoch): it holds every commit the cleanly stopped old master had,
+    and maybe commits it acknowledged itself; the old master follows it."""
     outcome = run_history(seed)
     assert outcome.violation is None, outcome.violation
 

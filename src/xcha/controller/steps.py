@@ -276,13 +276,17 @@ class Acting(Observing):
         return False
 
     async def _reaches(self, member: str, position: int, timeout: float) -> bool:
-        """Whether member reports (flushed or replayed) WAL up to position within timeout."""
+        """Whether member reports (flushed or replayed) WAL up to position within timeout.
+        No, at once, when its agent, idle, says its PostgreSQL does not run: it receives
+        nothing until something starts it (the state machine decides what)."""
         deadline = self.clock() + timeout
         while self.clock() < deadline:
             with contextlib.suppress(grpc.aio.AioRpcError, XchaError):
-                await self._get_status(member, 2, "switchover")
+                status = await self._get_status(member, 2, "switchover")
                 if self.observations[member].pg.position >= position:
                     return True
+                if not status.postgres_status.running and status.activity == "idle":
+                    return False
             await asyncio.sleep(0.01)
         return False
 
