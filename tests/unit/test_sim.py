@@ -113,6 +113,18 @@ def test_found_protected_before_the_standby_has_what_was_acknowledged_unprotecte
     assert outcome.violation is None, outcome.violation
 
 
+def test_found_a_master_resumed_while_its_agent_kills_it_is_no_second_master() -> None:
+    """Found by the simulator (a simulator bug, fixed in the invariant) (seed 17727, pair):
+    dn1a's host hangs, dn1b is promoted at epoch 3; dn1a resumes for a moment, its agent
+    accepts the Fence at epoch 3 (epoch and fenced saved before the kill, as the real agent
+    does) and the host hangs again before the kill (5 ms). When it resumes, the check ran
+    before the kill landed: dn1a "accepted writes at epoch 3". An agent that saved fenced is
+    stopping its server and claims no epoch as master (nor can dn1a acknowledge anything:
+    its synchronous standby is the new master); the two-masters check now skips it."""
+    outcome = run_history(17727)
+    assert outcome.violation is None, outcome.violation
+
+
 _OLD_MASTER_ACKS = (
     "open: a failover decided while the old master can still reach a standby that is not the "
     "candidate: the old master acknowledges commits through it that the candidate lacks"
@@ -193,6 +205,12 @@ def test_two_writable_masters_at_one_epoch_are_caught_and_at_two_epochs_are_not(
     assert simulated.violation is None
     simulated.check_split_brain({"a": 4, "b": 4})
     assert simulated.violation is not None and simulated.violation.invariant == "two masters"
+
+
+def test_a_master_whose_agent_is_fencing_it_is_not_a_second_master() -> None:
+    simulated = world(server("a", [1]), server("b", [1]))
+    simulated.check_split_brain({"a": 4, "b": 4}, fencing=frozenset({"a"}))
+    assert simulated.violation is None
 
 
 def test_an_acknowledgement_on_a_diverged_history_is_caught() -> None:
