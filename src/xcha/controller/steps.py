@@ -294,11 +294,13 @@ class Acting(Observing):
         """The state machine's switchover_failed row starts the old master again (a no-op when
         it was never stopped) and returns the group to service. Once a Promote went to the
         target, only when the target says it is a standby: its reply may have been lost after
-        it promoted, and two masters at one epoch would each acknowledge commits."""
+        it promoted, and two masters at one epoch would each acknowledge commits. A target that
+        says its PostgreSQL does not run is started as master instead (fsm: target_stopped)."""
         if self.groups[datanode].promote_sent and not await self._still_standby(target):
             message = (
                 f"switchover stalled: {why}; {target} may have been promoted (it does not say "
-                "it is a standby): the old master stays stopped until it answers"
+                "it is a standby): the old master stays stopped until it answers (a target whose "
+                "PostgreSQL does not run is started as master)"
             )
             log.warning("%s: %s", datanode, message)
             self.event(datanode, "error", message)
