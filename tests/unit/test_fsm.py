@@ -1092,3 +1092,27 @@ def test_a_candidate_whose_promotion_failed_is_promoted_again_when_it_holds_ever
     decision = decide(view)
     assert (decision.next_state, decision.new_master) == (S.FAILOVER, "dn1b")
     assert decision.steps == (Step(Action.PROMOTE, "dn1b"),)
+
+
+def test_a_failed_candidate_is_not_promoted_again_while_the_old_master_streams_to_the_standbys() -> None:
+    """Found by the simulator (seed 39222, FIRST 1 (dn1b, dn1c)): Promote to dn1b failed three
+    times (no_candidate, dn1b recorded as the master); the old master dn1a resumed with its
+    agent dead (no report, no self-fencing) and serves, dn1b and dn1c streaming from it. dn1b,
+    "a standby, not a master", counted as a crash at once: dn1b was promoted while dn1a
+    acknowledged a commit through dn1c that dn1b lacked. A recorded master that is a standby
+    is a crash only while neither it nor another standby receives WAL."""
+    streaming_c = standby("dn1c")
+    view = group(
+        S.NO_CANDIDATE,
+        (gone(master()), standby(), streaming_c),
+        master="dn1b",
+        candidate="dn1b",
+        epoch=2,
+        master_failed_for=3.0,
+    )
+    assert not master_failure(view).failed, "dn1b streams from a master that serves"
+    assert decide(view).steps == ()
+    other = replace(view, members=(gone(master()), cut_off(standby()), streaming_c))
+    assert not master_failure(other).failed, "dn1c streams from a master that serves"
+    lost = replace(view, members=(gone(master()), cut_off(standby()), cut_off(streaming_c)))
+    assert master_failure(lost).failed

@@ -125,6 +125,19 @@ def test_found_a_master_resumed_while_its_agent_kills_it_is_no_second_master() -
     assert outcome.violation is None, outcome.violation
 
 
+def test_found_a_failed_candidate_is_promoted_while_the_old_master_serves_again() -> None:
+    """Found by the simulator (fixed) (seed 39222, FIRST 1 (dn1b, dn1c)): dn1a's host hangs,
+    Promote to dn1b fails three times (dn1b's agent dies): no_candidate with dn1b recorded as
+    the master. dn1a's agent dies too; its host resumes and dn1a serves again, dn1b and dn1c
+    streaming from it. The restarted controller takes dn1b, a standby recorded as the
+    master, for a crash (a fact, acted on in the grace) and promotes it: dn1a acknowledges
+    a commit through dn1c that dn1b lacks. Now a recorded master that is a standby is a
+    crash only while neither it nor any reachable standby receives WAL; dn1a is deposed when
+    its agent returns, then dn1b, holding all of it, is promoted."""
+    outcome = run_history(39222)
+    assert outcome.violation is None, outcome.violation
+
+
 _OLD_MASTER_ACKS = (
     "open: a failover decided while the old master can still reach a standby that is not the "
     "candidate: the old master acknowledges commits through it that the candidate lacks"

@@ -103,8 +103,10 @@ def master_failure(view: GroupView) -> FailureVerdict:
     """Crash: the master's agent reports, as facts acted on at once, that it saw its
     postmaster exit; that it fenced it (it had lost the controller and every synchronous
     standby: nothing serves writes until the controller acts); or that the recorded master is
-    a standby (a candidate whose promotion failed). A PostgreSQL the agent found stopped when
-    it started is no crash (`master_found_stopped`).
+    a standby (a candidate whose promotion failed) while neither it nor any reachable standby
+    receives WAL (a master serving them, the old one back, may acknowledge commits through
+    them). A PostgreSQL the agent found stopped when it started is no crash
+    (`master_found_stopped`).
     Hang, host loss, partition: no heartbeat for failure_timeout AND the controller's own
     probe fails AND every reachable standby reports it no longer receives WAL."""
     master = view.master_view
@@ -115,12 +117,21 @@ def master_failure(view: GroupView) -> FailureVerdict:
     stopped = answering and not master.pg.running
     died = stopped and master.postmaster_died and not master.fenced
     fenced = stopped and master.fenced
-    standby = answering and master.pg.running and master.pg.in_recovery is True
-    crashed = died or fenced or standby
     silent = not master.reachable(timeout)
     probe_failed = master.probe_ok is False and master.probe_age < timeout
     reachable_standbys = [m for m in view.standbys if m.reachable(timeout) and m.pg.running]
     standbys_lost = all(not m.receiving_wal() for m in reachable_standbys)
+    # A recorded master that is a standby (its promotion failed) while it, or another
+    # standby, still receives WAL: a master serves them (the old one, back), and it may
+    # acknowledge commits through them: no crash.
+    standby = (
+        answering
+        and master.pg.running
+        and master.pg.in_recovery is True
+        and not master.receiving_wal()
+        and standbys_lost
+    )
+    crashed = died or fenced or standby
     heartbeat = "never" if master.heartbeat_age == float("inf") else f"{master.heartbeat_age:.2f}s ago"
     probe = {None: "not probed", True: "answers", False: "no answer"}[master.probe_ok]
     views = (
