@@ -26,7 +26,8 @@ faults in a 12 s window, each up to 5 s; every fault healed; then protected agai
 every member back within 40 s.
 
 Invariants, after every tick (50 ms) and at every promotion, rewind and clone: never two
-servers accepting writes whose agents hold the same epoch; never a promotion or a start as
+servers accepting writes whose agents hold the same epoch (a server whose agent saved
+`fenced`, and is killing it, claims none); never a promotion or a start as
 master of a server missing an acknowledged commit (unless allow_data_loss); no
 acknowledged commit lost (acknowledged commits form one history, every one is held by some
 server after any rewind or clone, and by the final master); no group stuck.

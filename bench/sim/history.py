@@ -524,7 +524,10 @@ class History:
         now = self.loop.time()
         for heal in [h for h in self.heals if h.at <= now]:
             self.heal(heal)
-        self.world.check_split_brain({name: agent.state.epoch for name, agent in self.agents.items()})
+        self.world.check_split_brain(
+            {name: agent.state.epoch for name, agent in self.agents.items()},
+            frozenset(name for name, agent in self.agents.items() if agent.state.fenced),
+        )
 
     async def _until(self, deadline: float, done: "object") -> bool:
         """Tick until done() holds (True) or the deadline (False); stops at a violation."""

@@ -326,6 +326,27 @@ async def test_a_switchover_whose_promote_reply_was_lost_never_restarts_the_old_
     assert not controller.groups["dn1"].promote_sent
 
 
+async def test_a_switchover_stops_waiting_for_a_target_whose_postgresql_does_not_run(
+    tmp_path: Path,
+) -> None:
+    """A target whose agent, idle, says PostgreSQL does not run receives nothing until
+    something starts it: the switchover stops waiting at once (not after 30 s) and the state
+    machine, which sees that a Promote went out (view.promote_sent), decides what starts."""
+    controller = make_controller(tmp_path, ["dn1a", "dn1b"])
+    recording_agents(controller)
+    put_group(controller, promote_sent=True)  # (the evaluations the answers cause stay paused)
+    assert controller.view("dn1").promote_sent
+    asked = []
+
+    async def stopped(request: pb.GetStatusRequest, timeout: float) -> pb.MemberStatus:
+        asked.append(request)
+        return pb.MemberStatus(member="dn1b", datanode="dn1", sequence=len(asked), activity="idle")
+
+    controller.agents.stubs["dn1b"].GetStatus = stopped  # type: ignore[attr-defined]
+    assert not await controller._reaches("dn1b", 100, 30)
+    assert len(asked) == 1
+
+
 async def test_a_tick_evaluates_a_group_when_time_can_change_its_decision(tmp_path: Path) -> None:
     """A member silent for less than failure_timeout decides nothing yet: its group is evaluated
     by the once-a-second sweep only (at scale, a busy controller that delays heartbeats must not

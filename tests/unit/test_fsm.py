@@ -265,30 +265,36 @@ CASES: dict[int, Case] = {
         (Step(Action.START_MASTER, "dn1a"),), ("switchover failed: restarting dn1a",), sync_set=(),
     ),
     5: Case(
+        "idle", "target_stopped",
+        lambda: in_switchover(crashed(standby()), promote_sent=True), S.FAILOVER, promote(),
+        ("switchover: dn1b stopped after Promote went out", "starting it as master, dn1a follows"),
+        **PROMOTED,
+    ),
+    6: Case(
         "idle", None, lambda: in_switchover(standby()), S.SWITCHOVER,
         (Step(Action.SWITCHOVER, "dn1b"),), ("switchover to dn1b",), new_candidate="dn1b",
     ),
-    6: Case(
+    7: Case(
         "rerouted", None, lambda: rerouting(rerouted=True), S.SINGLE,
         (), ("every coordinator points at dn1b",), sync_set=(),
     ),
-    7: Case(
+    8: Case(
         "idle", None, rerouting, S.REROUTING,
         (Step(Action.REROUTE, "dn1b"),), ("reroute barrier for dn1b",), new_master="dn1b",
     ),
-    8: Case(
+    9: Case(
         "in_grace", None, lambda: master_lost(in_grace=True), S.PROTECTED, (), ("no decision yet",),
     ),
-    9: Case(
+    10: Case(
         "switchover_requested", "target_ready", lambda: group(request=Request("switchover")), S.SWITCHOVER,
         (Step(Action.SWITCHOVER, "dn1b"),), ("stopping dn1a cleanly, then promoting dn1b",),
         bump_epoch=True, new_candidate="dn1b", clear_request=True,
     ),
-    10: Case(
+    11: Case(
         "failover_requested", "target_ready", lambda: group(request=Request("failover", "dn1b")), S.FAILOVER,
         promote(), ("failover requested: promoting dn1b",), clear_request=True, **PROMOTED,
     ),
-    11: Case(
+    12: Case(
         "switchover_requested", "target_not_ready",
         lambda: group(
             members=(master(), standby(), gone(standby("dn1c"))), request=Request("switchover", "dn1c")
@@ -296,7 +302,7 @@ CASES: dict[int, Case] = {
         S.PROTECTED, (), ("switchover refused: dn1c is not a running, reachable standby",),
         sync_set=("dn1b",), clear_request=True,
     ),
-    12: Case(
+    13: Case(
         "failover_requested", "target_not_ready",
         lambda: group(
             members=(master(), standby(), stopped(standby("dn1c"))), request=Request("failover", "dn1c")
@@ -304,95 +310,95 @@ CASES: dict[int, Case] = {
         S.PROTECTED, (), ("failover refused: dn1c is not a running, reachable standby",),
         sync_set=("dn1b",), clear_request=True,
     ),
-    13: Case("paused", None, lambda: master_lost(paused=True), S.PROTECTED, (), ("paused",)),
-    14: Case(
+    14: Case("paused", None, lambda: master_lost(paused=True), S.PROTECTED, (), ("paused",)),
+    15: Case(
         "master_adoptable", None, lambda: new_group(standby(), master()), S.SINGLE,
         (), ("adopted dn1a as the master",), new_master="dn1a", sync_set=(),
     ),
-    15: Case(
+    16: Case(
         "bootstrap_ready", None,
         lambda: new_group(MemberView("dn1a", heartbeat_age=0.1), MemberView("dn1b", heartbeat_age=0.1)),
         S.INITIALIZING, (Step(Action.BOOTSTRAP, "dn1a"),), ("bootstrapping dn1a",),
         bump_epoch=True, new_master="dn1a",
     ),
-    16: Case(
+    17: Case(
         "master_found_stopped", None,
         lambda: group(S.PROTECTED, (stopped(master()), standby(receiver="waiting"))), S.PROTECTED,
         (Step(Action.START_MASTER, "dn1a"),),
         ("master dn1a was found stopped when its agent started (no crash seen): starting it in place",),
     ),
-    17: Case(
+    18: Case(
         "master_failed", "candidate_ready", master_lost, S.FAILOVER, promote(),
         ("master dn1a lost", "probe no answer", "dn1b receives no WAL",
          "promoting dn1b (synchronous standby)"),
         **PROMOTED,
     ),
-    18: Case(
+    19: Case(
         "master_failed", "not_detached", lambda: master_lost(S.DEGRADED, attached=True), S.DEGRADED,
         (Step(Action.DETACH, "dn1b"),),
         ("master dn1a lost", "detaching the standbys from it before their positions are read"),
     ),
-    19: Case(
+    20: Case(
         "master_failed", "master_restartable",
         lambda: group(S.SINGLE, (crashed(master()), standby()), sync_set=()), S.SINGLE,
         (Step(Action.START_MASTER, "dn1a"),), ("master dn1a crashed", "restarting it"),
     ),
-    20: Case(
+    21: Case(
         "master_failed", "data_loss_candidate", lambda: lost_unprotected(allow_data_loss=True), S.FAILOVER,
         promote(), ("master dn1a lost", "dn1b is the most advanced standby; up to 4096 bytes may be lost"),
         **PROMOTED,
     ),
-    21: Case(
+    22: Case(
         "master_failed", "data_loss_not_detached",
         lambda: lost_unprotected(attached=True, allow_data_loss=True), S.SINGLE,
         (Step(Action.DETACH, "dn1b"),), ("master dn1a lost", "detaching the standbys", "may lose data"),
     ),
-    22: Case(
+    23: Case(
         "master_failed", None, lost_unprotected, S.NO_CANDIDATE,
         (), ("master dn1a lost", "no standby was synchronous when the master was last protected"),
     ),
-    23: Case(
+    24: Case(
         "master_running", None, lambda: group(S.NO_CANDIDATE), S.SINGLE,
         (), ("master dn1a is back",), sync_set=(),
     ),
-    24: Case(
+    25: Case(
         "master_failed", "candidate_ready",
         lambda: master_lost(S.NO_CANDIDATE, master_failed_for=3.0), S.FAILOVER,
         promote(), ("promoting dn1b (synchronous standby)",), **PROMOTED,
     ),
-    25: Case(
+    26: Case(
         "master_failed", "not_detached",
         lambda: master_lost(S.NO_CANDIDATE, attached=True), S.NO_CANDIDATE,
         (Step(Action.DETACH, "dn1b"),), ("detaching the standbys from dn1a before their positions are read",),
     ),
-    26: Case(
+    27: Case(
         "master_failed", "data_loss_candidate",
         lambda: replace(lost_unprotected(allow_data_loss=True), state=S.NO_CANDIDATE), S.FAILOVER,
         promote(), ("dn1b is the most advanced standby; up to 4096 bytes may be lost",), **PROMOTED,
     ),
-    27: Case(
+    28: Case(
         "master_restartable", None,
         lambda: group(S.NO_CANDIDATE, (crashed(master()), gone(standby())), master_failed_for=TIMEOUT),
         S.NO_CANDIDATE, (Step(Action.START_MASTER, "dn1a"),),
         ("no synchronous standby (dn1b) is running and reachable", "restarting dn1a"),
     ),
-    28: Case(
+    29: Case(
         "stray_master", None, lambda: group(members=(master(), standby(), promoted("dn1c", epoch=1))),
         S.PROTECTED, (Step(Action.FENCE, "dn1c"),), ("dn1c accepts writes but dn1a is the master",),
         sync_set=("dn1b",),
     ),
-    29: Case(
+    30: Case(
         "member_needs_follow", None,
         lambda: group(members=(master(), standby(), standby("dn1c", upstream="dn1b", mode="async"))),
         S.PROTECTED, (Step(Action.FOLLOW, "dn1c"),), ("dn1c joins as a standby of dn1a",), sync_set=("dn1b",),
     ),
-    30: Case(
+    31: Case(
         "sync_lost", "available",
         lambda: group(members=(master(downstreams=()), replace(gone(standby()), streaming_missing_for=5.0))),
         S.UNPROTECTED, (Step(Action.SET_SYNC, "dn1a", SyncStandbys(SyncPolicy(), ())),),
         ("synchronous standby lost", "synchronous_standby_names = ''", "(available)"), sync_set=(),
     ),
-    31: Case(
+    32: Case(
         "sync_lost", "strict",
         lambda: group(
             members=(master(downstreams=()), replace(gone(standby()), streaming_missing_for=5.0)),
@@ -400,17 +406,17 @@ CASES: dict[int, Case] = {
         ),
         S.DEGRADED, (), ("synchronous standby lost", "commits wait for it (strict)"),
     ),
-    32: Case(
+    33: Case(
         "sync_satisfied", None, lambda: group(S.SINGLE, sync_set=()), S.PROTECTED,
         (), ("protected: dn1b confirm(s) every commit",), sync_set=("dn1b",),
     ),
-    33: Case(
+    34: Case(
         "sync_names_differ", None,
         lambda: group(S.SINGLE, (unprotected_master(position=LSN), standby())),
         S.SINGLE, (Step(Action.SET_SYNC, "dn1a", SyncStandbys(SyncPolicy(), ("dn1b",))),),
         ("synchronous_standby_names = 'FIRST 1 (dn1b)'",),
     ),
-    34: Case(
+    35: Case(
         "always", None, group, S.PROTECTED, (), ("protected: master dn1a, confirming standbys: dn1b",),
         sync_set=("dn1b",),
     ),
@@ -460,6 +466,40 @@ def row(event: str, guard: str | None = None, state: GroupState | None = None) -
 
 ALWAYS = row("always")
 FAILOVER_ROW = row("master_failed", "candidate_ready", S.PROTECTED)
+
+
+TARGET_STOPPED = row("idle", "target_stopped")
+
+
+@pytest.mark.parametrize("how", [stopped, crashed, fenced], ids=["found_stopped", "crashed", "fenced"])
+def test_a_switchover_target_that_stopped_after_promote_is_started_as_master(
+    how: Callable[[MemberView], MemberView],
+) -> None:
+    """Once Promote went out, the target may be a master that acknowledged commits the old
+    master lacks: whether it stopped, crashed or fenced itself, it is the one started (a
+    failover to it at a new epoch), never the old master."""
+    decision = decide(in_switchover(how(standby()), promote_sent=True))
+    assert decision.row == TARGET_STOPPED
+    assert decision.steps == promote()
+    assert (decision.new_master, decision.bump_epoch) == ("dn1b", True)
+    # A fenced, promoted target (it fenced itself while the controller was away) too.
+    decision = decide(in_switchover(fenced(promoted(epoch=2)), promote_sent=True))
+    assert decision.row == TARGET_STOPPED
+
+
+def test_a_switchover_target_that_stopped_is_not_started_before_promote_or_while_unsure() -> None:
+    """Before Promote went out the old master still holds every commit (switchover_failed
+    restarts it); a target not heard from, busy, without data or still running decides nothing."""
+    assert decide(in_switchover(crashed(standby()))).row != TARGET_STOPPED
+    for target in (
+        silent(crashed(standby())),
+        replace(crashed(standby()), busy=True),
+        replace(crashed(standby()), activity="following"),
+        replace(crashed(standby()), has_data=False),
+        standby(),
+    ):
+        assert decide(in_switchover(target, promote_sent=True)).row != TARGET_STOPPED, target
+    assert decide(in_switchover(crashed(standby()), promote_sent=True, busy=True)).row != TARGET_STOPPED
 
 
 def test_a_failover_under_way_is_not_resent_while_the_promotion_runs() -> None:
@@ -1159,3 +1199,27 @@ def test_a_detached_standby_follows_the_master_again_at_once() -> None:
     view = group(members=(master(downstreams=()), replace(detached(standby()), streaming_missing_for=0.1)))
     decision = decide(view)
     assert Step(Action.FOLLOW, "dn1b") in decision.steps
+
+
+def test_a_failed_candidate_is_not_promoted_again_while_the_old_master_streams_to_the_standbys() -> None:
+    """Found by the simulator (seed 39222, FIRST 1 (dn1b, dn1c)): Promote to dn1b failed three
+    times (no_candidate, dn1b recorded as the master); the old master dn1a resumed with its
+    agent dead (no report, no self-fencing) and serves, dn1b and dn1c streaming from it. dn1b,
+    "a standby, not a master", counted as a crash at once: dn1b was promoted while dn1a
+    acknowledged a commit through dn1c that dn1b lacked. A recorded master that is a standby
+    is a crash only while neither it nor another standby receives WAL."""
+    streaming_c = standby("dn1c")
+    view = group(
+        S.NO_CANDIDATE,
+        (gone(master()), standby(), streaming_c),
+        master="dn1b",
+        candidate="dn1b",
+        epoch=2,
+        master_failed_for=3.0,
+    )
+    assert not master_failure(view).failed, "dn1b streams from a master that serves"
+    assert decide(view).steps == ()
+    other = replace(view, members=(gone(master()), cut_off(standby()), streaming_c))
+    assert not master_failure(other).failed, "dn1c streams from a master that serves"
+    lost = replace(view, members=(gone(master()), cut_off(standby()), cut_off(streaming_c)))
+    assert master_failure(lost).failed

@@ -113,6 +113,31 @@ def test_found_protected_before_the_standby_has_what_was_acknowledged_unprotecte
     assert outcome.violation is None, outcome.violation
 
 
+def test_found_a_master_resumed_while_its_agent_kills_it_is_no_second_master() -> None:
+    """Found by the simulator (a simulator bug, fixed in the invariant) (seed 17727, pair):
+    dn1a's host hangs, dn1b is promoted at epoch 3; dn1a resumes for a moment, its agent
+    accepts the Fence at epoch 3 (epoch and fenced saved before the kill, as the real agent
+    does) and the host hangs again before the kill (5 ms). When it resumes, the check ran
+    before the kill landed: dn1a "accepted writes at epoch 3". An agent that saved fenced is
+    stopping its server and claims no epoch as master (nor can dn1a acknowledge anything:
+    its synchronous standby is the new master); the two-masters check now skips it."""
+    outcome = run_history(17727)
+    assert outcome.violation is None, outcome.violation
+
+
+def test_found_a_failed_candidate_is_promoted_while_the_old_master_serves_again() -> None:
+    """Found by the simulator (fixed) (seed 39222, FIRST 1 (dn1b, dn1c)): dn1a's host hangs,
+    Promote to dn1b fails three times (dn1b's agent dies): no_candidate with dn1b recorded as
+    the master. dn1a's agent dies too; its host resumes and dn1a serves again, dn1b and dn1c
+    streaming from it. The restarted controller takes dn1b, a standby recorded as the
+    master, for a crash (a fact, acted on in the grace) and promotes it: dn1a acknowledges
+    a commit through dn1c that dn1b lacks. Now a recorded master that is a standby is a
+    crash only while neither it nor any reachable standby receives WAL; dn1a is deposed when
+    its agent returns, then dn1b, holding all of it, is promoted."""
+    outcome = run_history(39222)
+    assert outcome.violation is None, outcome.violation
+
+
 @pytest.mark.parametrize("seed", [1347, 3193, 4576, 4587, 7828])
 def test_found_the_old_master_acknowledges_through_another_standby_after_a_failover(seed: int) -> None:
     """Found by the simulator (fixed; latent before the catch-up rule, which changed the
@@ -131,20 +156,18 @@ def test_found_the_old_master_acknowledges_through_another_standby_after_a_failo
     assert outcome.violation is None, outcome.violation
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a switchover whose target stops after Promote went out waits for it to say it is "
-    "a standby, for ever",
-)
 @pytest.mark.parametrize("seed", [425, 4537])
 def test_found_a_switchover_whose_target_stopped_is_stuck(seed: int) -> None:
-    """Found by the simulator (open; latent: the fix for seed 7924 keeps the old master stopped
+    """Found by the simulator (fixed; latent: the fix for seed 7924 keeps the old master stopped
     until the target says it is a standby). Seed 4537 (pair): the controller dies right after
     the switchover's Promote reached dn1a; dn1a, promoted, hears neither the controller nor a
     synchronous standby and fences itself; the restarted controller resumes the switchover,
     which stalls ("dn1a may have been promoted (it does not say it is a standby)") and
     restarts, for ever: both servers stay stopped. Seed 425 (quorum): the target crashes
-    during the switchover, the same loop."""
+    while being promoted, the same loop. Now a target that says its PostgreSQL does not run
+    once Promote went out is started as master (fsm row switchover / idle [target_stopped]: a
+    failover to it at a new epoch): it holds every commit the cleanly stopped old master had,
+    and maybe commits it acknowledged itself; the old master follows it."""
     outcome = run_history(seed)
     assert outcome.violation is None, outcome.violation
 
@@ -187,6 +210,12 @@ def test_two_writable_masters_at_one_epoch_are_caught_and_at_two_epochs_are_not(
     assert simulated.violation is None
     simulated.check_split_brain({"a": 4, "b": 4})
     assert simulated.violation is not None and simulated.violation.invariant == "two masters"
+
+
+def test_a_master_whose_agent_is_fencing_it_is_not_a_second_master() -> None:
+    simulated = world(server("a", [1]), server("b", [1]))
+    simulated.check_split_brain({"a": 4, "b": 4}, fencing=frozenset({"a"}))
+    assert simulated.violation is None
 
 
 def test_an_acknowledgement_on_a_diverged_history_is_caught() -> None:

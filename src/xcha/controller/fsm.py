@@ -104,8 +104,10 @@ def master_failure(view: GroupView) -> FailureVerdict:
     """Crash: the master's agent reports, as facts acted on at once, that it saw its
     postmaster exit; that it fenced it (it had lost the controller and every synchronous
     standby: nothing serves writes until the controller acts); or that the recorded master is
-    a standby (a candidate whose promotion failed). A PostgreSQL the agent found stopped when
-    it started is no crash (`master_found_stopped`).
+    a standby (a candidate whose promotion failed) while neither it nor any reachable standby
+    receives WAL (a master serving them, the old one back, may acknowledge commits through
+    them). A PostgreSQL the agent found stopped when it started is no crash
+    (`master_found_stopped`).
     Hang, host loss, partition: no heartbeat for failure_timeout AND the controller's own
     probe fails AND every reachable standby reports it no longer receives WAL."""
     master = view.master_view
@@ -116,12 +118,21 @@ def master_failure(view: GroupView) -> FailureVerdict:
     stopped = answering and not master.pg.running
     died = stopped and master.postmaster_died and not master.fenced
     fenced = stopped and master.fenced
-    standby = answering and master.pg.running and master.pg.in_recovery is True
-    crashed = died or fenced or standby
     silent = not master.reachable(timeout)
     probe_failed = master.probe_ok is False and master.probe_age < timeout
     reachable_standbys = [m for m in view.standbys if m.reachable(timeout) and m.pg.running]
     standbys_lost = all(not m.receiving_wal() for m in reachable_standbys)
+    # A recorded master that is a standby (its promotion failed) while it, or another
+    # standby, still receives WAL: a master serves them (the old one, back), and it may
+    # acknowledge commits through them: no crash.
+    standby = (
+        answering
+        and master.pg.running
+        and master.pg.in_recovery is True
+        and not master.receiving_wal()
+        and standbys_lost
+    )
+    crashed = died or fenced or standby
     heartbeat = "never" if master.heartbeat_age == float("inf") else f"{master.heartbeat_age:.2f}s ago"
     probe = {None: "not probed", True: "answers", False: "no answer"}[master.probe_ok]
     views = (
@@ -550,6 +561,26 @@ def _master_restartable(view: GroupView) -> bool:
     )
 
 
+def _target_stopped(view: GroupView) -> bool:
+    """A switchover's Promote went to the target, and the target's agent now says its
+    PostgreSQL does not run (it crashed, fenced itself, or was found stopped). It holds every
+    commit the old master had (the old master stopped cleanly and the target had flushed past
+    its shutdown checkpoint before Promote went out), and, if it was promoted, commits it may
+    have acknowledged as master that the old master lacks: only the target may serve again."""
+    target = view.member(view.candidate)
+    return (
+        view.promote_sent
+        and not view.busy
+        and target is not None
+        and target.name != view.master
+        and target.reachable(view.failure_timeout)
+        and not target.pg.running
+        and target.has_data
+        and target.activity == "idle"
+        and not target.busy
+    )
+
+
 def _promoted(view: GroupView) -> bool:
     """The promote operation finished and the candidate reports itself master at this epoch
     (and, with a port takeover, on the former master's port)."""
@@ -576,6 +607,7 @@ CONDITIONS: dict[str, Callable[[GroupView], bool]] = {
     "promoted": _promoted,
     "promote_failed_often": lambda v: not v.busy and v.promote_attempts >= PROMOTE_ATTEMPTS,
     "switchover_failed": lambda v: v.switchover_failed and not v.busy,
+    "target_stopped": _target_stopped,
     "rerouted": lambda v: v.rerouted,
     "switchover_requested": lambda v: v.request is not None and v.request.kind == "switchover" and not v.busy,
     "failover_requested": lambda v: v.request is not None and v.request.kind == "failover" and not v.busy,
@@ -624,6 +656,11 @@ _TABLE: tuple[tuple[tuple[str, ...] | str, str, str | None, str, Action, str], .
      "switchover: {candidate} accepts writes: re-point every coordinator"),
     (S.SWITCHOVER, "switchover_failed", None, S.SINGLE, Action.START_MASTER,
      "switchover failed: restarting {master}"),
+    # Once Promote went out the target may be a master: a target that stopped is started as
+    # master (a failover to it), never the old master, which may lack what it acknowledged.
+    (S.SWITCHOVER, "idle", "target_stopped", S.FAILOVER, Action.PROMOTE,
+     "switchover: {candidate} stopped after Promote went out; it holds every commit {master} had: "
+     "starting it as master, {master} follows"),
     (S.SWITCHOVER, "idle", None, SAME, Action.SWITCHOVER,
      "(re)starting the switchover to {candidate}"),
     (S.REROUTING, "rerouted", None, S.SINGLE, Action.NONE,
@@ -801,7 +838,9 @@ def _plan(index: int, row: Transition, view: GroupView) -> Decision:
         case Action.START_MASTER:
             steps = (Step(Action.START_MASTER, view.master),)
         case Action.PROMOTE:
-            if row.event == "failover_requested":
+            if row.guard == "target_stopped":
+                choice = CandidateChoice(view.member(view.candidate), True, "the switchover's target")
+            elif row.event == "failover_requested":
                 choice = requested_candidate(view)
             elif "data_loss_candidate" in (row.event, row.guard):
                 choice = _data_loss_candidate(view)

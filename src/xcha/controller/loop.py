@@ -88,6 +88,7 @@ class Deciding(Acting):
             promote_attempts=group.promote_attempts,
             rerouted=group.rerouted_epoch >= self.epoch,
             switchover_failed=group.switchover_failed,
+            promote_sent=group.promote_sent,
             request=group.request,
             takeover_port=group.takeover_port,
         )

@@ -291,13 +291,17 @@ class Acting(Observing):
         return False
 
     async def _reaches(self, member: str, position: int, timeout: float) -> bool:
-        """Whether member reports (flushed or replayed) WAL up to position within timeout."""
+        """Whether member reports (flushed or replayed) WAL up to position within timeout.
+        No, at once, when its agent, idle, says its PostgreSQL does not run: it receives
+        nothing until something starts it (the state machine decides what)."""
         deadline = self.clock() + timeout
         while self.clock() < deadline:
             with contextlib.suppress(grpc.aio.AioRpcError, XchaError):
-                await self._get_status(member, 2, "switchover")
+                status = await self._get_status(member, 2, "switchover")
                 if self.observations[member].pg.position >= position:
                     return True
+                if not status.postgres_status.running and status.activity == "idle":
+                    return False
             await asyncio.sleep(0.01)
         return False
 
@@ -305,11 +309,13 @@ class Acting(Observing):
         """The state machine's switchover_failed row starts the old master again (a no-op when
         it was never stopped) and returns the group to service. Once a Promote went to the
         target, only when the target says it is a standby: its reply may have been lost after
-        it promoted, and two masters at one epoch would each acknowledge commits."""
+        it promoted, and two masters at one epoch would each acknowledge commits. A target that
+        says its PostgreSQL does not run is started as master instead (fsm: target_stopped)."""
         if self.groups[datanode].promote_sent and not await self._still_standby(target):
             message = (
                 f"switchover stalled: {why}; {target} may have been promoted (it does not say "
-                "it is a standby): the old master stays stopped until it answers"
+                "it is a standby): the old master stays stopped until it answers (a target whose "
+                "PostgreSQL does not run is started as master)"
             )
             log.warning("%s: %s", datanode, message)
             self.event(datanode, "error", message)

@@ -95,6 +95,7 @@ class GroupView:
     promote_attempts: int = 0
     rerouted: bool = False  # the reroute barrier completed for this epoch
     switchover_failed: bool = False
+    promote_sent: bool = False  # a switchover's Promote went to its target (it may be a master)
     request: Request | None = None
     takeover_port: int = 0  # router takeover: the port the new master must be on
 
