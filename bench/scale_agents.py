@@ -214,6 +214,8 @@ class Counts:
         self.answered = 0
         self.failed = 0  # reports without a reply in time, streams ended unasked (opened anew)
         self.failed_in_window = 0
+        self.failed_before_window = 0  # while the agents connect and the groups settle
+        self.window_opened = False
         self.reasons: dict[str, int] = {}
 
     def answer(self, measured: bool, seconds: float) -> None:
@@ -223,6 +225,7 @@ class Counts:
 
     def failure(self, measured: bool, why: str) -> None:
         self.failed += 1
+        self.failed_before_window += not self.window_opened
         self.failed_in_window += measured
         kind = why.split(":")[0][:60]
         self.reasons[kind] = self.reasons.get(kind, 0) + 1
@@ -322,7 +325,11 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
     window_closed = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stopping.set)
-    loop.add_signal_handler(signal.SIGUSR1, lambda: setattr(counts, "measuring", True))
+
+    def open_window() -> None:
+        counts.measuring = counts.window_opened = True
+
+    loop.add_signal_handler(signal.SIGUSR1, open_window)
 
     def close_window() -> None:
         counts.measuring = False
@@ -384,6 +391,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
             "answered": counts.answered,
             "failed": counts.failed,
             "failed_in_window": counts.failed_in_window,
+            "failed_before_window": counts.failed_before_window,
             "failure_reasons": counts.reasons,
             "rtt_samples": len(ms),
             "rtt_p50_ms": percentile(ms, 0.5) if ms else None,
