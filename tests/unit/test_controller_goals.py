@@ -16,7 +16,7 @@ from xcha.controller.controller import Controller
 from xcha.controller.fsm import Action, Decision, Step
 from xcha.controller.metrics import Completed, _ControllerCollector
 from xcha.controller.routing import Router
-from xcha.controller.steps import BEST_EFFORT_FENCE_TIMEOUT, FENCE_TIMEOUT
+from xcha.controller.steps import BEST_EFFORT_FENCE_TIMEOUT, DETACH_TIMEOUT, FENCE_TIMEOUT
 from xcha.controller.store import EventRecord, Snapshot, SqliteLeadership, SqliteStore
 from xcha.controller.views import GroupState
 from xcha.errors import Refused
@@ -175,7 +175,7 @@ async def test_a_detach_asks_each_standby_the_state_machine_named_once_in_one_ta
     task = controller.group_tasks["dn1"]
     assert len(controller._tasks) == 1
     await asyncio.wait_for(task, 5)
-    assert sorted(calls) == [("dn1b", "Detach", 30), ("dn1c", "Detach", 30)]
+    assert sorted(calls) == [("dn1b", "Detach", DETACH_TIMEOUT), ("dn1c", "Detach", DETACH_TIMEOUT)]
     for name in ("dn1b", "dn1c"):
         status = controller.observations[name].status
         assert status is not None and status.member == name and status.detached

@@ -1193,6 +1193,18 @@ def test_detach_skips_masters_busy_and_detached_standbys() -> None:
     assert decide(view).steps == (Step(Action.DETACH, "dn1b"),)
 
 
+def test_an_asynchronous_standby_is_not_detached_unless_data_may_be_lost() -> None:
+    """It confirms nothing: a failover without data loss does not wait for it (found by a
+    chaos test: a hung asynchronous standby held a Detach, and the group, for 30 s). A
+    promotion that may lose data reads its position too, so it is detached then."""
+    members = (silent(master()), cut_off(standby()), cut_off(standby("dn1c", mode="async")))
+    view = group(members=members, master_failed_for=1.0)
+    assert decide(view).steps == (Step(Action.DETACH, "dn1b"),)
+    lossy = lost_unprotected(attached=True, allow_data_loss=True)
+    lossy = replace(lossy, members=(*lossy.members, cut_off(standby("dn1c", mode="async"))))
+    assert {step.member for step in decide(lossy).steps} == {"dn1b", "dn1c"}
+
+
 def test_a_detached_standby_follows_the_master_again_at_once() -> None:
     """A failover that did not happen (the master came back): a detached standby is not a
     WAL receiver still connecting; it is told to follow at once."""

@@ -450,15 +450,20 @@ def _needs_follow(view: GroupView) -> MemberView | None:
     return None
 
 
-def _to_detach(view: GroupView) -> list[MemberView]:
-    """Every standby the old master may still send WAL to: reachable (or a synchronous one
-    not heard from since this controller started), not detached, not busy, not a master. A
-    recorded master that is a standby (its promotion failed) is one of them."""
+def _to_detach(view: GroupView, everyone: bool) -> list[MemberView]:
+    """The standbys whose positions the choice needs final: those the old master may confirm
+    commits through (`confirmers`), or every standby for a promotion that may lose data
+    (everyone); of them, those reachable (or synchronous and not heard from since this
+    controller started), not detached, not busy, not a master. A recorded master that is a
+    standby (its promotion failed) is one of them. An asynchronous standby confirms nothing:
+    it is not detached for a failover without data loss (a hung one would hold it up)."""
     unheard = unheard_sync_standbys(view)
+    named = set(confirmers(view))
     return [
         m
         for m in view.members
         if (m.name != view.master or (m.pg.running and m.pg.in_recovery is True))
+        and (everyone or m.name in named or m.name == view.master)
         and (m.reachable(view.failure_timeout) or m in unheard)
         and not m.detached
         and not m.busy
@@ -891,7 +896,8 @@ def _plan(index: int, row: Transition, view: GroupView) -> Decision:
             )
         case Action.DETACH:
             # One step per standby to detach; the controller detaches them all in one group task.
-            steps = tuple(Step(Action.DETACH, m.name) for m in _to_detach(view))
+            everyone = row.guard == "data_loss_not_detached"
+            steps = tuple(Step(Action.DETACH, m.name) for m in _to_detach(view, everyone))
         case Action.REROUTE:
             new_master = view.candidate if view.state in (S.FAILOVER, S.SWITCHOVER) else view.master
             return Decision(

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 FENCE_TIMEOUT = 60.0
 BEST_EFFORT_FENCE_TIMEOUT = 2.0  # the old master while its successor is promoted
 CLEAN_STOP_TIMEOUT = 120.0  # a switchover's master: every WAL record reaches the standbys
+DETACH_TIMEOUT = 10.0  # the agent gives up on a WAL receiver that does not stop after 5 s
 
 
 class Acting(Observing):
@@ -160,7 +161,8 @@ class Acting(Observing):
         async def one(member: str) -> bool:
             request = pb.DetachRequest(epoch=self.epoch, member=member, reason=reason)
             return (
-                await self._call(member, "Detach", lambda stub: stub.Detach(request, timeout=30)) is not None
+                await self._call(member, "Detach", lambda stub: stub.Detach(request, timeout=DETACH_TIMEOUT))
+                is not None
             )
 
         results = await asyncio.gather(*(one(m) for m in members))
