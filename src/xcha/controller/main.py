@@ -6,6 +6,7 @@ import signal
 
 from xcha.authz import Guard
 from xcha.controller.config import ControllerConfig
+from xcha.controller.heap import keep_heap_frozen
 from xcha.controller.node import ControllerNode
 from xcha.controller.service import ControllerService
 from xcha.controller.store import Leadership, SqliteLeadership, SqliteStore, Store
@@ -67,9 +68,11 @@ async def serve_controller(config: ControllerConfig) -> None:
         loop.add_signal_handler(signum, stopping.set)
     loop.add_signal_handler(signal.SIGHUP, reload_certificates)
     runner = asyncio.create_task(node.run())
+    heap = asyncio.create_task(keep_heap_frozen())
     try:
         await stopping.wait()
     finally:
+        heap.cancel()
         await node.stop()
         await asyncio.gather(runner, return_exceptions=True)
         await server.stop(grace=1.0)
