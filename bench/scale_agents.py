@@ -29,7 +29,7 @@ import grpc
 
 from bench.common import percentile
 from xcha import timings
-from xcha.agent.agent import ReportFailed, ReportStream
+from xcha.agent.stream import ReportFailed, ReportStream
 from xcha.authz import Guard
 from xcha.config import TlsConfig
 from xcha.rpc import RenewingChannel, channel, create_server, liveness_options

@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import replace
 
 import grpc
@@ -21,6 +21,7 @@ import grpc
 from xcha import __version__, timings
 from xcha.agent.config import AgentConfig
 from xcha.agent.state import StateFile
+from xcha.agent.stream import ReportFailed, ReportStream
 from xcha.errors import AgentFailed, InvalidInput, PostgresError, StaleEpoch, XchaError
 from xcha.names import Endpoint, check_port
 from xcha.pg.instance import PostgresInstance, Timings
@@ -33,12 +34,10 @@ from xcha.rpc import (
     channel,
     endpoint_from_proto,
     endpoint_to_proto,
-    generation,
     liveness_options,
     status_to_proto,
 )
 from xcha.v1 import xcha_pb2 as pb
-from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -669,61 +668,6 @@ class Agent:
 
     def stop(self) -> None:
         self._stopping.set()
-
-
-class ReportFailed(Exception):
-    """A heartbeat got no reply: the stream failed, ended, or did not answer in time."""
-
-
-class ReportStream:
-    """One Heartbeats stream to one controller: each report is answered by one reply, in order.
-    It is opened on the agent's kept channel to that address (no new TLS handshake), and opened
-    anew after a failure or a certificate reload. `ended` is called once when it ends, by
-    either end or because a keep-alive ping on its connection went unanswered."""
-
-    def __init__(
-        self,
-        address: str,
-        opened: "grpc.aio.Channel | RenewingChannel",
-        silence: float,
-        ended: "Callable[[ReportStream], None] | None" = None,
-    ) -> None:
-        """silence: `timings.Keepalive.silence` of its channel's keep-alive settings."""
-        self.address = address
-        self.silence = silence
-        self.generation = generation(opened)
-        self.call = pb_grpc.ControllerStub(opened).Heartbeats()
-        if ended is not None:
-            self.call.add_done_callback(lambda _: ended(self))
-
-    @property
-    def ended(self) -> bool:
-        return bool(self.call.done())
-
-    def usable(self, address: str, opened: "grpc.aio.Channel | RenewingChannel") -> bool:
-        return address == self.address and generation(opened) == self.generation and not self.call.done()
-
-    async def exchange(self, request: pb.HeartbeatRequest, timeout: float) -> pb.HeartbeatReply:
-        """Send one report and wait for its reply; ReportFailed when none comes within timeout
-        (the stream cannot be used after that: close it)."""
-
-        try:
-            async with asyncio.timeout(timeout):
-                await self.call.write(request)
-                reply = await self.call.read()
-            if reply is grpc.aio.EOF:
-                raise ReportFailed("the controller ended the stream")
-            assert isinstance(reply, pb.HeartbeatReply)
-            return reply
-        except TimeoutError:
-            raise ReportFailed(f"no reply within {timeout:g} s") from None
-        except grpc.aio.AioRpcError as error:
-            raise ReportFailed(error.details() or error.code().name) from None
-        except asyncio.InvalidStateError:  # written to a call that had ended meanwhile
-            raise ReportFailed("the stream ended") from None
-
-    def close(self) -> None:
-        self.call.cancel()
 
 
 def _steps(timings: Timings) -> str:

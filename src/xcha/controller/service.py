@@ -110,11 +110,10 @@ class ControllerService(pb_grpc.ControllerServicer):
                         context, InvalidInput(f"this stream reports {member}, not {status.member!r}")
                     )
                 try:
-                    _check_addresses(status)
-                    controller = self.node.leading()
-                    reply = controller.heartbeat(request) if controller else self._not_leading()
+                    reply = self._heartbeat(request)
                 except XchaError as error:
                     await refuse(context, error)
+                controller = None if reply.not_leader else self.node.leading()
                 if (
                     counted is None
                     and controller is not None
