@@ -84,10 +84,6 @@ if [ -n "$given_bindir" ]; then
     exit 0
 fi
 
-[ -f "$tarball" ] ||
-    die 3 "$product source not found at $tarball: ${flavour^^} tests will be skipped" \
-          "(set $tarball_var or $bindir_var)"
-
 if [ -n "${XCHA_CACHE_DIR:-}" ]; then
     cache_root=$XCHA_CACHE_DIR
 elif [ "$(id -u)" = 0 ]; then
@@ -98,6 +94,23 @@ fi
 mkdir -p "$cache_root"
 chmod 755 "$cache_root" 2>/dev/null || true
 cache_root=$(cd "$cache_root" && pwd)   # configure needs an absolute prefix
+
+# No source here (a clone elsewhere than beside shared/): a complete build of this version
+# cached by an earlier run is the same program; use the newest.
+if [ ! -f "$tarball" ]; then
+    for cached_marker in $(ls -t "$cache_root"/postgres-"$flavour"-*/.xcha-build-complete 2>/dev/null); do
+        if grep -q "^$product $version from " "$cached_marker"; then
+            dest=$(dirname "$cached_marker")
+            say "$product source not found at $tarball: using the cached build $dest"
+            check_binaries "$dest/bin" "cached $product"
+            check_usable "$dest/bin"
+            echo "$dest/bin"
+            exit 0
+        fi
+    done
+    die 3 "$product source not found at $tarball and no cached build: ${flavour^^} tests will be" \
+          "skipped (set $tarball_var or $bindir_var)"
+fi
 hash=$(sha256sum "$tarball" | cut -c1-16)
 name=postgres-$flavour-$hash
 dest=$cache_root/$name
