@@ -728,13 +728,19 @@ async def coordinator_down_during_the_barrier(cluster: PgxcCluster) -> None:
 
             def waiting(status: pb.ClusterStatus) -> bool:
                 group = find_group(status, "dn1")
+                # coord1's re-point runs beside coord2's failing attempts: wait until coord1 is
+                # through (pending at most for the in-doubt cleanup, which needs coord2 too).
+                coord1_busy = any(
+                    p.startswith("coord1 ") and "pgxc_clean" not in p for p in group.reroute_pending
+                )
                 return (
                     group.state == "rerouting"
                     and group.master != fault.member
                     and any(p.startswith("coord2 ") for p in group.reroute_pending)
+                    and not coord1_busy
                 )
 
-            status = await cluster.wait_for(waiting, "the barrier to wait for coord2")
+            status = await cluster.wait_for(waiting, "coord1 re-pointed and the barrier waiting for coord2")
             new = find_group(status, "dn1").master
             await cluster.assert_routes("dn1", new, ("coord1",))
             recovered = await writers.recovery_ms(fault)
