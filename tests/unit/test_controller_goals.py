@@ -14,10 +14,11 @@ import pytest
 from xcha.controller.config import load_controller_config
 from xcha.controller.controller import Controller
 from xcha.controller.fsm import Action, Decision, Step
-from xcha.controller.metrics import Completed, _ControllerCollector
+from xcha.controller.metrics import SAMPLE_SLICE, Completed, _ControllerCollector
 from xcha.controller.routing import Router
+from xcha.controller.status import ClusterSample
 from xcha.controller.steps import BEST_EFFORT_FENCE_TIMEOUT, DETACH_TIMEOUT, FENCE_TIMEOUT
-from xcha.controller.store import EventRecord, Snapshot, SqliteLeadership, SqliteStore
+from xcha.controller.store import EventRecord, GroupRecord, Snapshot, SqliteLeadership, SqliteStore
 from xcha.controller.views import GroupState
 from xcha.errors import Refused
 from xcha.v1 import xcha_pb2 as pb
@@ -220,26 +221,33 @@ async def test_a_scrape_from_another_thread_reads_the_controller_on_its_event_lo
     controller: Controller,
 ) -> None:
     """prometheus_client scrapes on its HTTP thread; the controller's dicts change size on the
-    event loop meanwhile, so the collector asks the loop for the cluster status."""
-    readers: list[int] = []
-    cluster_status = controller.cluster_status
+    event loop meanwhile, so the collector asks the loop for the groups, a slice at a time."""
+    readers: list[tuple[int, int]] = []
+    sample = controller.sample
 
-    def recording_cluster_status() -> pb.ClusterStatus:
-        readers.append(threading.get_ident())
-        return cluster_status()
+    def recording_sample(start: int, count: int) -> ClusterSample:
+        readers.append((threading.get_ident(), start))
+        return sample(start, count)
 
+    for index in range(2, 2 * SAMPLE_SLICE + 2):  # three slices
+        controller.groups[f"dn{index}"] = GroupRecord(f"dn{index}")
     completed = Completed(failovers={"dn1": 2}, last_failover={"dn1": {"reroute": 0.5}})
-    collector = _ControllerCollector(recording_cluster_status, completed, asyncio.get_running_loop())
+    collector = _ControllerCollector(recording_sample, completed, asyncio.get_running_loop())
     for families in (
         await asyncio.to_thread(lambda: list(collector.collect())),  # the HTTP thread
         list(collector.collect()),  # on the loop itself: no waiting for itself
     ):
         samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families for s in f.samples}
         assert samples[("xcha_group_state", (("datanode", "dn1"), ("state", "initializing")))] == 1.0
+        assert len([key for key in samples if key[0] == "xcha_group_state"]) == 2 * SAMPLE_SLICE + 1
+        assert (
+            samples[("xcha_member_role", (("datanode", "dn1"), ("member", "dn1a"), ("role", "stopped")))] == 1
+        )
         assert samples[("xcha_failovers_total", (("datanode", "dn1"),))] == 2.0
         assert samples[("xcha_last_failover_seconds", (("datanode", "dn1"), ("phase", "reroute")))] == 0.5
         assert samples[("xcha_epoch", ())] == controller.epoch
-    assert readers == [threading.get_ident()] * 2
+    slices = [(threading.get_ident(), start) for start in (0, SAMPLE_SLICE, 2 * SAMPLE_SLICE)]
+    assert readers == slices * 2
 
 
 def report(controller: Controller, member: str, epoch: int) -> None:

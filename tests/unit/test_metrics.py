@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from xcha.agent.metrics import AgentMetrics, Reading
 from xcha.controller.metrics import Completed, ControllerMetrics
+from xcha.controller.status import ClusterSample, GroupSample, MemberSample
 from xcha.controller.store import EventRecord
 from xcha.pg.status import PgStatus, WalReceiver
 from xcha.rpc import status_to_proto
@@ -73,14 +74,10 @@ class Term:
         for subscriber in self.ledger.subscribers:
             subscriber(event)
 
-    def cluster_status(self) -> pb.ClusterStatus:
-        member = pb.MemberView(
-            name="dn1a",
-            status=pb.MemberStatus(postgres_status=pb.PostgresStatus(running=True, role=pb.ROLE_MASTER)),
-            heartbeat_age=0.125,
-        )
-        group = pb.GroupView(name="dn1", state="single", members=[member], reroute_pending=["co1 (...)"])
-        return pb.ClusterStatus(epoch=7, groups=[group])
+    def sample(self, start: int, count: int) -> ClusterSample:
+        member = MemberSample("dn1a", "master", heartbeat_age=0.125, lag_bytes=0, sync_state="")
+        group = GroupSample("dn1", "single", paused=False, reroute_pending=1, members=(member,))
+        return ClusterSample(epoch=7, groups=1, sampled=(group,)[start : start + count])
 
 
 class Node:
