@@ -465,8 +465,8 @@ async def run(args: argparse.Namespace) -> int:
         "Crash -> Promote: from the victim master's report of its postmaster's death (sent at once on "
         "its stream, as the agent does) to the Promote reaching its standby's simulated agent, after "
         "the window, with every other agent still reporting; the victim group's two agents run in a "
-        "simulator process of their own (agents have hosts of their own). It includes the Detach of "
-        "the standby that makes its position final."
+        "simulator process of their own (agents have hosts of their own). A pair (FIRST 1 of 1) "
+        "needs no Detach: its one synchronous standby holds every acknowledged commit."
     )
     result.notes.append(
         f"The simulators (at nice 10: they stand for agents on other machines) share the machine's "

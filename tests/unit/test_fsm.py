@@ -175,6 +175,23 @@ def master_lost(state: GroupState = S.PROTECTED, attached: bool = False, **chang
     return group(state, (silent(master()), dn1b), **{"master_failed_for": 1.0, **changes})
 
 
+def lost_with_potential(state: GroupState = S.PROTECTED, **changes: Any) -> GroupView:
+    """dn1a (FIRST 1 (dn1b, dn1c): dn1c a potential standby) hangs for 1 s; both standbys still
+    stream from it and only find it no longer answering: n-k+1 = 2 positions are needed, so
+    both are detached before any is promoted."""
+    members = (
+        silent(
+            master(
+                sync_names="FIRST 1 (dn1b, dn1c)",
+                downstreams=(downstream("dn1b"), downstream("dn1c", "potential")),
+            )
+        ),
+        cut_off(standby()),
+        cut_off(standby("dn1c")),
+    )
+    return group(state, members, **{"master_failed_for": 1.0, **changes})
+
+
 def lost_unprotected(attached: bool = False, **changes: Any) -> GroupView:
     """A single master (nothing synchronous) hangs; dn1b is an async standby 4096 bytes behind,
     detached since (attached: not yet)."""
@@ -334,8 +351,8 @@ CASES: dict[int, Case] = {
         **PROMOTED,
     ),
     19: Case(
-        "master_failed", "not_detached", lambda: master_lost(S.DEGRADED, attached=True), S.DEGRADED,
-        (Step(Action.DETACH, "dn1b"),),
+        "master_failed", "not_detached", lambda: lost_with_potential(S.DEGRADED), S.DEGRADED,
+        (Step(Action.DETACH, "dn1b"), Step(Action.DETACH, "dn1c")),
         ("master dn1a lost", "detaching the standbys from it before their positions are read"),
     ),
     20: Case(
@@ -368,8 +385,9 @@ CASES: dict[int, Case] = {
     ),
     26: Case(
         "master_failed", "not_detached",
-        lambda: master_lost(S.NO_CANDIDATE, attached=True), S.NO_CANDIDATE,
-        (Step(Action.DETACH, "dn1b"),), ("detaching the standbys from dn1a before their positions are read",),
+        lambda: lost_with_potential(S.NO_CANDIDATE), S.NO_CANDIDATE,
+        (Step(Action.DETACH, "dn1b"), Step(Action.DETACH, "dn1c")),
+        ("detaching the standbys from dn1a before their positions are read",),
     ),
     27: Case(
         "master_failed", "data_loss_candidate",
@@ -614,13 +632,9 @@ def step(view: GroupView, **world: Any) -> tuple[GroupView, Decision]:
 
 
 def test_a_whole_failover_from_protected_back_to_protected() -> None:
-    view, detach = step(group(), members=(silent(master()), cut_off(standby())), master_failed_for=0.0)
-    assert (detach.row, detach.steps, view.state) == (
-        row("master_failed", "not_detached", S.PROTECTED),
-        (Step(Action.DETACH, "dn1b"),),
-        S.PROTECTED,
-    )
-    view, failover = step(view, master_failed_for=0.5, members=(silent(master()), detached(standby())))
+    """FIRST 1 (dn1b): every commit needs dn1b, so it is promoted at once, still streaming
+    from the old master (no detach: `test_k_of_k_needs_no_detach`)."""
+    view, failover = step(group(), members=(silent(master()), cut_off(standby())), master_failed_for=0.0)
     assert failover.row == FAILOVER_ROW
     assert (view.state, view.master, view.candidate, view.epoch) == (S.FAILOVER, "dn1b", "dn1b", 2)
     view, waiting = step(view, busy=True)
@@ -943,8 +957,11 @@ def test_any_k_of_n_promotes_once_enough_are_detached_while_others_still_stream(
 @pytest.mark.parametrize(("report_age", "fresh"), [(0.5, True), (1.5, False)])
 def test_after_a_reported_crash_a_position_reported_since_is_final(report_age: float, fresh: bool) -> None:
     """The master's agent says its postmaster is gone: nothing more is sent, so no detach is
-    needed; a position reported before the failure is not final yet."""
-    view = group(members=(crashed(master()), cut_off(standby(report_age=report_age))), master_failed_for=1.0)
+    needed; a position reported before the failure is not final yet. (ANY 1 of two: a crashed
+    master's report names no standbys, the sync set names both.)"""
+    view = lost_with_potential(sync_set=("dn1b", "dn1c"), policy=SyncPolicy("any", 1))
+    reported = tuple(replace(m, report_age=report_age) for m in view.standbys)
+    view = replace(view, members=(crashed(master()), *reported))
     choice = choose_candidate(view)
     assert choice.member is not None and choice.fresh == fresh
 
@@ -952,9 +969,43 @@ def test_after_a_reported_crash_a_position_reported_since_is_final(report_age: f
 def test_a_standby_heard_now_on_its_stream_still_has_positions_as_old_as_its_report() -> None:
     """An open Heartbeats stream says the agent is alive (heartbeat_age 0), not that the
     positions of its last report, sent before the failure, are current."""
-    dn1b = standby(heartbeat_age=0.0, report_age=1.5)
-    choice = choose_candidate(group(members=(crashed(master()), dn1b), master_failed_for=1.0))
+    view = lost_with_potential(sync_set=("dn1b", "dn1c"), policy=SyncPolicy("any", 1))
+    heard = tuple(replace(m, heartbeat_age=0.0, report_age=1.5) for m in view.standbys)
+    choice = choose_candidate(replace(view, members=(crashed(master()), *heard)))
     assert choice.member is not None and not choice.fresh
+
+
+@pytest.mark.parametrize("fault", ["crashed", "silent"])
+@pytest.mark.parametrize(
+    ("names", "sync_set", "policy"),
+    [
+        ("FIRST 1 (dn1b)", ("dn1b",), SyncPolicy("first", 1)),
+        ("ANY 2 (dn1b, dn1c)", ("dn1b", "dn1c"), SyncPolicy("any", 2)),
+    ],
+)
+def test_k_of_k_needs_no_detach(
+    fault: str, names: str, sync_set: tuple[str, ...], policy: SyncPolicy
+) -> None:
+    """Every commit needs every confirmer (n-k+1 = 1): each one synchronous when the master was
+    last protected holds every acknowledged commit whatever its (stale) position, and the old
+    master confirms nothing once one of them is promoted. So the standby is promoted at once,
+    even while it still streams from a master that only hangs: the Detach round trip is off
+    the crash path. A confirmer named since (not in the sync set) is no candidate."""
+    lost = crashed if fault == "crashed" else silent
+    streaming = (downstream("dn1b"), downstream("dn1c", "quorum"))
+    old = lost(master(sync_names=names, downstreams=streaming))
+    dn1c = standby("dn1c", position=LSN + 100)
+    view = group(
+        members=(old, cut_off(standby(report_age=5.0)), cut_off(replace(dn1c, report_age=5.0))),
+        sync_set=sync_set,
+        policy=policy,
+        master_failed_for=1.0,
+    )
+    decision = decide(view)
+    candidate = "dn1c" if len(sync_set) == 2 else "dn1b"
+    assert decision.row == FAILOVER_ROW, decision.reason
+    assert [s.member for s in decision.steps if s.action == Action.PROMOTE] == [candidate]
+    assert not any(s.action == Action.DETACH for s in decision.steps)
 
 
 def test_a_non_candidate_still_streaming_does_not_make_the_choice_stale() -> None:
@@ -1165,19 +1216,20 @@ def test_a_candidate_whose_promotion_failed_is_promoted_again_when_it_holds_ever
 
 def test_a_failed_candidate_recorded_as_master_is_detached_too() -> None:
     """no_candidate after Promote failed: dn1b, recorded as the master, is a running standby
-    still streaming; it is the one to detach (the group would otherwise wait for ever)."""
+    still streaming; it is one to detach (the group would otherwise wait for ever)."""
     view = group(
         S.NO_CANDIDATE,
-        (fenced(master()), cut_off(standby())),
+        (fenced(master()), cut_off(standby()), cut_off(standby("dn1c"))),
         master="dn1b",
         candidate="dn1b",
+        sync_set=("dn1b", "dn1c"),
         epoch=2,
         master_failed_for=3.0,
     )
     decision = decide(view)
     assert (decision.row, decision.steps) == (
         row("master_failed", "not_detached", S.NO_CANDIDATE),
-        (Step(Action.DETACH, "dn1b"),),
+        (Step(Action.DETACH, "dn1b"), Step(Action.DETACH, "dn1c")),
     )
 
 
@@ -1197,12 +1249,13 @@ def test_an_asynchronous_standby_is_not_detached_unless_data_may_be_lost() -> No
     """It confirms nothing: a failover without data loss does not wait for it (found by a
     chaos test: a hung asynchronous standby held a Detach, and the group, for 30 s). A
     promotion that may lose data reads its position too, so it is detached then."""
-    members = (silent(master()), cut_off(standby()), cut_off(standby("dn1c", mode="async")))
-    view = group(members=members, master_failed_for=1.0)
-    assert decide(view).steps == (Step(Action.DETACH, "dn1b"),)
+    view = lost_with_potential()
+    view = replace(view, members=(*view.members, cut_off(standby("dn1d", mode="async"))))
+    assert decide(view).steps == (Step(Action.DETACH, "dn1b"), Step(Action.DETACH, "dn1c"))
     lossy = lost_unprotected(attached=True, allow_data_loss=True)
     lossy = replace(lossy, members=(*lossy.members, cut_off(standby("dn1c", mode="async"))))
-    assert {step.member for step in decide(lossy).steps} == {"dn1b", "dn1c"}
+    lossy = replace(lossy, members=(*lossy.members, cut_off(standby("dn1d", mode="async"))))
+    assert {step.member for step in decide(lossy).steps} == {"dn1b", "dn1c", "dn1d"}
 
 
 def test_a_detached_standby_follows_the_master_again_at_once() -> None:

@@ -221,8 +221,9 @@ def choose_candidate(
     the old master (it may hang or be cut off from the controller only) can confirm commits
     after its position was read, and with n-k+1 detached the old master can confirm nothing
     more. A master its agent reports stopped (or a standby) sends nothing more: then a
-    position reported after the failure is final too. Highest flushed LSN wins. `fresh`: the
-    positions are final; else the standbys are to be detached first."""
+    position reported after the failure is final too. With k of k (n-k+1 = 1) no position is
+    needed: each of them holds every commit. Highest flushed LSN wins. `fresh`: the positions
+    are final (or need not be); else the standbys are to be detached first."""
     usable = [m for m in view.standbys if _usable(view, m)]
     quiet = master_failure(view).crashed
     chosen = None
@@ -249,6 +250,11 @@ def choose_candidate(
             )
         elif len(detached) >= needed and any(m.name in view.sync_set for m in detached):
             pool, fresh = detached, True
+        elif needed <= 1:
+            # Every commit needs every confirmer (k of k): each one synchronous when the master
+            # was last protected holds every acknowledged commit, whatever its position, and the
+            # old master confirms nothing once one of them is promoted. Nothing to detach.
+            pool, fresh = [m for m in named_usable if m.name in view.sync_set], True
         else:
             pool = named_usable
         if pool:
