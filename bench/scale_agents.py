@@ -5,12 +5,12 @@ heartbeat interval, one Heartbeats stream kept open on it (`ReportStream`, the a
 class), a report at once when something changed and every report_interval (the controller's
 reply says) otherwise, each answered by one reply within max(interval, 0.5 s) or the stream is
 opened anew; a stream that ends (a keep-alive ping unanswered) is opened anew at once. It
-records the round trips, and serves the node-role messages of one "victim" group so that a
-master crash can be injected and its promotion timed.
+records the round trips, and serves the node-role messages of "victim" groups so that master
+crashes can be injected and their promotions timed.
 
 Run by bench/scale.py as `python -m bench.scale_agents ...`, which signals it: SIGUSR1 opens
-the measured window, SIGUSR2 closes it (and crashes the victim master), SIGTERM stops it; it
-prints one JSON line then.
+the measured window, SIGUSR2 closes it (and crashes the victim masters, one after the other),
+SIGTERM stops it; it prints one JSON line then.
 """
 
 import argparse
@@ -299,7 +299,7 @@ async def heartbeats(
 
 async def main(args: argparse.Namespace) -> dict[str, object]:
     certificates = Path(args.certificates)
-    promoted = asyncio.Event()
+    promoted = {group_name(index): asyncio.Event() for index in range(args.victims)}
     members: list[SimulatedMember] = []
     servers = []
     for index in range(args.first, args.first + args.groups):
@@ -308,7 +308,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         names = (f"{name}a", f"{name}b")
         addresses = [args.dummy_agent, args.dummy_agent]
         victims = []
-        if args.victim == index:
+        if index < args.victims:
             for slot, own in enumerate(names):
                 server, port, _ = create_server("127.0.0.1:0", member_tls(certificates, own), Guard())
                 servers.append(server)
@@ -318,7 +318,7 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         standby = SimulatedMember(name, names[1], False, standby_port, master_port, names[1], addresses[1])
         members += [master, standby]
         for server, member in zip(victims, (master, standby), strict=False):
-            pb_grpc.add_AgentServicer_to_server(VictimAgent(member, promoted), server)
+            pb_grpc.add_AgentServicer_to_server(VictimAgent(member, promoted[name]), server)
             await server.start()
     counts = Counts()
     stopping = asyncio.Event()
@@ -364,17 +364,21 @@ async def main(args: argparse.Namespace) -> dict[str, object]:
         for i, m in enumerate(members)
     ]
     result: dict[str, object] = {}
-    if args.victim >= 0:
+    if promoted:
         await window_closed.wait()
-        victim = next(m for m in members if m.datanode == group_name(args.victim) and m.master)
-        victim.running = False
-        crash_sent = time.monotonic()
-        victim.change("postmaster died")  # reported at once on its stream, as the agent does
-        try:
-            await asyncio.wait_for(promoted.wait(), 30)
-            result["crash_to_promote_ms"] = (time.monotonic() - crash_sent) * 1000
-        except TimeoutError:
-            result["crash_to_promote_ms"] = None
+        timed: list[float | None] = []
+        for datanode, done in promoted.items():
+            victim = next(m for m in members if m.datanode == datanode and m.master)
+            victim.running = False
+            crash_sent = time.monotonic()
+            victim.change("postmaster died")  # reported at once on its stream, as the agent does
+            try:
+                await asyncio.wait_for(done.wait(), 30)
+                timed.append((time.monotonic() - crash_sent) * 1000)
+            except TimeoutError:
+                timed.append(None)
+            await asyncio.sleep(max(0.0, crash_sent + args.crash_every - time.monotonic()))
+        result["crash_to_promote_ms"] = timed
     await stopping.wait()
     stopping.set()
     for task in tasks:
@@ -409,7 +413,8 @@ if __name__ == "__main__":
     parser.add_argument("--first", type=int, required=True)
     parser.add_argument("--groups", type=int, required=True)
     parser.add_argument("--interval", type=float, required=True)
-    parser.add_argument("--victim", type=int, default=-1)
+    parser.add_argument("--victims", type=int, default=0, help="the first N groups: crashed in turn")
+    parser.add_argument("--crash-every", type=float, default=1.0, help="seconds between the crashes")
     parser.add_argument("--dummy-agent", default="127.0.0.1:9")
     parser.add_argument("--protocol", choices=("stream", "unary"), default="stream")
     parser.add_argument("--ramp", type=float, default=0.0, help="members start over this many seconds")

@@ -213,3 +213,41 @@ async def failover_and_rejoin(group: PgxcGroup) -> tuple[Measured, list[str]]:
     await run(coordinator, "INSERT INTO t VALUES (3)")
     await wait_rows(master, [1, 2, 3])
     return measured, [name for name, _ in rejoin.steps]
+
+
+async def detach_and_follow(group: PgxcGroup) -> list[str]:
+    """Detach where primary_conninfo needs a restart (before PostgreSQL 13: XL 10, XC 9.3):
+    the standby restarts without a WAL receiver, stays so across another restart, and the
+    master's WAL sender for it ends; follow() attaches it again and it confirms commits."""
+    await group.gtm.init()
+    await group.gtm.start()
+    master, standby = group.node("dn1a", "dn1"), group.node("dn1b", "dn1")
+    coordinator = group.node("coord1", "coord1", "coordinator")
+    await master.bootstrap_master()
+    await coordinator.bootstrap_master()
+    await register(coordinator, "dn1", master.spec.endpoint, group.flavor)
+    await standby.clone_from(master.spec.endpoint)
+    await standby.start()
+    await master.set_synchronous_standbys(SyncStandbys(SyncPolicy(), ("dn1b",)))
+    await wait_sync(master, "dn1b")
+    await run(coordinator, "CREATE TABLE t (id int PRIMARY KEY) DISTRIBUTE BY REPLICATION")
+    await run(coordinator, "INSERT INTO t VALUES (1)")
+    steps = [f"detach {await standby.detach() * 1000:.0f} ms"]
+    detached = await standby.status()
+    assert detached.role == "standby" and detached.wal_receiver is None, detached
+    deadline = time.monotonic() + 10
+    while (await master.status()).downstream("dn1b") is not None:
+        assert time.monotonic() < deadline, "the master still has a WAL sender for dn1b"
+        await asyncio.sleep(0.1)
+    await standby.stop("fast")
+    await standby.start()
+    restarted = await standby.status()
+    assert restarted.wal_receiver is None and restarted.position == detached.position, restarted
+    await standby.detach()  # idempotent
+    started = time.monotonic()
+    await standby.follow(master.spec.endpoint)
+    steps.append(f"follow {(time.monotonic() - started) * 1000:.0f} ms")
+    await wait_sync(master, "dn1b")
+    await run(coordinator, "INSERT INTO t VALUES (2)")  # confirmed by dn1b again
+    await wait_rows(standby, [1, 2])
+    return steps

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.pgxc import PgxcGroup, failover_and_rejoin
+from tests.integration.pgxc import PgxcGroup, detach_and_follow, failover_and_rejoin
 from xcha.errors import InvalidInput
 from xcha.pg.runner import server_version
 
@@ -30,6 +30,13 @@ async def test_xc_datanode_fails_over_and_the_old_master_is_recloned(xc_group: P
     print(f"\n  Postgres-XC 1.2.1: {measured.line()}; rejoin steps: {', '.join(rejoin)}")
     assert rejoin[0].startswith("set aside "), rejoin
     assert rejoin[1] == "re-clone (no pg_rewind on PostgreSQL 9.3)", rejoin
+
+
+async def test_a_xc_standby_detached_by_a_restart_stays_detached_until_it_follows(
+    xc_group: PgxcGroup,
+) -> None:
+    steps = await detach_and_follow(xc_group)
+    print(f"\n  Postgres-XC 1.2.1: {', '.join(steps)}")
 
 
 def test_configured_flavour_must_match_the_binaries(xc_bindir: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.pgxc import PgxcGroup, failover_and_rejoin
+from tests.integration.pgxc import PgxcGroup, detach_and_follow, failover_and_rejoin
 from xcha.errors import InvalidInput
 from xcha.pg.runner import server_version
 
@@ -27,6 +27,13 @@ async def test_xl_datanode_fails_over_and_the_old_master_rejoins_by_pg_rewind(xl
     measured, rejoin = await failover_and_rejoin(xl_group)
     print(f"\n  Postgres-XL 10: {measured.line()}; rejoin steps: {', '.join(rejoin)}")
     assert rejoin[0] == "rewind", rejoin
+
+
+async def test_a_xl_standby_detached_by_a_restart_stays_detached_until_it_follows(
+    xl_group: PgxcGroup,
+) -> None:
+    steps = await detach_and_follow(xl_group)
+    print(f"\n  Postgres-XL 10: {', '.join(steps)}")
 
 
 def test_configured_flavour_must_match_the_binaries(xl_bindir: Path) -> None:
