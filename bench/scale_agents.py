@@ -29,7 +29,7 @@ import grpc
 
 from bench.common import percentile
 from xcha import timings
-from xcha.agent.stream import ReportFailed, ReportStream
+from xcha.agent.stream import ReportFailed, ReportStream, retry_delay
 from xcha.authz import Guard
 from xcha.config import TlsConfig
 from xcha.rpc import RenewingChannel, channel, create_server, liveness_options
@@ -249,6 +249,7 @@ async def heartbeats(
     unary = pb_grpc.ControllerStub(opened) if protocol == "unary" else None
     report_interval = interval  # until the controller's reply says
     sent_at = -float("inf")
+    failures = 0  # in a row: the agent waits `retry_delay` after each
 
     def ended(which: ReportStream) -> None:
         if which is stream and not stopping.is_set():
@@ -275,6 +276,8 @@ async def heartbeats(
                     reply = await unary.Heartbeat(request, timeout=max(interval, 0.5))
                 except grpc.aio.AioRpcError as error:
                     counts.failure(measured, error.code().name)
+                    failures += 1
+                    await asyncio.sleep(retry_delay(failures, interval))
                     continue
             else:
                 if stream is None:
@@ -285,7 +288,10 @@ async def heartbeats(
                     counts.failure(measured, str(error))
                     failed, stream = stream, None
                     failed.close()
+                    failures += 1
+                    await asyncio.sleep(retry_delay(failures, interval))
                     continue
+            failures = 0
             counts.answer(measured, time.monotonic() - sent)
             if reply.report_interval > 0:
                 report_interval = reply.report_interval

@@ -284,3 +284,25 @@ async def test_an_agent_on_a_stream_reports_on_change_and_is_in_contact_between_
         await first.stop()
         await asyncio.gather(*runs)
         await first.store.close()
+
+
+@pytest.mark.parametrize("controllers", [1, 3])
+async def test_an_agent_whose_controllers_are_all_down_waits_between_attempts(
+    tmp_path: Path, controllers: int
+) -> None:
+    """A stream on a channel that cannot connect fails at once: without a wait the agent
+    retried thousands of times a second (a core beside PostgreSQL). It tries each controller
+    once in turn, then waits half to all of a heartbeat interval, doubling up to 1 s."""
+    addresses = [f"127.0.0.1:{free_port()}" for _ in range(controllers)]  # nothing listens
+    agent = stream_agent(tmp_path, addresses)
+    heartbeats = asyncio.ensure_future(agent._heartbeats())
+    try:
+        await asyncio.sleep(2.0)
+    finally:
+        agent.stop()
+        heartbeats.cancel()
+        await asyncio.gather(heartbeats, return_exceptions=True)
+    attempts = next(agent._sequence) - 1
+    # rounds start at 0, 0.125-0.25, 0.375-0.75, 0.875-1.75 s (then every 0.5-1 s): 3-5 in 2 s
+    assert controllers <= attempts <= 5 * controllers, attempts
+    assert agent.controller_ok_at is None

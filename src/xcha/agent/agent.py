@@ -21,7 +21,7 @@ import grpc
 from xcha import __version__, timings
 from xcha.agent.config import AgentConfig
 from xcha.agent.state import StateFile
-from xcha.agent.stream import ReportFailed, ReportStream
+from xcha.agent.stream import ReportFailed, ReportStream, retry_delay
 from xcha.errors import AgentFailed, InvalidInput, PostgresError, StaleEpoch, XchaError
 from xcha.names import Endpoint, check_port
 from xcha.pg.instance import PostgresInstance, Timings
@@ -124,13 +124,14 @@ class Agent:
         return time.monotonic() - max(self.controller_ok_at or 0.0, self._started)
 
     def _stream_ended(self, stream: "ReportStream") -> None:
-        """A stream to a controller ended (closed by either end, or a keep-alive ping went
-        unanswered): report again at once, on a new one."""
+        """The stream the leader answered on ended (closed by either end, or a keep-alive ping
+        went unanswered): report again at once, on a new one. A stream that failed before that
+        is the heartbeat loop's to retry, after `retry_delay`."""
         if stream is self._contact:
             self._contact = None
             heard = time.monotonic() - stream.silence
             self.controller_ok_at = max(self.controller_ok_at or 0.0, heard)
-        self.signal_change("controller stream ended")
+            self.signal_change("controller stream ended")
 
     def signal_change(self, reason: str) -> None:
         """Something that matters changed: heartbeat now, not at the next interval."""
@@ -334,6 +335,7 @@ class Agent:
         channels: dict[str, grpc.aio.Channel | RenewingChannel] = {}
         stream: ReportStream | None = None
         current = 0
+        failures = 0  # exchanges in a row that got no reply
         unreachable_logged = False
         sent: tuple[object, ...] = ()
         sent_at = -float("inf")
@@ -380,9 +382,15 @@ class Agent:
                         log.warning("%s: controller %s unreachable: %s", self.config.member, address, error)
                         unreachable_logged = True
                     current = (current + 1) % len(addresses)
-                    if len(addresses) > 1:
-                        self.signal_change("next controller")  # try it at once
+                    failures += 1
+                    if failures % len(addresses):
+                        self.signal_change("next controller")  # one not tried this round: at once
+                    else:
+                        delay = retry_delay(failures // len(addresses), self.heartbeat_interval)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._stopping.wait(), delay)
                     continue
+                failures = 0
                 if reply.not_leader:
                     leader = reply.leader_address
                     if leader and leader not in addresses:

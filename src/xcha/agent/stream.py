@@ -3,6 +3,7 @@ the stream's end is told to the agent (either end closed it, or a keep-alive pin
 connection went unanswered)."""
 
 import asyncio
+import random
 from collections.abc import Callable
 
 import grpc
@@ -10,6 +11,20 @@ import grpc
 from xcha.rpc import RenewingChannel, generation
 from xcha.v1 import xcha_pb2 as pb
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
+
+RETRY_MAX_INTERVALS = 4  # the longest wait between attempts, in heartbeat intervals (1 s)
+
+
+def retry_delay(failed_rounds: int, heartbeat_interval: float) -> float:
+    """How long to wait after `failed_rounds` rounds in a row in which no controller answered:
+    half to all of heartbeat_interval, doubling each round up to RETRY_MAX_INTERVALS of it.
+    Without a wait an agent whose controllers are all down retried thousands of times a second
+    (measured: 22,985 attempts in 3 s, a whole core, beside PostgreSQL): a stream on a channel
+    that cannot connect fails at once. The jitter spreads the agents' returns when a controller
+    comes back."""
+    rounds = max(1, failed_rounds)
+    longest: float = heartbeat_interval * min(RETRY_MAX_INTERVALS, 2 ** (rounds - 1))
+    return longest * random.uniform(0.5, 1.0)
 
 
 class ReportFailed(Exception):
