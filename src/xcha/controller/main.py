@@ -3,6 +3,7 @@
 import asyncio
 import logging
 import signal
+import sys
 
 from xcha.authz import Guard
 from xcha.controller.config import ControllerConfig
@@ -15,6 +16,12 @@ from xcha.tls import reload_certificates, require_identity
 from xcha.v1 import xcha_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+# How long another Python thread (prometheus_client's HTTP thread formatting a scrape) may keep
+# the event loop waiting for the interpreter lock: 5 ms by default, paid at every step of a
+# failover that falls in a scrape. Measured with 1,000 groups (`./run bench scale`, the crash
+# that falls on the scrape closing the window): crash to Promote 68 ms, 45 ms with 1 ms.
+SWITCH_INTERVAL = 0.001
 
 
 def open_store(config: ControllerConfig) -> tuple[Store, Leadership]:
@@ -41,6 +48,7 @@ def open_store(config: ControllerConfig) -> tuple[Store, Leadership]:
 
 async def serve_controller(config: ControllerConfig) -> None:
     require_identity(config.tls, "controller")
+    sys.setswitchinterval(SWITCH_INTERVAL)
     config.state_dir.mkdir(parents=True, exist_ok=True)
     store, leadership = open_store(config)
     node = ControllerNode(config, store, leadership)
