@@ -975,6 +975,22 @@ def test_a_standby_heard_now_on_its_stream_still_has_positions_as_old_as_its_rep
     assert choice.member is not None and not choice.fresh
 
 
+def test_k_of_k_detaches_a_standby_not_heard_within_a_heartbeat_interval() -> None:
+    """Master and synchronous standby lost together (both hosts): the standby's stream ended
+    with its agent, so it was last heard 1.25 s before (not yet failure_timeout). It is detached
+    first, which fails at once, instead of promoted on its old report (found by a chaos test:
+    the group went to no_candidate with the dead standby recorded as the master)."""
+    lost = cut_off(replace(standby(), heartbeat_age=1.25))
+    view = group(members=(silent(master()), lost), master_failed_for=0.0)
+    decision = decide(view)
+    assert (decision.row, decision.steps) == (
+        row("master_failed", "not_detached", S.PROTECTED),
+        (Step(Action.DETACH, "dn1b"),),
+    )
+    heard = replace(view, members=(silent(master()), replace(lost, heartbeat_age=0.0)))
+    assert decide(heard).row == FAILOVER_ROW
+
+
 @pytest.mark.parametrize("fault", ["crashed", "silent"])
 @pytest.mark.parametrize(
     ("names", "sync_set", "policy"),

@@ -164,6 +164,17 @@ def master_failure(view: GroupView) -> FailureVerdict:
 # ---- candidates ------------------------------------------------------------------------------
 
 
+def _complete_and_live(view: GroupView, member: MemberView) -> bool:
+    """With k of k (n-k+1 = 1) every commit needed every confirmer: one synchronous when the
+    master was last protected holds every acknowledged commit whatever its position, and the
+    old master confirms nothing once it is promoted (its WAL receiver stops; what it flushed is
+    replayed first). It is promoted at once, without a Detach, when heard within the last
+    heartbeat interval (on a stream: its connection is open now). One silent for longer (its
+    agent may have died with the master: both hosts lost) is detached first, which also tells
+    whether it is there, instead of promoted on a report up to failure_timeout old."""
+    return member.name in view.sync_set and member.heartbeat_age <= view.heartbeat_interval
+
+
 @dataclass(frozen=True)
 class CandidateChoice:
     member: MemberView | None
@@ -250,11 +261,9 @@ def choose_candidate(
             )
         elif len(detached) >= needed and any(m.name in view.sync_set for m in detached):
             pool, fresh = detached, True
-        elif needed <= 1:
-            # Every commit needs every confirmer (k of k): each one synchronous when the master
-            # was last protected holds every acknowledged commit, whatever its position, and the
-            # old master confirms nothing once one of them is promoted. Nothing to detach.
-            pool, fresh = [m for m in named_usable if m.name in view.sync_set], True
+        elif needed <= 1 and (live := [m for m in named_usable if _complete_and_live(view, m)]):
+            # Every commit needs every confirmer (k of k): nothing to detach (`_complete_and_live`).
+            pool, fresh = live, True
         else:
             pool = named_usable
         if pool:

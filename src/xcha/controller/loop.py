@@ -82,6 +82,7 @@ class Deciding(Acting):
             paused=group.paused or self.cluster_paused,
             epoch=self.epoch,
             failure_timeout=self.config.failure_timeout,
+            heartbeat_interval=self.config.heartbeat_interval,
             in_grace=self._learning(datanode, now),
             busy=task is not None and not task.done(),
             master_failed_for=now - failure[0] if failure is not None else 0.0,

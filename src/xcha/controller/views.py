@@ -89,6 +89,7 @@ class GroupView:
     paused: bool = False
     epoch: int = 0
     failure_timeout: float = timings.FAILURE_TIMEOUT
+    heartbeat_interval: float = timings.HEARTBEAT_INTERVAL
     in_grace: bool = False  # the controller is still learning after its start
     busy: bool = False  # a group operation (promote, reroute, switchover) runs
     master_failed_for: float = 0.0  # how long the failure rule has held
