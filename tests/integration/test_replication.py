@@ -12,6 +12,7 @@ from tests.conftest import InstanceFactory
 from xcha.errors import InvalidInput
 from xcha.names import Endpoint
 from xcha.pg.instance import PostgresInstance
+from xcha.pg.ipc import SHM_TABLE
 from xcha.pg.syncrep import SyncPolicy, SyncStandbys
 from xcha.topology import free_port
 
@@ -131,6 +132,20 @@ async def test_promotion_accepts_a_write_and_moves_to_a_new_timeline(make_instan
     await sql(standby, "INSERT INTO t VALUES (1)")
     status = await standby.status()
     assert status.role == "master" and status.timeline == 2
+
+
+async def test_a_killed_server_leaves_no_shared_memory_segment(make_instance: InstanceFactory) -> None:
+    """A fence (SIGKILL) removes the System V segment its postmaster made: a killed server
+    whose data directory is set aside or deleted would otherwise leave it for ever."""
+    master = make_instance("dn1a")
+    await master.bootstrap_master()
+    pid = master.postmaster_pid()
+    assert pid is not None
+    attached = [line.split() for line in SHM_TABLE.read_text().splitlines()[1:]]
+    assert any(fields[4] == str(pid) for fields in attached), "PostgreSQL made a segment"
+    await master.kill()
+    left = [line.split() for line in SHM_TABLE.read_text().splitlines()[1:]]
+    assert not any(fields[4] == str(pid) for fields in left), left
 
 
 async def test_port_takeover_restarts_the_promoted_standby_on_the_masters_port(

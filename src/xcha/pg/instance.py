@@ -33,6 +33,7 @@ from xcha.pg import versions
 from xcha.pg.client import Conn, bounded, close, connect
 from xcha.pg.filecopy import copy_cluster
 from xcha.pg.flavor import check_supported
+from xcha.pg.ipc import remove_orphaned_segments
 from xcha.pg.lsn import parse_lsn
 from xcha.pg.render import (
     ALTER_SYSTEM_SINCE,
@@ -331,6 +332,8 @@ class PostgresInstance:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGKILL)
         await self._wait_gone(victims, 10)
+        if pid is not None:
+            await remove_orphaned_segments(pid)
 
     # ---- SQL ------------------------------------------------------------------------------
 
