@@ -15,6 +15,7 @@ def fingerprint(status: pb.MemberStatus) -> tuple[object, ...]:
         pg.timeline,
         pg.port,
         pg.wal_receiver.status,
+        pg.wal_receiver.upstream.host,
         pg.wal_receiver.upstream.port,
         tuple((d.name, d.state, d.sync_state, d.caught_up) for d in pg.downstreams),
         pg.synchronous_standby_names,

@@ -28,4 +28,5 @@ async def test_the_heap_is_frozen_after_start_up_and_thawed_for_a_full_collectio
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        thaw()  # the rest of the test run collects as usual
         gc.unfreeze()

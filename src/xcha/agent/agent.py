@@ -175,17 +175,8 @@ class Agent:
     # ---- observing PostgreSQL ------------------------------------------------------------
 
     def _significant(self, status: PgStatus) -> tuple[object, ...]:
-        receiver = status.wal_receiver
-        return (
-            status.running,
-            status.role,
-            status.timeline,
-            status.port,
-            receiver.status if receiver else None,
-            (receiver.upstream_host, receiver.upstream_port) if receiver else None,
-            tuple((d.name, d.state, d.sync_state, d.caught_up) for d in status.downstreams),
-            status.synchronous_standby_names,
-        )
+        """What of the PostgreSQL status the controller decides on (the report's fingerprint)."""
+        return fingerprint(pb.MemberStatus(postgres_status=status_to_proto(status)))
 
     async def refresh(self) -> PgStatus:
         """Take a new snapshot; a server that does not answer in time keeps its last picture."""
